@@ -48,12 +48,9 @@ def tensorboard_writers(trainer: pl.Trainer) -> list[SummaryWriter]:
 
 
 def log_figure(trainer: pl.Trainer, tag: str, figure: Figure, step: int) -> None:
-    """Render a matplotlib figure into TensorBoard's Images tab, then close it."""
-    import matplotlib.pyplot as plt
-
+    """Render a matplotlib figure into TensorBoard's Images tab."""
     for writer in tensorboard_writers(trainer):
         writer.add_figure(tag, figure, global_step=step, close=False)
-    plt.close(figure)
 
 
 def log_text(trainer: pl.Trainer, tag: str, markdown: str, step: int) -> None:

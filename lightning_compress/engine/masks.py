@@ -1,0 +1,203 @@
+"""Pruning masks: computing them, applying them in place, packing them for checkpoints, measuring sparsity.
+
+Masks are boolean tensors shaped like the weights they belong to (``True`` = keep). They are applied in place
+(``weight.mul_(mask)``) rather than through ``torch.nn.utils.prune``'s reparametrization, so parameter objects and
+``state_dict`` keys never change.
+
+Mask computation guarantees, at target sparsity ``s`` over ``N`` candidate weights (``unstructured``):
+
+* exactly ``round(s * N)`` weights are pruned (``global``: counted over all tensors; ``local``: per tensor);
+* already-pruned weights stay pruned (their score is below every live weight's), so masks only grow;
+* ties are broken deterministically by position, so every DDP rank computes the same masks from the same weights.
+
+With ``structure="channel"``, whole output channels (dim 0) are pruned by their RMS magnitude (L2 norm divided by
+the square root of the channel's size, so channels of layers with different fan-in compare fairly in ``global``
+scope), and ``round(s * C)`` of the ``C`` candidate channels are pruned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SCOPES = ("global", "local")
+STRUCTURES = ("unstructured", "channel")
+CRITERIA = ("magnitude", "random")
+
+_PRUNED_SCORE = -1.0  # below any magnitude or uniform random score, so pruned entries are always chosen first
+
+
+def _scores(
+    weight: Tensor, mask: Tensor | None, structure: str, criterion: str, generator: torch.Generator | None
+) -> Tensor:
+    """A flat score per prunable unit (weight or output channel); low scores are pruned first."""
+    if structure == "channel":
+        rows = weight.detach().reshape(weight.shape[0], -1).float()
+        if criterion == "magnitude":
+            score = rows.norm(dim=1) / rows.shape[1] ** 0.5
+        else:
+            score = torch.rand(rows.shape[0], generator=generator).to(weight.device)
+        if mask is not None:
+            score[~mask.reshape(mask.shape[0], -1).any(dim=1)] = _PRUNED_SCORE
+        return score
+    if criterion == "magnitude":
+        score = weight.detach().abs().flatten().float()
+    else:
+        score = torch.rand(weight.numel(), generator=generator).to(weight.device)
+    if mask is not None:
+        score[~mask.flatten()] = _PRUNED_SCORE
+    return score
+
+
+def _lowest_k(scores: Tensor, k: int) -> Tensor:
+    """Boolean "prune" vector marking exactly the ``k`` lowest scores; ties go to the lowest index."""
+    pruned = torch.zeros_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return pruned
+    if k >= scores.numel():
+        return ~pruned
+    threshold = torch.kthvalue(scores.cpu(), k).values.to(scores.device)
+    pruned = scores < threshold
+    ties = scores == threshold
+    missing = k - int(pruned.sum())
+    if missing == int(ties.sum()):
+        return pruned | ties
+    # Only some of the tied entries fit under k: take the first ones in flat order.
+    return pruned | (ties & (torch.cumsum(ties, 0) <= missing))
+
+
+def compute_masks(
+    weights: Mapping[str, Tensor],
+    sparsity: float,
+    *,
+    scope: str = "global",
+    structure: str = "unstructured",
+    criterion: str = "magnitude",
+    current_masks: Mapping[str, Tensor] | None = None,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """Compute boolean keep-masks so that a fraction ``sparsity`` of the weights (or channels) is pruned.
+
+    Args:
+        weights: The tensors to prune, by name.
+        sparsity: Target fraction of pruned units, in [0, 1].
+        scope: ``"global"`` (one ranking across all tensors) or ``"local"`` (each tensor separately).
+        structure: ``"unstructured"`` (single weights) or ``"channel"`` (whole output channels).
+        criterion: ``"magnitude"`` (smallest absolute values / channel RMS first) or ``"random"``.
+        current_masks: Masks already in force; every unit they prune stays pruned.
+        seed: Seed of the ``random`` criterion. The same seed gives the same random ranking on every call and every
+            rank, so random masks also only grow.
+
+    Returns:
+        A new keep-mask (``torch.bool``, shaped like the weight) for every tensor in ``weights``.
+    """
+    current_masks = current_masks or {}
+    generator = torch.Generator().manual_seed(seed) if criterion == "random" else None
+    scores = {name: _scores(w, current_masks.get(name), structure, criterion, generator) for name, w in weights.items()}
+    if scope == "global":
+        flat = torch.cat([s.to(next(iter(scores.values())).device) for s in scores.values()])
+        pruned_flat = _lowest_k(flat, round(sparsity * flat.numel()))
+        pruned = dict(zip(scores, torch.split(pruned_flat, [s.numel() for s in scores.values()]), strict=True))
+    else:
+        pruned = {name: _lowest_k(s, round(sparsity * s.numel())) for name, s in scores.items()}
+
+    masks = {}
+    for name, w in weights.items():
+        keep = ~pruned[name].to(w.device)
+        if structure == "channel":
+            keep = keep.reshape(-1, *([1] * (w.dim() - 1))).expand_as(w)
+        masks[name] = keep.reshape(w.shape).clone()
+        if name in current_masks:  # masks only grow, even if the target went down
+            masks[name] &= current_masks[name].to(w.device)
+    return masks
+
+
+@torch.no_grad()
+def apply_masks(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+    """Zero the pruned entries of every weight in place (one fused multi-tensor op)."""
+    names = [n for n in weights if n in masks]
+    if names:
+        torch._foreach_mul_([weights[n] for n in names], [masks[n] for n in names])
+
+
+@torch.no_grad()
+def mask_gradients(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+    """Zero the gradients of pruned entries in place, so clipping and optimizer statistics ignore them."""
+    names = [n for n in weights if n in masks and weights[n].grad is not None]
+    if names:
+        torch._foreach_mul_([weights[n].grad for n in names], [masks[n] for n in names])  # type: ignore[misc]
+
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """Pack a boolean mask into a ``uint8`` tensor with 8 entries per byte (for compact checkpoints)."""
+    flat = mask.detach().flatten().cpu().to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
+    return (flat.reshape(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: Tensor, shape: torch.Size | list[int] | tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`pack_mask`."""
+    numel = 1
+    for dim in shape:
+        numel *= int(dim)
+    bits = (packed.cpu().unsqueeze(1) & _BIT_WEIGHTS) != 0
+    return bits.flatten()[:numel].reshape(tuple(shape))
+
+
+@dataclass(frozen=True)
+class SparsityStats:
+    """Zero counts of a set of tensors.
+
+    Attributes:
+        zeros: Number of exactly-zero entries per tensor.
+        numels: Number of entries per tensor.
+    """
+
+    zeros: dict[str, int]
+    numels: dict[str, int]
+
+    @property
+    def total_zeros(self) -> int:
+        """Zero entries over all tensors."""
+        return sum(self.zeros.values())
+
+    @property
+    def total_numel(self) -> int:
+        """Entries over all tensors."""
+        return sum(self.numels.values())
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zero entries over all tensors."""
+        return self.total_zeros / max(self.total_numel, 1)
+
+    def per_tensor(self) -> dict[str, float]:
+        """Fraction of zero entries of each tensor."""
+        return {n: self.zeros[n] / max(self.numels[n], 1) for n in self.numels}
+
+    @property
+    def nonzero(self) -> int:
+        """Non-zero entries over all tensors."""
+        return self.total_numel - self.total_zeros
+
+    def dense_bytes(self, bytes_per_value: int = 4) -> int:
+        """Storage of the tensors as dense arrays."""
+        return self.total_numel * bytes_per_value
+
+    def sparse_bytes(self, bytes_per_value: int = 4) -> int:
+        """Storage in a bitmask format: the non-zero values plus one bit per entry."""
+        return self.nonzero * bytes_per_value + (self.total_numel + 7) // 8
+
+
+@torch.no_grad()
+def measure_sparsity(weights: Mapping[str, Tensor]) -> SparsityStats:
+    """Count the exact zeros of every tensor."""
+    numels = {n: w.numel() for n, w in weights.items()}
+    zeros = {n: numels[n] - int(torch.count_nonzero(w)) for n, w in weights.items()}
+    return SparsityStats(zeros=zeros, numels=numels)
