@@ -12,12 +12,16 @@ from lightning_compress.engine.masks import (
     pack_mask,
     unpack_mask,
 )
-from lightning_compress.engine.selection import select_parameters, select_modules
+from lightning_compress.engine.selection import select_modules, select_parameters
 
 
 def _weights(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"a": torch.randn(30, 20, generator=g), "b": torch.randn(8, 4, 3, 3, generator=g), "c": torch.randn(7, generator=g)}
+    return {
+        "a": torch.randn(30, 20, generator=g),
+        "b": torch.randn(8, 4, 3, 3, generator=g),
+        "c": torch.randn(7, generator=g),
+    }
 
 
 def _pruned(masks):

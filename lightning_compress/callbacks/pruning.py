@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -83,14 +83,14 @@ class IterativePruningCallback(Callback):
     def __init__(
         self,
         target_sparsity: float = 0.9,
-        schedule: str = "cubic",
+        schedule: Literal["cubic", "linear", "exponential", "constant"] = "cubic",
         initial_sparsity: float = 0.0,
         start_step: int = 0,
         end_step: int | None = None,
         update_every_n_steps: int | None = None,
-        scope: str = "global",
-        structure: str = "unstructured",
-        criterion: str = "magnitude",
+        scope: Literal["global", "local"] = "global",
+        structure: Literal["unstructured", "channel"] = "unstructured",
+        criterion: Literal["magnitude", "random"] = "magnitude",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         end_fraction: float = 0.75,

@@ -1,0 +1,306 @@
+import copy
+
+import lightning as L
+import pytest
+import torch
+from helpers import ResumableLoader, TinyClassifier, TinyNet, classification_data, loader, trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_compress import IterativePruningCallback
+
+PRUNED = ["net.fc1.weight", "net.fc2.weight"]
+
+
+def _selected(model):
+    return {n: p for n, p in model.named_parameters() if n in PRUNED}
+
+
+def _sparsity(model):
+    weights = _selected(model).values()
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+class StepRecorder(Callback):
+    """Records, before every training batch, the sparsity and whether previously pruned weights are still zero."""
+
+    def __init__(self):
+        self.sparsity: dict[int, float] = {}
+        self.revived = 0
+        self._zero_masks: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        for name, weight in _selected(pl_module).items():
+            if name in self._zero_masks:
+                self.revived += int((weight[self._zero_masks[name]] != 0).sum())
+            self._zero_masks[name] = weight.detach() == 0
+        self.sparsity[trainer.global_step] = _sparsity(pl_module)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_reaches_exact_target_and_never_revives(tmp_path, optimizer):
+    L.seed_everything(0)
+    model = TinyClassifier(optimizer=optimizer)
+    biases_before = {n: p.detach().clone() for n, p in model.named_parameters() if n not in PRUNED}
+    recorder = StepRecorder()
+    callback = IterativePruningCallback(target_sparsity=0.85, start_step=2, end_step=20, update_every_n_steps=3)
+    trainer(tmp_path, [callback, recorder], max_epochs=4).fit(model, loader())
+    assert recorder.revived == 0  # momentum and weight decay never bring a pruned weight back
+    assert recorder.sparsity[0] == 0.0 and recorder.sparsity[1] == 0.0  # nothing before start_step
+    assert all(recorder.sparsity[s] == pytest.approx(round(0.85 * 1280) / 1280) for s in range(20, 32))
+    assert _sparsity(model) == round(0.85 * 1280) / 1280
+    for name, param in model.named_parameters():
+        if name not in PRUNED:  # biases and BatchNorm untouched by the pruner (they trained, but have no zeros)
+            assert int((param == 0).sum()) <= int((biases_before[name] == 0).sum())
+
+
+def test_parameters_and_keys_unchanged_and_deepcopy_works(tmp_path):
+    model = TinyClassifier()
+    params_before = list(model.parameters())
+    keys_before = list(model.state_dict())
+    trainer(tmp_path, [IterativePruningCallback(target_sparsity=0.5, end_step=8)], max_epochs=1).fit(model, loader())
+    assert all(a is b for a, b in zip(model.parameters(), params_before, strict=True))
+    assert list(model.state_dict()) == keys_before
+    clone = copy.deepcopy(model)
+    assert torch.equal(clone.net.fc1.weight, model.net.fc1.weight)
+    assert not model.net.fc1._forward_pre_hooks and not model.net.fc1._forward_hooks
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    recorder = StepRecorder()
+    callback = IterativePruningCallback(target_sparsity=0.5, end_step=4, update_every_n_steps=1)
+    model = TinyClassifier()
+    fit = trainer(tmp_path, [callback, recorder], max_epochs=2, accumulate_grad_batches=4)
+    fit.fit(model, loader())
+    assert fit.global_step == 4  # 16 batches, 4 optimizer steps
+    assert sorted(recorder.sparsity) == [0, 1, 2, 3]
+    assert recorder.sparsity[3] == pytest.approx(0.5 - 0.5 * (1 - 3 / 4) ** 3, abs=1 / 1280)  # cubic, step 3 of 4
+    assert _sparsity(model) == 0.5
+
+
+def test_end_step_none_uses_fraction_of_estimated_steps(tmp_path):
+    callback = IterativePruningCallback(target_sparsity=0.6, end_fraction=0.5)
+    model = TinyClassifier()
+    trainer(tmp_path, [callback], max_epochs=4).fit(model, loader())  # 32 steps
+    assert callback._resolved_end_step == 16
+    assert callback._resolved_frequency == 1
+    assert _sparsity(model) == pytest.approx(0.6, abs=1 / 1280)
+
+
+def _weights_equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def _callback():
+    return IterativePruningCallback(target_sparsity=0.8, start_step=3, end_step=30, update_every_n_steps=4)
+
+
+@pytest.mark.parametrize("checkpoint_step", [5, 14, 16, 27])
+def test_resume_from_any_step_is_bitwise_identical(tmp_path, checkpoint_step):
+    """Mid-epoch and mid-update-interval checkpoints too (with a dataloader that resumes mid-epoch)."""
+    L.seed_everything(0)
+    full = TinyClassifier()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=checkpoint_step, save_top_k=-1)
+    full_callback = _callback()
+    trainer(tmp_path, [full_callback, saver], enable_checkpointing=True).fit(
+        full, ResumableLoader(classification_data())
+    )
+    ckpt = next((tmp_path / "ckpt").glob(f"*step={checkpoint_step}.ckpt"))
+
+    L.seed_everything(0)
+    resumed = TinyClassifier()
+    resumed_callback = _callback()
+    trainer(tmp_path, [resumed_callback]).fit(resumed, ResumableLoader(classification_data()), ckpt_path=ckpt)
+    assert _weights_equal(full, resumed)
+    assert all(torch.equal(full_callback._masks[n], resumed_callback._masks[n]) for n in PRUNED)
+
+
+def test_resume_with_plain_dataloader_at_epoch_end(tmp_path):
+    L.seed_everything(0)
+    full = TinyClassifier()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    trainer(tmp_path, [_callback(), saver], enable_checkpointing=True).fit(full, loader())
+    L.seed_everything(0)
+    resumed = TinyClassifier()
+    trainer(tmp_path, [_callback()]).fit(resumed, loader(), ckpt_path=tmp_path / "ckpt" / "epoch=1-step=16.ckpt")
+    assert _weights_equal(full, resumed)
+
+
+def test_checkpoint_loads_strictly_into_plain_model_and_keeps_masks_compact(tmp_path):
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    trainer(tmp_path, [_callback(), saver], enable_checkpointing=True).fit(TinyClassifier(), loader())
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    plain = TinyNet()
+    state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items()}
+    plain.load_state_dict(state, strict=True)
+    assert (plain.fc1.weight == 0).float().mean() > 0.7
+    (state_key,) = [k for k in checkpoint["callbacks"] if k.startswith("IterativePruningCallback")]
+    packed = checkpoint["callbacks"][state_key]["masks"]["net.fc1.weight"]
+    assert packed.dtype == torch.uint8 and packed.numel() == 1024 // 8
+    # and it loads through Lightning's own API with the callback-free class
+    reloaded = TinyClassifier.load_from_checkpoint(tmp_path / "last.ckpt")
+    assert torch.equal(reloaded.net.fc1.weight, plain.fc1.weight)
+
+
+def test_two_instances_coexist(tmp_path):
+    first = IterativePruningCallback(target_sparsity=0.5, end_step=8, include=["fc1.weight"])
+    second = IterativePruningCallback(target_sparsity=0.25, end_step=8, include=["fc2.weight"])
+    model = TinyClassifier()
+    trainer(tmp_path, [first, second], max_epochs=2).fit(model, loader())
+    assert (model.net.fc1.weight == 0).float().mean() == 0.5
+    assert (model.net.fc2.weight == 0).float().mean() == 0.25
+    assert first.state_key != second.state_key
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "random"])
+@pytest.mark.parametrize(("scope", "structure"), [("global", "unstructured"), ("local", "channel")])
+def test_criteria_scopes_structures(tmp_path, criterion, scope, structure):
+    callback = IterativePruningCallback(
+        target_sparsity=0.5, end_step=8, criterion=criterion, scope=scope, structure=structure
+    )
+    model = TinyClassifier()
+    trainer(tmp_path, [callback], max_epochs=2).fit(model, loader())
+    for name, weight in _selected(model).items():
+        rows = (weight != 0).reshape(weight.shape[0], -1).any(dim=1)
+        if structure == "channel":
+            assert int((~rows).sum()) == round(0.5 * weight.shape[0]), name
+        elif scope == "local":
+            assert (weight == 0).float().mean() == 0.5
+
+
+def test_lottery_ticket_rewinding_really_rewinds(tmp_path):
+    L.seed_everything(0)
+    model = TinyClassifier()
+    initial = model.net.fc1.weight.detach().clone()  # step 0 values, a copy (not an alias)
+    callback = IterativePruningCallback(
+        target_sparsity=0.5, schedule="constant", start_step=6, end_step=7, rewind_to_step=0, scope="local"
+    )
+    trainer(tmp_path, [callback], max_steps=6).fit(model, loader())
+    weight = model.net.fc1.weight.detach()
+    kept = weight != 0
+    assert torch.equal(weight[kept], initial[kept])  # survivors are back at their step-0 values
+    assert (weight == 0).float().mean() == 0.5
+
+    plain = IterativePruningCallback(target_sparsity=0.5, schedule="constant", start_step=6, end_step=7, scope="local")
+    L.seed_everything(0)
+    control = TinyClassifier()
+    trainer(tmp_path, [plain], max_steps=6).fit(control, loader())
+    kept = control.net.fc1.weight != 0
+    assert not torch.equal(control.net.fc1.weight[kept], initial[kept])
+
+
+class MultiInputModule(L.LightningModule):
+    """Lightning's demo Transformer: forward(inputs, target, mask=None) with several tensors."""
+
+    def __init__(self):
+        super().__init__()
+        from lightning.pytorch.demos import Transformer
+
+        self.model = Transformer(vocab_size=50, ninp=32, nhead=2, nhid=32, nlayers=1)
+
+    def training_step(self, batch, batch_idx):
+        inputs, target = batch
+        output = self.model(inputs, target)
+        return torch.nn.functional.nll_loss(output, target.view(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_multi_input_transformer(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (64, 8), generator=g)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens, tokens.roll(1, 1)), batch_size=16)
+    callback = IterativePruningCallback(target_sparsity=0.7, end_step=4, update_every_n_steps=1)
+    module = MultiInputModule()
+    trainer(tmp_path, [callback], max_epochs=2).fit(module, data)
+    assert callback._weights, "selected Linear weights inside the Transformer"
+    assert all("bias" not in name and "norm" not in name for name in callback._weights)
+    total = sum(w.numel() for w in callback._weights.values())
+    zeros = sum(int((w == 0).sum()) for w in callback._weights.values())
+    assert zeros == round(0.7 * total)
+
+
+def test_tensorboard_tags_layout_and_curve(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    callback = IterativePruningCallback(target_sparsity=0.5, end_step=12, update_every_n_steps=2, monitor="val_acc")
+    trainer(tmp_path, [callback], max_epochs=3, logger=logger).fit(TinyClassifier(), loader(), loader(64))
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"compress/sparsity", "compress/target_sparsity", "compress/val_acc_vs_sparsity"} <= scalars
+    assert {"compress/sparsity/net.fc1.weight", "compress/sparsity/net.fc2.weight"} <= scalars
+    assert events.Scalars("compress/sparsity")[-1].value == pytest.approx(0.5)
+    curve = events.Scalars("compress/val_acc_vs_sparsity")
+    assert [e.step for e in curve] == [round(1000 * v) for v in (callback._history[i][1] for i in range(3))]
+    images = set(events.Tags()["images"])
+    assert {"compress/pruning/val_acc_vs_sparsity", "compress/pruning/per_layer_sparsity"} <= images
+    assert "custom_scalars__config__" in events.Tags()["tensors"]
+    assert "compress/pruning/summary/text_summary" in events.Tags()["tensors"]
+    final = {t for t in scalars if t.startswith("compress/final/")}
+    assert final == {f"compress/final/{k}" for k in ("sparsity", "nonzero_params", "dense_bytes", "sparse_bytes")}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"target_sparsity": 1.5}, r"`target_sparsity` must be in \[0, 1\), got 1.5"),
+        ({"target_sparsity": 1.0}, r"`target_sparsity` must be in \[0, 1\), got 1.0"),
+        ({"initial_sparsity": 0.95}, r"`initial_sparsity` must be <= `target_sparsity` \(0.9\), got 0.95"),
+        ({"schedule": "step"}, r"`schedule` must be one of 'cubic', 'linear', 'exponential', 'constant', got 'step'"),
+        ({"scope": "layer"}, r"`scope` must be one of 'global', 'local', got 'layer'"),
+        ({"structure": "block"}, r"`structure` must be one of 'unstructured', 'channel', got 'block'"),
+        ({"criterion": "l2"}, r"`criterion` must be one of 'magnitude', 'random', got 'l2'"),
+        ({"start_step": 10, "end_step": 5}, r"`end_step` must be greater than `start_step` \(10\), got 5"),
+        ({"update_every_n_steps": 0}, r"`update_every_n_steps` must be a positive integer, got 0"),
+        ({"end_fraction": 0.0}, r"`end_fraction` must be in \(0, 1\], got 0.0"),
+        ({"rewind_to_step": 5, "start_step": 2}, r"`rewind_to_step` must be <= `start_step` \(2\)"),
+    ],
+)
+def test_bad_arguments_rejected_in_init(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        IterativePruningCallback(**kwargs)
+
+
+class FailIfTrained(Callback):
+    def on_train_batch_start(self, *args):
+        raise AssertionError("a training step ran before the configuration error")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"include": ["decoder"]}, r"`include` pattern 'decoder' matches no parameter name\. .*net\.fc1\.weight"),
+        ({"exclude": ["weight"]}, r"leaves no parameter to compress"),
+        ({"monitor": "val_accuracy"}, r"`monitor`='val_accuracy' is not logged .* `val_acc`"),
+    ],
+)
+def test_bad_configuration_rejected_before_training(tmp_path, kwargs, match):
+    callback = IterativePruningCallback(end_step=10, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        trainer(tmp_path, [callback, FailIfTrained()]).fit(TinyClassifier(), loader(), loader(64))
+
+
+def test_monitor_without_validation_loop(tmp_path):
+    class NoValidation(TinyClassifier):
+        validation_step = None  # type: ignore[assignment]
+
+    callback = IterativePruningCallback(end_step=10, monitor="val_acc")
+    with pytest.raises(ValueError, match=r"`monitor`='val_acc' needs a validation loop"):
+        trainer(tmp_path, [callback, FailIfTrained()]).fit(NoValidation(), loader())
+
+
+def test_infinite_training_needs_end_step(tmp_path):
+    with pytest.raises(ValueError, match=r"`end_step`=None needs a finite training length"):
+        trainer(tmp_path, [IterativePruningCallback(), FailIfTrained()], max_epochs=-1).fit(TinyClassifier(), loader())
+
+
+def test_checkpoint_from_other_selection_is_rejected(tmp_path):
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    callback = IterativePruningCallback(end_step=8)
+    trainer(tmp_path, [callback, saver], enable_checkpointing=True, max_epochs=1).fit(TinyClassifier(), loader())
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"][callback.state_key]
+    other = IterativePruningCallback(end_step=8, exclude=["fc2"])
+    other._weights = {"net.fc1.weight": TinyClassifier().net.fc1.weight}
+    with pytest.raises(ValueError, match=r"masks for \['net.fc2.weight'\]"):
+        other._restore(state)

@@ -1,0 +1,35 @@
+"""Two CPU processes (gloo): every rank must compute the same masks, for both criteria."""
+
+import json
+
+import pytest
+from helpers import TinyClassifier, loader, trainer
+from lightning.pytorch.callbacks import Callback
+
+from lightning_compress import IterativePruningCallback
+
+
+class MaskChecksums(Callback):
+    """Each rank writes a checksum of its masks and pruned weights at fit end."""
+
+    def __init__(self, out_dir):
+        self.out_dir = str(out_dir)
+
+    def on_fit_end(self, trainer, pl_module):
+        pruner = next(cb for cb in trainer.callbacks if isinstance(cb, IterativePruningCallback))
+        checksums = {name: int(mask.flatten().nonzero().sum()) for name, mask in pruner._masks.items()}
+        checksums["zeros"] = sum(int((w == 0).sum()) for w in pruner._weights.values())
+        with open(f"{self.out_dir}/rank{trainer.global_rank}.json", "w") as f:
+            json.dump(checksums, f)
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("criterion", ["magnitude", "random"])
+def test_masks_identical_across_ranks(tmp_path, criterion):
+    pruner = IterativePruningCallback(target_sparsity=0.7, end_step=6, update_every_n_steps=2, criterion=criterion)
+    fit = trainer(tmp_path, [pruner, MaskChecksums(tmp_path)], strategy="ddp_spawn", devices=2, max_epochs=2)
+    fit.fit(TinyClassifier(), loader())
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank0 == rank1
+    assert rank0["zeros"] == round(0.7 * 1280)
