@@ -5,9 +5,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_compress.engine.masks import (
-    apply_masks,
+    MaskApplier,
     compute_masks,
-    mask_gradients,
     measure_sparsity,
     pack_mask,
     unpack_mask,
@@ -96,8 +95,9 @@ def test_apply_and_mask_gradients_in_place():
     masks = compute_masks(weights, 0.4)
     param_before = layer.weight
     layer(torch.randn(3, 6)).sum().backward()
-    mask_gradients(weights, masks)
-    apply_masks(weights, masks)
+    applier = MaskApplier(weights, masks)
+    applier.mask_gradients()
+    applier.apply()
     assert layer.weight is param_before
     assert torch.all(layer.weight[~masks["w"]] == 0) and torch.all(layer.weight.grad[~masks["w"]] == 0)
     assert measure_sparsity(weights).sparsity == pytest.approx(12 / 30)

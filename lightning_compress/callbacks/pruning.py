@@ -18,9 +18,8 @@ from lightning_compress.engine.masks import (
     CRITERIA,
     SCOPES,
     STRUCTURES,
-    apply_masks,
+    MaskApplier,
     compute_masks,
-    mask_gradients,
     measure_sparsity,
     pack_mask,
     unpack_mask,
@@ -131,6 +130,7 @@ class IterativePruningCallback(Callback):
 
         self._weights: dict[str, torch.nn.Parameter] = {}
         self._masks: dict[str, Tensor] = {}
+        self._applier = MaskApplier({}, {})  # the masks in the form the per-step hooks use
         self._current_target = 0.0  # target the masks were last computed for
         self._last_step = -1  # global_step at which masks were last re-applied
         self._history: list[tuple[int, float, float]] = []  # (step, sparsity, monitored metric) per validation
@@ -170,12 +170,13 @@ class IterativePruningCallback(Callback):
             self._restore(self._pending_state)
             self._pending_state = None
         self._masks = {name: mask.to(self._weights[name].device) for name, mask in self._masks.items()}
+        self._applier = MaskApplier(self._weights, self._masks)
         reporting.write_dashboard_layout(trainer)
         self._step(trainer)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        mask_gradients(self._weights, self._masks)
+        self._applier.mask_gradients()
 
     @override
     def on_train_batch_end(
@@ -284,7 +285,7 @@ class IterativePruningCallback(Callback):
         """After an optimizer step: re-zero pruned weights, update masks when the schedule says so, log."""
         step = trainer.global_step
         self._last_step = step
-        apply_masks(self._weights, self._masks)
+        self._applier.apply()
         if self.rewind_to_step == step and not self._rewind_snapshot:
             self._rewind_snapshot = {name: w.detach().clone() for name, w in self._weights.items()}
         target = self._target(step)
@@ -300,11 +301,12 @@ class IterativePruningCallback(Callback):
                 seed=self.seed,
             )
             self._current_target = target
+            self._applier = MaskApplier(self._weights, self._masks)
             if self._rewind_snapshot:
                 with torch.no_grad():
                     for name, weight in self._weights.items():
                         weight.copy_(self._rewind_snapshot[name].to(weight.device))
-            apply_masks(self._weights, self._masks)
+            self._applier.apply()
         if updated or step % max(getattr(trainer, "log_every_n_steps", 50), 1) == 0:
             self._log_sparsity(trainer, target)
 

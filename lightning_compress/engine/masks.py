@@ -115,20 +115,35 @@ def compute_masks(
     return masks
 
 
-@torch.no_grad()
-def apply_masks(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
-    """Zero the pruned entries of every weight in place (one fused multi-tensor op)."""
-    names = [n for n in weights if n in masks]
-    if names:
-        torch._foreach_mul_([weights[n] for n in names], [masks[n] for n in names])
+class MaskApplier:
+    """Masks ready for the training hot path: zero pruned weights or gradients in one fused op.
 
+    Each keep-mask is held as a multiplier in its weight's dtype: a ``bool`` mask would take a quarter of the memory
+    but multiplying by it is about 5x slower on CPU (measured: 115 vs 22 microseconds for an MLP's weights), and
+    this runs twice per optimizer step.
 
-@torch.no_grad()
-def mask_gradients(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
-    """Zero the gradients of pruned entries in place, so clipping and optimizer statistics ignore them."""
-    names = [n for n in weights if n in masks and weights[n].grad is not None]
-    if names:
-        torch._foreach_mul_([weights[n].grad for n in names], [masks[n] for n in names])  # type: ignore[misc]
+    Args:
+        weights: The pruned tensors, by name.
+        masks: Boolean keep-masks for (some of) them.
+    """
+
+    def __init__(self, weights: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+        names = [n for n in weights if n in masks]
+        self._weights = [weights[n] for n in names]
+        self._multipliers = [masks[n].to(device=weights[n].device, dtype=weights[n].dtype) for n in names]
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Zero the pruned entries of every weight in place."""
+        if self._weights:
+            torch._foreach_mul_(self._weights, self._multipliers)
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradients of pruned entries in place, so clipping and optimizer statistics ignore them."""
+        pairs = [(w.grad, m) for w, m in zip(self._weights, self._multipliers, strict=True) if w.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
 
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
