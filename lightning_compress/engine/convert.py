@@ -1,0 +1,602 @@
+"""A real int8 model, built from a *copy* of a float or fake-quant model, through torchao's pt2e flow.
+
+``torch.export`` (dynamic batch) → ``prepare_pt2e`` with ``X86InductorQuantizer`` → calibration → ``convert_pt2e``
+→ unused float tensors dropped → ``torch.export`` again, so the result is a ``torch.export.ExportedProgram`` that
+:func:`save_int8` / :func:`load_int8` store with ``torch.export.save`` / ``torch.export.load``.
+
+The input model is never modified. When it was prepared by :func:`~lightning_compress.engine.fake_quant.prepare_qat`,
+the conversion starts from a stripped float copy, reuses the input ranges learned by the fake-quant observers
+(instead of re-calibrating them) and keeps in float what QAT kept in float, so the int8 model computes what the
+fake-quant model simulated.
+
+The converted program holds quantize/dequantize ops around float kernels: run eagerly (``program.module()``) it is
+correct but 1.5-6x *slower* than fp32; :func:`compile_int8` lowers it with Inductor (``freezing=True``) to the real
+int8 kernels. torchao is imported lazily (only when converting).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import io
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from lightning_compress.engine.fake_quant import (
+    ACTIVATION_EPS,
+    activation_ranges,
+    fake_quant_modules,
+    fake_quantize_weight,
+    is_prepared,
+    strip_qat,
+)
+from lightning_compress.engine.validation import check_choice
+
+__all__ = [
+    "MODES",
+    "Int8ConversionError",
+    "Int8Model",
+    "compile_int8",
+    "convert_to_int8",
+    "int8_weights",
+    "load_int8",
+    "model_size_bytes",
+    "save_int8",
+]
+
+#: ``"static"``: int8 weights and activations (calibrated ranges); ``"dynamic"``: int8 weights, activations
+#: quantized at run time with their own range (Linear-heavy models); ``"weight_only"``: int8 weights, float compute.
+MODES = ("static", "dynamic", "weight_only")
+
+_QUANTIZED_OPS = {
+    "aten.linear.default",
+    "aten.conv1d.default",
+    "aten.conv2d.default",
+    "aten.conv3d.default",
+    "aten.conv1d.padding",
+    "aten.conv2d.padding",
+    "aten.conv3d.padding",
+}
+
+_EXPORT_HINT = (
+    "The int8 conversion needs a model that torch.export can capture as one graph. Common fixes: replace Python "
+    "control flow on tensor *values* (`if x.sum() > 0:`, `.item()`, `.tolist()`) with tensor ops or `torch.cond`; "
+    "make sure `example_inputs`/`example_kwargs` are exactly what `forward` takes (in Lightning, set "
+    "`example_input_array`); avoid ops export cannot trace (NumPy calls, data-dependent shapes); or keep the "
+    "offending submodule out of the exported model."
+)
+
+
+class Int8ConversionError(RuntimeError):
+    """The model could not be converted; the message says why and what to change."""
+
+
+@dataclass
+class Int8Model:
+    """The result of :func:`convert_to_int8`.
+
+    Attributes:
+        program: The int8 ``ExportedProgram`` (save it with :func:`save_int8`, run it with ``program.module()`` or
+            :func:`compile_int8`).
+        mode: ``"static"``, ``"dynamic"`` or ``"weight_only"``.
+        dynamic_batch: Whether the program accepts any batch size (else only the example's shapes).
+        skipped: Module names kept in float.
+        carried_ranges: Input ranges taken over from fake-quant observers, by module name.
+        calibration_batches: Batches run through the observers (0 when all ranges were carried or not needed).
+        timings: Seconds spent per phase (``export``, ``prepare``, ``calibrate``, ``convert``, ``reexport``,
+            ``total``).
+        notes: Things the caller may want to log (fallbacks, what was skipped and why).
+    """
+
+    program: torch.export.ExportedProgram
+    mode: str
+    dynamic_batch: bool
+    skipped: tuple[str, ...] = ()
+    carried_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    calibration_batches: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def module(self) -> nn.Module:
+        """The program as an eager ``nn.Module`` (slow q/dq reference computation; see :func:`compile_int8`)."""
+        return self.program.module()
+
+    def size_bytes(self) -> int:
+        """Size of the saved artifact, in bytes."""
+        return model_size_bytes(self.program)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Export helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _batch_dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``dynamic_shapes`` marking dim 0 of every tensor input (of size >= 2) as ``Dim.AUTO``, keyed by argument."""
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+
+    def spec(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] >= 2:
+            return {0: torch.export.Dim.AUTO}
+        return None
+
+    return {name: tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def _has_dynamic_batch(program: torch.export.ExportedProgram) -> bool:
+    """Whether dim 0 of the first user tensor input stayed symbolic."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            if isinstance(val, Tensor) and val.ndim >= 1:
+                dim = val.shape[0]
+                return isinstance(dim, torch.SymInt) and not bool(getattr(dim.node.expr, "is_number", True))
+    return False
+
+
+def _first_lines(err: BaseException, n: int = 3) -> str:
+    """The first ``n`` lines of an error, plus the user code it points at (torch.export names it)."""
+    lines = [line.rstrip() for line in str(err).strip().splitlines() if line.strip()]
+    shown = lines[:n]
+    marker = "The following call raised this error:"
+    if marker in lines[n:]:
+        i = lines.index(marker)
+        shown += ["...", *lines[i : i + 3]]
+    elif len(lines) > n:
+        shown.append("...")
+    return f"{type(err).__name__}: " + "\n    ".join(shown)
+
+
+def _export(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    dynamic_batch: bool,
+    notes: list[str],
+) -> tuple[torch.export.ExportedProgram, Any]:
+    """Export with a dynamic batch when asked and possible, else with static shapes (noted). Raises clearly."""
+    dynamic_shapes = None
+    if dynamic_batch:
+        try:
+            dynamic_shapes = _batch_dynamic_shapes(model, args, kwargs)
+        except TypeError as err:
+            raise Int8ConversionError(
+                f"`example_inputs`/`example_kwargs` do not match `{type(model).__name__}.forward`: {err}."
+            ) from err
+    if dynamic_shapes is not None:
+        try:
+            program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
+            if _has_dynamic_batch(program):
+                return program, dynamic_shapes
+            notes.append(
+                "The batch dimension was specialized during export (an example batch of 1, or the model's code "
+                "depends on the batch size): the int8 program only accepts the example's shapes."
+            )
+            return program, None
+        except Exception as err:
+            if "data-dependent" in str(err) or "DataDependent" in type(err).__name__:
+                raise Int8ConversionError(
+                    f"torch.export could not capture `{type(model).__name__}`:\n    {_first_lines(err)}\n{_EXPORT_HINT}"
+                ) from err
+            dynamic_error = err  # retried with static shapes, reported if that fails too
+    else:
+        dynamic_error = None
+    try:
+        program = torch.export.export(model, args, kwargs)
+    except Exception as err:
+        raise Int8ConversionError(
+            f"torch.export could not capture `{type(model).__name__}`:\n    {_first_lines(err)}\n{_EXPORT_HINT}"
+        ) from err
+    if dynamic_error is not None:
+        notes.append(
+            "The model could not be exported with a dynamic batch, so the int8 program only accepts the example's "
+            f"shapes. Export said: {_first_lines(dynamic_error, 2)}"
+        )
+    return program, None
+
+
+def _module_path(node: torch.fx.Node) -> str | None:
+    """Name of the innermost module a graph node comes from (``None`` for the top level)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path[len("L['self'].") :] if path.startswith("L['self'].") else path
+
+
+def _drop_unused_tensors(gm: torch.fx.GraphModule) -> list[str]:
+    """Delete parameters/buffers that no ``get_attr`` node reads (the float weights replaced by int8 constants)."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    dropped = []
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name in used:
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        owner._parameters.pop(leaf, None)
+        owner._buffers.pop(leaf, None)
+        dropped.append(name)
+    gm.delete_all_unused_submodules()
+    return dropped
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Calibration helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _as_call(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A calibration item (a Tensor, a tuple/list of positional arguments or a dict of keywords) as (args, kwargs)."""
+    if isinstance(batch, Tensor):
+        return (batch,), {}
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    raise Int8ConversionError(
+        "Each item of `calibration_data` must be the model's input: a Tensor, a tuple of positional arguments or a "
+        f"dict of keyword arguments, got {type(batch).__name__}."
+    )
+
+
+def _import_torchao() -> None:
+    """Import the torchao pt2e modules once, hiding the DeprecationWarnings torch's own mkldnn module emits then."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import torchao.quantization.pt2e.quantize_pt2e
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+
+
+def _to_cpu(tree: Any) -> Any:
+    return tree_map(lambda v: v.cpu() if isinstance(v, Tensor) else v, tree)
+
+
+@functools.cache
+def _fixed_observer_type() -> type[nn.Module]:
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+
+    class FixedRangeObserver(MinMaxObserver):
+        """A ``MinMaxObserver`` whose range was set from a fake-quant observer: calibration does not move it."""
+
+        def forward(self, x_orig: Tensor) -> Tensor:
+            return x_orig
+
+    return FixedRangeObserver
+
+
+def _carry_ranges(prepared: torch.fx.GraphModule, ranges: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Replace the input observers of the quantized Linear/Conv ops of fake-quant modules by fixed-range ones."""
+    per_observer: dict[str, list[str]] = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_function" or str(node.target) not in _QUANTIZED_OPS or not node.args:
+            continue
+        source = node.args[0]
+        name = _module_path(node)
+        if not isinstance(source, torch.fx.Node) or source.op != "call_module" or name not in ranges:
+            continue
+        if "activation_post_process" not in str(source.target):
+            continue
+        per_observer.setdefault(str(source.target), []).append(name)
+    fixed_type = _fixed_observer_type()
+    carried: dict[str, Any] = {}
+    for target, names in per_observer.items():
+        old = prepared.get_submodule(target)
+        new = fixed_type(
+            dtype=old.dtype,
+            qscheme=old.qscheme,
+            quant_min=old.quant_min,
+            quant_max=old.quant_max,
+            eps=float(getattr(old, "eps", ACTIVATION_EPS)),
+        )
+        lo = min(ranges[n][0] for n in names)
+        hi = max(ranges[n][1] for n in names)
+        new.min_val = torch.tensor(lo)
+        new.max_val = torch.tensor(hi)
+        setattr(prepared, target, new)
+        for n in names:
+            carried[n] = (lo, hi)
+    return carried
+
+
+def _calibrated_observers(prepared: torch.fx.GraphModule) -> list[str]:
+    """Activation observers that calibration sets (not weight observers, not ranges carried from fake quant)."""
+    names = []
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or "activation_post_process" not in str(node.target):
+            continue
+        if node.args and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "get_attr":
+            continue  # a weight
+        if type(prepared.get_submodule(str(node.target))).__name__ == "FixedRangeObserver":
+            continue
+        names.append(str(node.target))
+    return names
+
+
+def _quantizer(mode: str, skip: Sequence[str]) -> Any:
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantizer import QuantizationConfig
+
+    if mode == "static":
+        config = xiq.get_default_x86_inductor_quantization_config()
+    elif mode == "dynamic":
+        config = xiq.get_default_x86_inductor_quantization_config(is_dynamic=True)
+    else:
+        base = xiq.get_default_x86_inductor_quantization_config()
+        config = QuantizationConfig(None, None, base.weight, None, False)
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(config)
+    for name in skip:
+        quantizer.set_module_name_qconfig(name, None)
+    return quantizer
+
+
+def _float_islands(model: nn.Module) -> list[str]:
+    """What a fake-quant model computes in float: Linear/Conv modules not swapped, and attention blocks."""
+    prepared = fake_quant_modules(model)
+    layer_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if not name or name in prepared or not isinstance(module, layer_types):
+            continue
+        if any(name.startswith(f"{kept}.") for kept in names):
+            continue  # already covered by an enclosing attention block
+        names.append(name)
+    return names
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def convert_to_int8(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] | Tensor,
+    example_kwargs: dict[str, Any] | None = None,
+    mode: str = "static",
+    calibration_data: Iterable[Any] | None = None,
+    skip: Sequence[str] = (),
+    dynamic_batch: bool = True,
+) -> Int8Model:
+    """Build an int8 ``ExportedProgram`` from a copy of ``model`` (which is left untouched).
+
+    Args:
+        model: A float model, or one prepared with :func:`~lightning_compress.engine.fake_quant.prepare_qat`. For a
+            prepared model the conversion: starts from a stripped float copy; reuses the learned input ranges of
+            the fake-quant modules (when their observers have seen data and fake quantization is enabled); bakes
+            4-bit weights onto their grid; and keeps in float the Linear/Conv modules and attention blocks that QAT
+            kept in float.
+        example_inputs: Positional arguments of ``forward`` (a single Tensor is accepted too). Use a batch of at
+            least 2 so the batch dimension can stay dynamic.
+        example_kwargs: Keyword arguments of ``forward``.
+        mode: ``"static"`` (int8 weights per channel + uint8 activations per tensor, calibrated),
+            ``"dynamic"`` (activation ranges computed at run time; for Linear-heavy models) or ``"weight_only"``
+            (int8 weights, float activations).
+        calibration_data: For ``"static"``: an iterable of model inputs (a Tensor, a tuple of positional
+            arguments or a dict of keyword arguments per item) used to calibrate the activation ranges not taken
+            over from fake-quant observers. When ``None``, ``example_inputs`` is the only calibration batch (noted).
+        skip: Module names kept in float (with everything inside them), e.g. for accuracy-aware fallback.
+        dynamic_batch: Export with a dynamic batch dimension (falls back to static shapes, with a note, when the
+            model cannot have one).
+
+    Returns:
+        An :class:`Int8Model` with the ``program`` and what happened (timings, notes, carried ranges).
+
+    Raises:
+        ValueError: On a bad ``mode``, an unknown ``skip`` name or a bad ``example_inputs``.
+        Int8ConversionError: If torch.export cannot capture the model (the message quotes the export error and says
+            what to change), or the pt2e conversion fails.
+    """
+    check_choice("mode", mode, MODES)
+    if isinstance(example_inputs, Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, tuple):
+        raise ValueError(
+            f"`example_inputs` must be a tuple of positional arguments (or one Tensor), got "
+            f"{type(example_inputs).__name__}."
+        )
+    kwargs = dict(example_kwargs or {})
+    if isinstance(skip, str):
+        skip = [skip]
+    modules = dict(model.named_modules())
+    unknown = [s for s in skip if s not in modules]
+    if unknown:
+        names = [n for n, m in modules.items() if n and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        raise ValueError(f"`skip` names no module: {unknown}. Linear/Conv module names: {', '.join(names)}.")
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    skip_all = list(dict.fromkeys(skip))
+    ranges: dict[str, tuple[float, float]] = {}
+
+    float_model = copy.deepcopy(model).cpu()  # the int8 kernels are x86 CPU ones
+    args: tuple[Any, ...] = _to_cpu(example_inputs)
+    kwargs = _to_cpu(kwargs)
+    if is_prepared(model):
+        fq = fake_quant_modules(model)
+        enabled = {n for n, m in fq.items() if m.is_fake_quant_enabled}
+        ranges = {n: r for n, r in activation_ranges(model).items() if n in enabled}
+        if mode == "static" and not any(m.quant_config.quantize_activations for m in fq.values()):
+            notes.append(
+                "QAT simulated weight-only quantization (`quantize_activations=False`) but `mode='static'` also "
+                "quantizes activations: consider `mode='weight_only'`."
+            )
+        islands = [n for n in _float_islands(model) if n not in skip_all]
+        if islands:
+            notes.append(f"Kept in float as during QAT: {', '.join(islands)}.")
+            skip_all += islands
+        copies = fake_quant_modules(float_model)
+        with torch.no_grad():
+            for module in copies.values():
+                if module.quant_config.weight_bits != 8 and module.is_fake_quant_enabled:
+                    module.weight.copy_(fake_quantize_weight(module.weight, module.quant_config.weight_bits))
+        strip_qat(float_model)
+    float_model.eval()
+    for p in float_model.parameters():
+        p.requires_grad_(False)
+
+    t = time.perf_counter()
+    exported, dynamic_shapes = _export(float_model, args, kwargs, dynamic_batch, notes)
+    timings["export"] = time.perf_counter() - t
+
+    _import_torchao()
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    try:
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            # X86InductorQuantizer warns for every pooling op whose input it leaves in float; nothing to act on.
+            warnings.filterwarnings("ignore", message=r".*is not quantized, skip annotate.*")
+            prepared = prepare_pt2e(exported.module(), _quantizer(mode, skip_all))
+        timings["prepare"] = time.perf_counter() - t
+        carried = _carry_ranges(prepared, ranges) if mode == "static" and ranges else {}
+
+        t = time.perf_counter()
+        batches = 0
+        with torch.no_grad():
+            prepared(*args, **kwargs)  # also observes the weights
+            if mode == "static" and calibration_data is not None:
+                for item in calibration_data:
+                    item_args, item_kwargs = _to_cpu(_as_call(item))
+                    try:
+                        prepared(*item_args, **item_kwargs)
+                    except Exception as err:
+                        raise Int8ConversionError(
+                            f"Calibration batch {batches} could not be run through the model:\n    "
+                            f"{_first_lines(err)}\nEach item of `calibration_data` must be the model's input (a "
+                            "Tensor, a tuple of positional arguments or a dict of keyword arguments), with the same "
+                            "shapes as `example_inputs` except the batch size."
+                        ) from err
+                    batches += 1
+        if mode == "static" and calibration_data is None:
+            batches = 1
+            if _calibrated_observers(prepared):
+                notes.append(
+                    "Calibrated on `example_inputs` only: pass `calibration_data` (a few dozen batches) for "
+                    "representative activation ranges."
+                )
+        timings["calibrate"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        converted = convert_pt2e(prepared)
+        _drop_unused_tensors(converted)
+        timings["convert"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        try:
+            program = torch.export.export(converted, args, kwargs, dynamic_shapes=dynamic_shapes)
+        except Exception as err:
+            if dynamic_shapes is None:
+                raise
+            notes.append(
+                "The int8 graph could not be exported with a dynamic batch, so it only accepts the example's "
+                f"shapes. Export said: {_first_lines(err, 2)}"
+            )
+            dynamic_shapes = None
+            program = torch.export.export(converted, args, kwargs)
+        program.example_inputs = None  # else torch.export.save stores the example batch in the artifact
+        timings["reexport"] = time.perf_counter() - t
+    except Int8ConversionError:
+        raise
+    except Exception as err:
+        raise Int8ConversionError(
+            f"The pt2e int8 conversion ({mode!r}) failed after export:\n    {_first_lines(err)}\nTry `mode='dynamic'` "
+            "or `'weight_only'`, or `skip` the module where it fails."
+        ) from err
+    timings["total"] = time.perf_counter() - t_start
+    return Int8Model(
+        program=program,
+        mode=mode,
+        dynamic_batch=dynamic_shapes is not None,
+        skipped=tuple(skip_all),
+        carried_ranges=carried,
+        calibration_batches=batches if mode == "static" else 0,
+        timings=timings,
+        notes=notes,
+    )
+
+
+def _program_of(obj: torch.export.ExportedProgram | Int8Model) -> torch.export.ExportedProgram:
+    if isinstance(obj, Int8Model):
+        return obj.program
+    if isinstance(obj, torch.export.ExportedProgram):
+        return obj
+    raise ValueError(f"Expected an ExportedProgram or an Int8Model, got {type(obj).__name__}.")
+
+
+def save_int8(program: torch.export.ExportedProgram | Int8Model, path: str | os.PathLike[str]) -> int:
+    """Save the int8 program with ``torch.export.save`` (conventionally ``*.pt2``); returns the file size in bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(_program_of(program), path)
+    return path.stat().st_size
+
+
+def load_int8(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
+    """Load a program saved by :func:`save_int8` (run it with ``.module()`` or :func:`compile_int8`)."""
+    _import_torchao()  # registers the quantized_decomposed ops the graph calls
+
+    return torch.export.load(Path(path))
+
+
+def model_size_bytes(obj: nn.Module | torch.export.ExportedProgram | Int8Model | str | os.PathLike[str]) -> int:
+    """Serialized size in bytes.
+
+    Args:
+        obj: an ``nn.Module`` (size of ``torch.save(state_dict)``), an ``ExportedProgram``/:class:`Int8Model`
+            (size of ``torch.export.save``), or the path of a saved file (its size).
+    """
+    if isinstance(obj, (str, os.PathLike)):
+        return os.path.getsize(obj)
+    buffer = io.BytesIO()
+    if isinstance(obj, nn.Module):
+        torch.save(obj.state_dict(), buffer)
+    else:
+        torch.export.save(_program_of(obj), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def int8_weights(program: torch.export.ExportedProgram | Int8Model) -> dict[str, Tensor]:
+    """The int8 tensors (quantized weights) stored in the program, by name."""
+    prog = _program_of(program)
+    tensors = {**prog.state_dict, **prog.constants}
+    return {k: v for k, v in tensors.items() if isinstance(v, Tensor) and v.dtype == torch.int8}
+
+
+def compile_int8(program: torch.export.ExportedProgram | Int8Model, dynamic: bool | None = False) -> Callable[..., Any]:
+    """Compile the int8 program with Inductor (``freezing=True``), which lowers q/dq patterns to int8 kernels.
+
+    The first call compiles (seconds to a minute); calls run under ``torch.no_grad()``.
+
+    Args:
+        program: The program from :func:`convert_to_int8` or :func:`load_int8`.
+        dynamic: Passed to ``torch.compile``. ``False`` (default) compiles for the shapes of the first call (and
+            recompiles for new ones), which also works for conv→flatten→linear models where dynamic compilation
+            fails.
+    """
+    _import_torchao()  # registers the quantized_decomposed ops and the x86 int8 lowerings
+
+    import torch._inductor.config as inductor_config
+
+    module = _program_of(program).module()
+    compiled = torch.compile(module, dynamic=dynamic)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        # Compilation happens lazily (first call, new shapes), so freezing is patched in around every call rather
+        # than set globally; ``torch.compile(options={"freezing": True})`` does not freeze the weights.
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return run

@@ -1,0 +1,133 @@
+"""Fidelity and latency measurements (lightning_compress.engine.measure). No timed assertions."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from test_fake_quant import LeNet5, TwoInputNet, mlp, train_steps
+from torch import nn
+
+from lightning_compress.engine.fake_quant import QuantConfig, activation_ranges, prepare_qat, strip_qat
+from lightning_compress.engine.measure import (
+    compare_latency,
+    measure_latency,
+    num_threads,
+    per_layer_sqnr,
+    sqnr_db,
+    top1_agreement,
+    weight_sqnr,
+)
+
+
+def test_sqnr_db_values() -> None:
+    ref = torch.ones(100)
+    assert sqnr_db(ref, ref.clone()) == math.inf
+    assert sqnr_db(ref, ref + 0.1) == pytest.approx(20.0)
+    assert sqnr_db(ref, ref * 0.99) == pytest.approx(40.0)
+    assert sqnr_db(torch.zeros(3), torch.ones(3)) == -math.inf
+    with pytest.raises(ValueError, match=r"`reference` and `test` must have the same shape, got \(3,\) and \(4,\)\."):
+        sqnr_db(torch.ones(3), torch.ones(4))
+
+
+def test_top1_agreement() -> None:
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[2.0, 0.0], [0.0, 3.0], [0.0, 1.0], [0.0, 1.0]])
+    assert top1_agreement(a, b) == 0.75
+    assert top1_agreement(a, a) == 1.0
+    with pytest.raises(ValueError, match="`logits_a` and `logits_b` must have the same shape"):
+        top1_agreement(a, b[:2])
+
+
+def test_per_layer_sqnr_local_and_accumulated() -> None:
+    torch.manual_seed(0)
+    model = LeNet5()
+    float_model = copy.deepcopy(model)
+    prepare_qat(model)
+    x = torch.randn(16, 1, 28, 28)
+    train_steps(model, x, steps=1)
+    model.train()
+    ranges = activation_ranges(model)
+
+    local = per_layer_sqnr(None, model, x)
+    assert list(local) == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    assert all(v > 25 for v in local.values())
+    accumulated = per_layer_sqnr(float_model, model, x)
+    assert list(accumulated) == list(local)
+    assert accumulated["conv1"] == pytest.approx(local["conv1"])  # first layer: same input
+    assert accumulated["fc3"] <= local["fc3"] + 1e-6  # errors accumulate
+    assert model.training and activation_ranges(model) == ranges  # mode restored, observers untouched
+
+    stripped = strip_qat(copy.deepcopy(model))
+    with pytest.raises(ValueError, match="has no fake-quant layers"):
+        per_layer_sqnr(None, stripped, x)
+    with pytest.raises(ValueError, match=r"`float_model` has no module named \['conv1'"):
+        per_layer_sqnr(nn.Sequential(), model, x)
+
+
+def test_per_layer_sqnr_multi_input_and_kwargs() -> None:
+    torch.manual_seed(0)
+    model = TwoInputNet()
+    prepare_qat(model)
+    x, y = torch.randn(8, 8), torch.randn(8, 4)
+    model.train()
+    model(x, y)
+    result = per_layer_sqnr(None, model, (x, y), kwargs={"scale": 0.5})
+    assert set(result) == {"a", "b", "out"}
+
+
+def test_weight_sqnr() -> None:
+    torch.manual_seed(0)
+    model8, model4 = mlp(), mlp()
+    prepare_qat(model8)
+    prepare_qat(model4, QuantConfig(weight_bits=4))
+    s8, s4 = weight_sqnr(model8), weight_sqnr(model4)
+    assert list(s8) == ["0", "2", "4"]
+    assert all(v > 35 for v in s8.values())
+    assert all(10 < s4[n] < s8[n] for n in s8)
+
+
+def test_measure_latency_structure_and_threads_restored() -> None:
+    model = mlp().eval()
+    before = torch.get_num_threads()
+    result = measure_latency(model, torch.randn(4, 16), warmup=1, repeats=5)
+    assert set(result) == {"median_ms", "mean_ms", "min_ms", "max_ms", "std_ms", "repeats"}
+    assert result["repeats"] == 5 and result["median_ms"] > 0 and result["min_ms"] <= result["median_ms"]
+    assert torch.get_num_threads() == before
+    kw = measure_latency(TwoInputNet().eval(), (torch.randn(2, 8), torch.randn(2, 4)), repeats=2, kwargs={"scale": 2.0})
+    assert kw["median_ms"] > 0
+    training_step = measure_latency(lambda x: model(x).sum().backward(), torch.randn(4, 16), repeats=2, no_grad=False)
+    assert training_step["median_ms"] > 0 and model[0].weight.grad is not None
+    with pytest.raises(ValueError, match=r"`repeats` must be a positive integer, got 0\."):
+        measure_latency(model, torch.randn(4, 16), repeats=0)
+
+
+def test_compare_latency_alternates_and_reports_ratio() -> None:
+    calls: list[str] = []
+
+    def fn_a(x: torch.Tensor) -> torch.Tensor:
+        calls.append("a")
+        return x * 2
+
+    def fn_b(x: torch.Tensor) -> torch.Tensor:
+        calls.append("b")
+        return x + 1
+
+    result = compare_latency(fn_a, fn_b, torch.ones(3), warmup=1, repeats=3)
+    assert calls == ["a", "b"] * 4
+    assert set(result) == {"a", "b", "ratio", "speedup"}
+    assert result["ratio"] == pytest.approx(result["b"]["median_ms"] / result["a"]["median_ms"])
+    assert result["speedup"] == pytest.approx(1 / result["ratio"])
+
+
+def test_num_threads_context_manager() -> None:
+    before = torch.get_num_threads()
+    with num_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with num_threads(None):
+        assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match=r"`num_threads` must be a positive integer, got 0\."), num_threads(0):
+        pass
