@@ -60,16 +60,9 @@ from _common import (
     write_benchmarks_section,
 )
 
+from lightning_compress import IterativePruningCallback
 from lightning_compress.demo import FashionMNISTDataModule, ImageClassifier
 from lightning_compress.engine.schedules import sparsity_at_step
-
-try:
-    from lightning_compress import IterativePruningCallback
-except ImportError as err:  # the callback is being written; the harness still runs dense and ModelPruning
-    IterativePruningCallback = None  # type: ignore[assignment,misc]
-    IMPORT_ERROR: str | None = f"{type(err).__name__}: {err}"
-else:
-    IMPORT_ERROR = None
 
 METHODS = ("dense", "ours", "modelpruning")
 LABELS = {"dense": "dense", "ours": "IterativePruningCallback", "modelpruning": "Lightning ModelPruning"}
@@ -161,8 +154,6 @@ def method_callbacks(method: str, model: ImageClassifier, sparsity: float, ramp:
     if method == "dense":
         return []
     if method == "ours":
-        if IterativePruningCallback is None:
-            raise RuntimeError(f"`IterativePruningCallback` is not importable ({IMPORT_ERROR}).")
         return [
             IterativePruningCallback(
                 target_sparsity=sparsity,
@@ -552,9 +543,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     quiet_lightning()
-    if "ours" in cfg.methods and IterativePruningCallback is None:
-        print(f"NOTE: IterativePruningCallback is not importable ({IMPORT_ERROR}); benchmarking the others only.")
-        cfg.methods = [m for m in cfg.methods if m != "ours"]
     torch.set_num_threads(1)
     env = environment()
     start = time.perf_counter()

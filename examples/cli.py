@@ -1,6 +1,6 @@
 """LightningCLI entry point: every callback of lightning_compress can be configured from YAML with `class_path`.
 
-    python examples/cli.py fit --config examples/prune_lenet.yaml
+python examples/cli.py fit --config examples/prune_lenet.yaml
 """
 
 from lightning.pytorch.cli import LightningCLI

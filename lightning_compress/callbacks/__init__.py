@@ -1,5 +1,6 @@
 """Thin Lightning callbacks over :mod:`lightning_compress.engine`."""
 
 from lightning_compress.callbacks.pruning import IterativePruningCallback
+from lightning_compress.callbacks.qat import QATCallback
 
-__all__ = ["IterativePruningCallback"]
+__all__ = ["IterativePruningCallback", "QATCallback"]

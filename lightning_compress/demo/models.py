@@ -157,8 +157,8 @@ class ImageClassifier(pl.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.optimizer_name = optimizer
-        self.val_acc = MulticlassAccuracy(num_classes=NUM_CLASSES)
-        self.test_acc = MulticlassAccuracy(num_classes=NUM_CLASSES)
+        self.val_acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
         self.example_input_array = torch.zeros(1, 1, 28, 28)
 
     def forward(self, x: Tensor) -> Tensor:

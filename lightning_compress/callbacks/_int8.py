@@ -1,0 +1,268 @@
+"""What the QAT and PTQ callbacks share: find the target network, capture an example input, evaluate a replacement
+network with the user's own validation logic, time it, and log the results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_compress import figures, reporting
+from lightning_compress.engine.convert import Int8Model, compile_int8, model_size_bytes, save_int8
+from lightning_compress.engine.measure import compare_latency, top1_agreement
+
+
+def target_module(pl_module: LightningModule, name: str | None) -> nn.Module:
+    """The network to quantize: ``pl_module`` itself (``name=None``) or its submodule ``name``."""
+    if name is None:
+        return pl_module
+    modules = dict(pl_module.named_modules())
+    if name not in modules:
+        children = ", ".join(n for n, _ in pl_module.named_children())
+        raise ValueError(
+            f"`module`={name!r} is not a submodule of {type(pl_module).__name__}. Its submodules: {children}."
+        )
+    return modules[name]
+
+
+class InputCatcher:
+    """Keeps a CPU copy of the positional and keyword arguments of the first call to ``module`` (for export)."""
+
+    def __init__(self) -> None:
+        self.args: tuple[Any, ...] | None = None
+        self.kwargs: dict[str, Any] = {}
+        self._handle: Any = None
+
+    def attach(self, module: nn.Module) -> None:
+        if self.args is None and self._handle is None:
+            self._handle = module.register_forward_pre_hook(self._catch, with_kwargs=True)
+
+    def _catch(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.args, self.kwargs = _detached_cpu(args), _detached_cpu(kwargs)
+        self.detach()
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def _detached_cpu(tree: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda t: t.detach().cpu().clone() if isinstance(t, Tensor) else t, tree)
+
+
+def example_inputs(
+    pl_module: LightningModule, module_name: str | None, catcher: InputCatcher
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Inputs to export with: ``example_input_array`` when the target is the LightningModule, else a caught batch."""
+    if module_name is None and pl_module.example_input_array is not None:
+        example = pl_module.example_input_array
+        if isinstance(example, dict):
+            return (), _detached_cpu(example)
+        args = example if isinstance(example, tuple) else (example,)
+        return _detached_cpu(args), {}
+    if catcher.args is None:
+        raise RuntimeError(
+            "No example input to export the model with: set `example_input_array` on the LightningModule, or let"
+            " at least one training or validation batch run before the conversion."
+        )
+    return catcher.args, catcher.kwargs
+
+
+class _Recorder(nn.Module):
+    """Calls ``network`` and keeps its outputs (for top-1 agreement) and a call count."""
+
+    network: Any
+
+    def __init__(self, network: Any) -> None:
+        super().__init__()
+        # Not registered as a submodule: the loop's ``.eval()``/``.to()`` must not reach an exported program
+        # (``ExportedProgram.module()`` refuses ``train()``); the caller puts ``network`` in eval mode itself.
+        object.__setattr__(self, "network", network)
+        self.outputs: list[Tensor] = []
+        self.calls = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        out = self.network(*args, **kwargs)
+        if isinstance(out, Tensor):
+            self.outputs.append(out.detach().cpu())
+        return out
+
+
+@contextlib.contextmanager
+def _swapped(pl_module: LightningModule, module_name: str | None, replacement: nn.Module) -> Iterator[None]:
+    """Put ``replacement`` where the target network is (the submodule, or the LightningModule's ``forward``)."""
+    if module_name is None:
+        pl_module.forward = replacement  # type: ignore[method-assign]  # instance attribute wins over the method
+        try:
+            yield
+        finally:
+            del pl_module.forward
+        return
+    parent_name, _, child = module_name.rpartition(".")
+    parent = pl_module.get_submodule(parent_name)
+    original = getattr(parent, child)
+    setattr(parent, child, replacement)
+    try:
+        yield
+    finally:
+        setattr(parent, child, original)
+
+
+def validate_network(
+    trainer: Trainer, pl_module: LightningModule, module_name: str | None, network: Any
+) -> tuple[dict[str, float], list[Tensor]]:
+    """Run the user's ``validation_step`` over the trainer's validation data with ``network`` as the target.
+
+    A separate CPU ``Trainer`` runs the loop, so the user's logging (``self.log``, torchmetrics) works unchanged and
+    the outer Trainer's callbacks (checkpointing, early stopping) never see the swapped model. The LightningModule
+    is restored afterwards: its network, its trainer reference and its device.
+
+    Returns:
+        The metrics the validation logged, and the target network's outputs per batch.
+    """
+    from lightning.pytorch import Trainer as _Trainer
+
+    dataloaders = trainer.val_dataloaders
+    if dataloaders is None:
+        raise RuntimeError("There is no validation dataloader to measure the quantized model on.")
+    recorder = _Recorder(network)
+    device = pl_module.device
+    inner = _Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=trainer.limit_val_batches,
+    )
+    was_training = pl_module.training
+    try:
+        with _swapped(pl_module, module_name, recorder):
+            results = inner.validate(pl_module, dataloaders=dataloaders, verbose=False)
+    finally:
+        pl_module.trainer = trainer
+        pl_module.to(device)
+        pl_module.train(was_training)
+    if recorder.calls == 0:
+        where = f"`{module_name}`" if module_name else "`forward`"
+        raise RuntimeError(
+            f"The validation loop never called {where}, so the quantized network was not evaluated. Pass the name of"
+            " the submodule your `validation_step` calls as `module` (e.g. module='net')."
+        )
+    metrics = {k: float(v) for k, v in results[0].items()} if results else {}
+    return metrics, recorder.outputs
+
+
+def agreement(outputs_a: list[Tensor], outputs_b: list[Tensor]) -> float | None:
+    """Top-1 agreement of two runs over the same batches (``None`` when the outputs are not class scores)."""
+    if not outputs_a or len(outputs_a) != len(outputs_b) or outputs_a[0].dim() < 2:
+        return None
+    return top1_agreement(torch.cat(outputs_a), torch.cat(outputs_b))
+
+
+def _with_batch_size(tree: Any, batch_size: int) -> Any:
+    """Repeat/trim every tensor along dim 0 to ``batch_size``."""
+
+    def resize(t: Any) -> Any:
+        if not isinstance(t, Tensor) or t.dim() == 0:
+            return t
+        reps = -(-batch_size // t.shape[0])
+        return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size]
+
+    return torch.utils._pytree.tree_map(resize, tree)
+
+
+def latency_report(
+    float_model: nn.Module,
+    int8: Int8Model,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    batch_sizes: list[int],
+    mode: str,
+) -> dict[str, float]:
+    """Median CPU latency (ms, 1 thread, alternated, after warm-up) of float vs int8 at each batch size.
+
+    ``mode="compiled"`` compiles the int8 program with Inductor (where its int8 kernels are; an eager q/dq graph is
+    slower than float) and compares it with both eager and compiled float. ``mode="eager"`` compares eager runs.
+    """
+    float_model = copy.deepcopy(float_model).eval()
+    if mode == "compiled":
+        int8_fn: Any = compile_int8(int8, dynamic=False)
+        float_compiled: Any = torch.compile(float_model, dynamic=False)
+    else:
+        int8_fn = int8.module()
+    report: dict[str, float] = {}
+    for bs in batch_sizes:
+        batch_args, batch_kwargs = _with_batch_size(args, bs), _with_batch_size(kwargs, bs)
+        if not int8.dynamic_batch and bs != _batch_of(args):
+            continue
+        result = compare_latency(float_model, int8_fn, batch_args, kwargs=batch_kwargs, warmup=3, repeats=15)
+        report[f"float_ms/batch_{bs}"] = result["a"]["median_ms"]
+        report[f"int8_ms/batch_{bs}"] = result["b"]["median_ms"]
+        report[f"speedup/batch_{bs}"] = result["speedup"]
+        if mode == "compiled":
+            compiled = compare_latency(float_compiled, int8_fn, batch_args, kwargs=batch_kwargs, warmup=3, repeats=15)
+            report[f"float_compiled_ms/batch_{bs}"] = compiled["a"]["median_ms"]
+            report[f"speedup_vs_compiled_float/batch_{bs}"] = compiled["speedup"]
+    return report
+
+
+def _batch_of(args: tuple[Any, ...]) -> int:
+    for arg in args:
+        if isinstance(arg, Tensor) and arg.dim() > 0:
+            return int(arg.shape[0])
+    return 1
+
+
+def validation_batch_size(trainer: Trainer) -> int | None:
+    """The batch size of the first validation dataloader, when it has one."""
+    loaders = trainer.val_dataloaders
+    first = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+    return getattr(first, "batch_size", None)
+
+
+def artifact_path(trainer: Trainer, given: str | None, filename: str) -> Path:
+    """Where to save the int8 program: ``given``, else the first logger's ``log_dir``, else ``default_root_dir``."""
+    if given:
+        return Path(given)
+    log_dir = next((lg.log_dir for lg in trainer.loggers if getattr(lg, "log_dir", None)), None)
+    return Path(log_dir or trainer.default_root_dir) / filename
+
+
+def save_and_size(int8: Int8Model, float_model: nn.Module, path: Path) -> dict[str, float]:
+    """Save the int8 program, and compare its size on disk with the float model's serialized state_dict."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    int8_bytes = save_int8(int8, path)
+    float_bytes = model_size_bytes(float_model)
+    return {"float_bytes": float_bytes, "int8_bytes": int8_bytes, "size_ratio": int8_bytes / float_bytes}
+
+
+def log_layer_figure(trainer: Trainer, tag: str, values: dict[str, float], xlabel: str) -> None:
+    """Per-layer bar chart (e.g. SQNR) into TensorBoard."""
+    if values:
+        figure = figures.per_layer_bars(values, title=tag.rsplit("/", 1)[-1].replace("_", " "), xlabel=xlabel)
+        reporting.log_figure(trainer, tag, figure, trainer.global_step)
+
+
+def warn_once(message: str) -> None:
+    rank_zero_warn(message)
+
+
+def markdown_summary(title: str, numbers: Mapping[str, float | str]) -> str:
+    """A two-column markdown table of a report."""
+    lines = [f"**{title}**", "", "| measure | value |", "|---|---:|"]
+    for key, value in numbers.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        lines.append(f"| {key} | {shown} |")
+    return "\n".join(lines)

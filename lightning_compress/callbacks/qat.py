@@ -1,0 +1,336 @@
+"""``QATCallback``: quantization-aware training on any model, a real int8 model at the end."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from lightning_compress import reporting
+from lightning_compress.callbacks import _int8
+from lightning_compress.engine.convert import MODES, Int8Model, convert_to_int8
+from lightning_compress.engine.fake_quant import (
+    QuantConfig,
+    activation_ranges,
+    fake_quant_modules,
+    freeze_batchnorm_stats,
+    freeze_observers,
+    prepare_qat,
+    quant_state_keys,
+    set_fake_quant_enabled,
+    strip_qat,
+    sync_observers,
+    weight_scales,
+)
+from lightning_compress.engine.measure import per_layer_sqnr, sqnr_db
+from lightning_compress.engine.validation import check_choice, check_optional_step
+
+PREFIX = f"{reporting.PREFIX}/quant"
+_HEADLINE_PREFIXES = ("int8_ms", "float_ms", "float_compiled_ms", "speedup")
+
+
+class QATCallback(Callback):
+    r"""Quantization-aware training: fake-quantize Linear/Conv layers while training, get a real int8 model at the end.
+
+    In ``setup`` the target network's ``nn.Linear`` and ``nn.ConvNd`` modules are swapped, in place, for fake-quant
+    versions that **share the same Parameter objects**: ``forward`` is never patched (any signature works), the
+    optimizer and pruning keep working, and parameter keys do not change. Weights are simulated per-output-channel
+    symmetric int8 and layer inputs per-tensor affine uint8, exactly what the int8 conversion produces. Observers
+    move only in training mode, so validation, test and predict never change them.
+
+    At fit end a **copy** is converted to a real int8 program through torchao's pt2e flow (the LightningModule stays
+    as it is, so ``trainer.test(ckpt_path=...)``, a second ``fit`` and ``load_from_checkpoint`` keep working). The
+    program is saved with ``torch.export.save`` and exposed as :attr:`quantized_model`; then the user's own
+    validation runs with the int8 network in place to measure the metric drop.
+
+    Checkpoints: the observer state is moved from the checkpoint's model ``state_dict`` into this callback's state,
+    so the checkpoint loads with ``strict=True`` into the plain model (``MyModule.load_from_checkpoint(path)``), and
+    with this callback in the Trainer (``fit``/``test(ckpt_path=...)``) the prepared model gets its observers back.
+    Outside a Trainer use :meth:`load_checkpoint`.
+
+    Example::
+
+        trainer = Trainer(callbacks=[QATCallback(module="net", monitor="val_acc")], max_epochs=10)
+        trainer.fit(model, datamodule=data)
+        trainer.callbacks[0].quantized_model  # an int8 torch.export program
+
+    Args:
+        start: When fake quantization starts (in ``schedule_unit``s); before it the model trains in float.
+        freeze_observers_at: When the activation ranges stop moving (``None``: never). torchvision's recipe: epoch 4.
+        freeze_bn_at: When BatchNorm statistics freeze (``None``: never). torchvision's recipe: epoch 3.
+        schedule_unit: ``"step"`` (optimizer steps, ``trainer.global_step``) or ``"epoch"``.
+        module: Name of the submodule to quantize (e.g. ``"net"``); ``None``: the whole LightningModule.
+        include: Regular expressions searched in module names (relative to ``module``): quantize only these.
+        exclude: Regular expressions of module names to keep in float.
+        weight_bits: 8, or 4 (simulated on a 4-bit grid; the converted model stores them as int8).
+        activation_observer: ``"moving_average"``, ``"minmax"`` or ``"histogram"`` (percentile clipping).
+        averaging_constant: Weight of each new batch in the moving-average and histogram observers, in (0, 1].
+        convert_on_fit_end: Convert a copy to int8, save and measure it when fit ends.
+        mode: Conversion mode: ``"static"`` (int8 weights and activations) or ``"dynamic"`` (int8 weights,
+            activations quantized at run time; for Linear-heavy models).
+        save_path: Where to save the int8 program; default ``<logger.log_dir>/qat_int8.pt2``.
+        monitor: A metric the validation logs (e.g. ``"val_acc"``): measured for the fake-quant and the int8 model.
+        latency: ``"compiled"`` (int8 compiled with Inductor, where its int8 kernels are, vs float eager and
+            compiled), ``"eager"``, or ``"off"``.
+        latency_batch_sizes: Batch sizes to time; default: 1 and the validation batch size.
+        verbose: Print the int8 report on rank zero.
+    """
+
+    def __init__(
+        self,
+        start: int = 0,
+        freeze_observers_at: int | None = None,
+        freeze_bn_at: int | None = None,
+        schedule_unit: Literal["step", "epoch"] = "step",
+        module: str | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        weight_bits: Literal[4, 8] = 8,
+        activation_observer: Literal["moving_average", "minmax", "histogram"] = "moving_average",
+        averaging_constant: float = 0.01,
+        convert_on_fit_end: bool = True,
+        mode: Literal["static", "dynamic"] = "static",
+        save_path: str | None = None,
+        monitor: str | None = None,
+        latency: Literal["compiled", "eager", "off"] = "compiled",
+        latency_batch_sizes: list[int] | None = None,
+        verbose: bool = True,
+    ) -> None:
+        check_choice("schedule_unit", schedule_unit, ("step", "epoch"))
+        check_optional_step("start", start)
+        check_optional_step("freeze_observers_at", freeze_observers_at)
+        check_optional_step("freeze_bn_at", freeze_bn_at)
+        if freeze_observers_at is not None and freeze_observers_at < start:
+            raise ValueError(
+                f"`freeze_observers_at` must be >= `start` ({start}) so the observers see data first,"
+                f" got {freeze_observers_at}."
+            )
+        check_choice("mode", mode, MODES[:2])
+        check_choice("latency", latency, ("compiled", "eager", "off"))
+        for size in latency_batch_sizes or []:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"`latency_batch_sizes` must hold positive integers, got {latency_batch_sizes!r}.")
+        self.config = QuantConfig(
+            weight_bits=weight_bits, activation_observer=activation_observer, averaging_constant=averaging_constant
+        )
+        self.start = start
+        self.freeze_observers_at = freeze_observers_at
+        self.freeze_bn_at = freeze_bn_at
+        self.schedule_unit = schedule_unit
+        self.module = module
+        self.include = include
+        self.exclude = exclude
+        self.convert_on_fit_end = convert_on_fit_end
+        self.mode = mode
+        self.save_path = save_path
+        self.monitor = monitor
+        self.latency = latency
+        self.latency_batch_sizes = latency_batch_sizes
+        self.verbose = verbose
+
+        #: The int8 program produced at fit end (rank zero), ``None`` before.
+        self.quantized_model: torch.export.ExportedProgram | None = None
+        #: The numbers measured at fit end (also logged under ``compress/quant/``).
+        self.results: dict[str, float] = {}
+        self._applied: tuple[bool, bool, bool] | None = None  # (enabled, observers frozen, BN frozen) in force
+        self._catcher = _int8.InputCatcher()
+        self._pending_quant_state: dict[str, torch.Tensor] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(module=self.module, include=self.include, exclude=self.exclude)
+
+    def dashboard_categories(self) -> dict[str, list[tuple[str, list[str]]]]:
+        """Charts of this callback in the TensorBoard custom-scalars layout."""
+        charts = [
+            ("per-layer SQNR (dB)", [rf"^{PREFIX}/sqnr/"]),
+            ("activation scale per layer", [rf"^{PREFIX}/activation_scale/"]),
+            ("size (bytes): float vs int8", [rf"^{PREFIX}/(float|int8)_bytes$"]),
+            ("latency (ms)", [rf"^{PREFIX}/.*_ms/"]),
+        ]
+        if self.monitor:
+            metric_tags = [rf"^{PREFIX}/(fake_quant|int8)_{self.monitor}$"]
+            charts.insert(0, (f"{self.monitor}: fake-quant vs int8", metric_tags))
+        return {"quantization (QAT)": charts}
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Preparing the model, and loading checkpoints into it
+    # ----------------------------------------------------------------------------------------------------------
+    def prepare(self, pl_module: LightningModule) -> nn.Module:
+        """Swap the target network's layers for fake-quant ones (idempotent) and return the target network."""
+        target = _int8.target_module(pl_module, self.module)
+        prepare_qat(target, self.config, include=self.include, exclude=self.exclude)
+        return target
+
+    def load_checkpoint(self, pl_module: LightningModule, checkpoint_path: str | Path) -> LightningModule:
+        """Load a checkpoint written during QAT into ``pl_module`` outside a Trainer (model and observer state).
+
+        Example::
+
+            model = QATCallback(module="net").load_checkpoint(MyModule(), "epoch=3.ckpt")
+        """
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        self.prepare(pl_module)
+        state = dict(checkpoint["state_dict"])
+        state.update(checkpoint.get("callbacks", {}).get(self.state_key, {}).get("quant_state", {}))
+        pl_module.load_state_dict(state, strict=True)
+        return pl_module
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Every stage: a checkpoint given to fit/validate/test/predict(ckpt_path=...) loads into the prepared model.
+        self.prepare(pl_module)
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        sync_observers(pl_module)  # every rank saves the same ranges
+        model_state = checkpoint["state_dict"]
+        quant_state = {key: model_state.pop(key) for key in quant_state_keys(model_state)}
+        checkpoint["callbacks"].setdefault(self.state_key, {})["quant_state"] = quant_state
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": {**vars(self.config), "module": self.module}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning loads the model state (without the observers) before the callbacks: put the observers back now.
+        self._pending_quant_state = state_dict.get("quant_state", {})
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_quant_state(pl_module)
+        reporting.write_dashboard_layout(trainer)
+        self._applied = None
+        self._apply_schedule(trainer, pl_module)
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_quant_state(pl_module)
+        sync_observers(pl_module)
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_quant_state(pl_module)
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_quant_state(pl_module)
+
+    def _restore_quant_state(self, pl_module: LightningModule) -> None:
+        if self._pending_quant_state:
+            unexpected = pl_module.load_state_dict(self._pending_quant_state, strict=False).unexpected_keys
+            if unexpected:
+                raise ValueError(f"The checkpoint's QAT state has keys the model does not have: {unexpected[:5]}.")
+            self._pending_quant_state = {}
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Training
+    # ----------------------------------------------------------------------------------------------------------
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._catcher.attach(_int8.target_module(pl_module, self.module))
+        self._apply_schedule(trainer, pl_module)
+
+    def _apply_schedule(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Turn fake quantization on and freeze observers / BatchNorm when the schedule says so (state changes only)."""
+        now = trainer.global_step if self.schedule_unit == "step" else trainer.current_epoch
+        wanted = (
+            now >= self.start,
+            self.freeze_observers_at is not None and now >= self.freeze_observers_at,
+            self.freeze_bn_at is not None and now >= self.freeze_bn_at,
+        )
+        if wanted == self._applied:
+            return
+        target = _int8.target_module(pl_module, self.module)
+        set_fake_quant_enabled(target, wanted[0])
+        if wanted[1]:
+            sync_observers(target)
+        freeze_observers(target, wanted[1])
+        freeze_batchnorm_stats(target, wanted[2])
+        self._applied = wanted
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Fit end: a real int8 model from a copy, measured
+    # ----------------------------------------------------------------------------------------------------------
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._catcher.detach()
+        sync_observers(pl_module)
+        if not self.convert_on_fit_end or not trainer.is_global_zero:
+            return
+        target = _int8.target_module(pl_module, self.module)
+        args, kwargs = _int8.example_inputs(pl_module, self.module, self._catcher)
+        was_training = target.training
+        target.eval()
+        try:
+            int8 = convert_to_int8(target, args, kwargs, mode=self.mode)
+            self.quantized_model = int8.program
+            self.results = self._measure(trainer, pl_module, target, int8, args, kwargs)
+        finally:
+            target.train(was_training)
+        self._log(trainer, target)
+
+    def _measure(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        target: nn.Module,
+        int8: Int8Model,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> dict[str, float]:
+        float_copy = strip_qat(copy.deepcopy(target)).eval()
+        path = _int8.artifact_path(trainer, self.save_path, "qat_int8.pt2")
+        results: dict[str, float] = dict(_int8.save_and_size(int8, float_copy, path))
+        results["conversion_seconds"] = int8.timings.get("total", 0.0)
+        with torch.no_grad():
+            fake_out, int8_out = target(*args, **kwargs), int8.module()(*args, **kwargs)
+        if isinstance(fake_out, torch.Tensor) and isinstance(int8_out, torch.Tensor):
+            results["int8_vs_fake_quant_sqnr_db"] = sqnr_db(fake_out, int8_out)
+        for name, value in per_layer_sqnr(None, target, args, kwargs).items():
+            results[f"sqnr/{name}"] = value
+        for name, (low, high) in activation_ranges(target).items():
+            results[f"activation_scale/{name}"] = (high - low) / 255.0
+        for name, scales in weight_scales(target).items():
+            results[f"weight_scale/{name}"] = float(scales.mean())
+        if self.monitor:
+            fake_metrics, fake_outputs = _int8.validate_network(trainer, pl_module, self.module, target)
+            int8_metrics, int8_outputs = _int8.validate_network(trainer, pl_module, self.module, int8.module())
+            self._check_monitor(fake_metrics)
+            results[f"fake_quant_{self.monitor}"] = fake_metrics[self.monitor]
+            results[f"int8_{self.monitor}"] = int8_metrics[self.monitor]
+            results[f"{self.monitor}_drop"] = fake_metrics[self.monitor] - int8_metrics[self.monitor]
+            agreement = _int8.agreement(fake_outputs, int8_outputs)
+            if agreement is not None:
+                results["top1_agreement"] = agreement
+        if self.latency != "off":
+            sizes = self.latency_batch_sizes or sorted({1, _int8.validation_batch_size(trainer) or 64})
+            results.update(_int8.latency_report(float_copy, int8, args, kwargs, sizes, self.latency))
+        results["saved_to"] = str(path)  # type: ignore[assignment]
+        return results
+
+    def _check_monitor(self, metrics: dict[str, float]) -> None:
+        if self.monitor not in metrics:
+            available = ", ".join(f"`{k}`" for k in metrics) or "none"
+            raise ValueError(f"`monitor`={self.monitor!r} is not logged by the validation. Logged: {available}.")
+
+    def _log(self, trainer: Trainer, target: nn.Module) -> None:
+        numbers = {k: v for k, v in self.results.items() if isinstance(v, (int, float))}
+        reporting.log_scalars(trainer, {f"{PREFIX}/{k}": v for k, v in numbers.items()}, trainer.global_step)
+        sqnr = {k.removeprefix("sqnr/"): v for k, v in numbers.items() if k.startswith("sqnr/")}
+        _int8.log_layer_figure(trainer, f"{PREFIX}/per_layer_sqnr", sqnr, "SQNR (dB), higher is better")
+        headline = {k: v for k, v in self.results.items() if "/" not in k or k.startswith(_HEADLINE_PREFIXES)}
+        title = f"QAT int8 model ({len(fake_quant_modules(target))} quantized layers)"
+        summary = _int8.markdown_summary(title, headline)
+        reporting.log_text(trainer, f"{PREFIX}/summary", summary, trainer.global_step)
+        if self.verbose:
+            rank_zero_info(f"\n{summary}\n")
