@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -36,6 +37,8 @@ from typing import Any
 _ALL_STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
 #: TensorBoard prints ``TensorBoard 2.21.0 at http://127.0.0.1:40123/ (Press CTRL+C to quit)`` once it listens.
 _URL_LINE = re.compile(r"TensorBoard \S+ at (http://\S+?)/? ")
+#: Requests to the loopback server must never go through an HTTP proxy set in the environment (``http_proxy``).
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @contextlib.contextmanager
@@ -64,9 +67,12 @@ def running_tensorboard(
         The base URL, e.g. ``"http://127.0.0.1:40123"`` (no trailing slash).
 
     Raises:
+        FileNotFoundError: ``logdir`` does not exist (TensorBoard would silently serve an empty dashboard).
         RuntimeError: The process exited before answering (its output is in the message).
         TimeoutError: It did not answer within ``timeout`` seconds.
     """
+    if not Path(logdir).is_dir():
+        raise FileNotFoundError(f"`logdir` must be an existing directory, got {str(logdir)!r}.")
     reload = ["--reload_interval", "0", "--reload_task", "blocking"]
     if reload_interval is not None:
         reload = ["--reload_interval", str(reload_interval)]
@@ -83,31 +89,35 @@ def running_tensorboard(
         "--load_fast=false",
         *reload,
     ]
-    with tempfile.TemporaryFile(mode="w+") as output:
+    # The server's output goes to a file rather than a pipe (a full pipe would block it); it is read with
+    # ``os.pread``, which does not move the file offset the server writes at.
+    with tempfile.TemporaryFile() as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
-            yield _wait_until_serving(process, output, timeout)
+            yield _wait_until_serving(process, output.fileno(), timeout)
         finally:
             _stop(process)
 
 
-def _wait_until_serving(process: subprocess.Popen[bytes], output: Any, timeout: float) -> str:
+def _read_output(fd: int) -> str:
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+
+
+def _wait_until_serving(process: subprocess.Popen[bytes], output_fd: int, timeout: float) -> str:
     """Poll the server's output for its URL, then ``/data/environment`` until it answers."""
     deadline = time.monotonic() + timeout
     url = None
     while time.monotonic() < deadline:
-        output.seek(0)
-        text = output.read()
+        text = _read_output(output_fd)
         if process.poll() is not None:
             raise RuntimeError(f"tensorboard exited with code {process.returncode} before serving:\n{text}")
         if url is None and (match := _URL_LINE.search(text)):
             url = match.group(1)
         if url is not None:
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/data/environment", timeout=5):
+            with contextlib.suppress(OSError), _OPENER.open(f"{url}/data/environment", timeout=5):
                 return url
         time.sleep(0.2)
-    output.seek(0)
-    raise TimeoutError(f"tensorboard did not answer within {timeout:.0f} s; its output:\n{output.read()}")
+    raise TimeoutError(f"tensorboard did not answer within {timeout:.0f} s; its output:\n{_read_output(output_fd)}")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -173,7 +183,7 @@ class TensorBoardClient:
 
     def _open(self, request: urllib.request.Request) -> bytes:
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with _OPENER.open(request, timeout=self.timeout) as response:
                 return response.read()
         except urllib.error.HTTPError as error:
             detail = error.read().decode(errors="replace")
