@@ -1,0 +1,174 @@
+"""The README's promises: every ```python block runs as-is, and every relative link and image exists.
+
+Each python block is executed on its own, in a fresh namespace (a reader copies one block, not the file), in a
+temporary working directory. To keep this fast the data and the training are made small, not skipped:
+``FashionMNISTDataModule`` is limited to a few hundred images and every ``Trainer`` to 2 epochs of 4 batches
+(``limit_*_batches``), the rest of each block runs unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import textwrap
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+
+from lightning_compress.demo import FashionMNISTDataModule
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>[^`\n]*)$")
+
+# What the README blocks get instead of the full data and training length.
+SMALL_DATA = {"train_subset": 512, "test_subset": 256, "val_size": 256}
+SMALL_TRAINER = {"limit_train_batches": 4, "limit_val_batches": 2, "limit_test_batches": 2, "limit_predict_batches": 2}
+MAX_EPOCHS = 2
+
+
+@dataclass(frozen=True)
+class Block:
+    """A fenced code block of the README."""
+
+    language: str
+    line: int  # 1-based line of the opening fence
+    end: int  # 1-based line of the closing fence
+    code: str
+
+    @property
+    def first_line(self) -> str:
+        return next((line.strip() for line in self.code.splitlines() if line.strip()), "")
+
+
+def code_blocks(text: str) -> list[Block]:
+    """The fenced code blocks of a markdown text, in order (CommonMark fences: ``` or ~~~, closed by a longer-or-equal
+    run of the same character)."""
+    blocks = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        opening = FENCE.match(lines[i])
+        if not opening:
+            i += 1
+            continue
+        fence, start = opening["fence"], i
+        body = []
+        i += 1
+        while i < len(lines):
+            closing = FENCE.match(lines[i])
+            if closing and closing["fence"].startswith(fence) and not closing["info"].strip():
+                break
+            body.append(lines[i])
+            i += 1
+        language = opening["info"].strip().split(" ")[0].lower() if opening["info"].strip() else ""
+        blocks.append(Block(language, start + 1, i + 1, textwrap.dedent("\n".join(body))))
+        i += 1
+    return blocks
+
+
+def python_blocks() -> list[Block]:
+    return [b for b in code_blocks(README.read_text()) if b.language in ("python", "py", "python3")]
+
+
+def test_readme_has_python_blocks():
+    # Guards the parser: if it found nothing, the block tests below would silently run nothing.
+    assert len(python_blocks()) >= 1
+
+
+@pytest.fixture
+def small_runs(monkeypatch, tmp_path):
+    """Shrink the data module and every Trainer, in a temporary working directory."""
+    monkeypatch.chdir(tmp_path)
+
+    data_init = FashionMNISTDataModule.__init__
+    data_signature = inspect.signature(data_init)
+
+    @functools.wraps(data_init)  # `save_hyperparameters` reads the signature of `__init__`
+    def small_data(self, *args, **kwargs):
+        bound = data_signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        for name, limit in SMALL_DATA.items():
+            value = bound.arguments[name]
+            bound.arguments[name] = limit if value is None else min(value, limit)
+        data_init(*bound.args, **bound.kwargs)
+
+    trainer_init = pl.Trainer.__init__
+
+    @functools.wraps(trainer_init)
+    def small_trainer(self, *args, **kwargs):
+        kwargs.update(SMALL_TRAINER)
+        max_epochs = kwargs.get("max_epochs")
+        kwargs["max_epochs"] = MAX_EPOCHS if max_epochs in (None, -1) else min(max_epochs, MAX_EPOCHS)
+        kwargs.setdefault("enable_progress_bar", False)
+        trainer_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(FashionMNISTDataModule, "__init__", small_data)
+    monkeypatch.setattr(pl.Trainer, "__init__", small_trainer)
+
+
+@pytest.mark.parametrize("block", python_blocks(), ids=lambda b: f"README.md:{b.line}")
+def test_python_block_runs(block, small_runs):
+    # Padded with blank lines so that line numbers in tracebacks are README.md's own.
+    code = compile("\n" * block.line + block.code, str(README), "exec")
+    try:
+        exec(code, {"__name__": "__readme__"})
+    except Exception as error:
+        # Name the block and show the failing README line, not just this test's frame.
+        raise AssertionError(
+            f"The ```python block at README.md line {block.line} (starting `{block.first_line}`) failed:\n"
+            f"{''.join(traceback.format_exception(error)[-6:])}"
+        ) from error
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Links and images
+# --------------------------------------------------------------------------------------------------------------------
+MARKDOWN_LINK = re.compile(r"!?\[(?:[^\]\\]|\\.)*\]\(\s*<?(?P<target>[^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+HTML_LINK = re.compile(r"<(?:img|a|source)\b[^>]*?\b(?:src|href)=[\"'](?P<target>[^\"']+)[\"']", re.IGNORECASE)
+INLINE_CODE = re.compile(r"(`+)(?:(?!\1).)+?\1")
+
+
+def _prose(text: str) -> str:
+    """The README without its fenced code blocks and inline code (links there are examples, not links)."""
+    lines = text.splitlines()
+    for block in code_blocks(text):
+        for index in range(block.line - 1, min(block.end, len(lines))):
+            lines[index] = ""
+    return INLINE_CODE.sub("", "\n".join(lines))
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"`|\*\*|__", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _targets(text: str) -> list[str]:
+    prose = _prose(text)
+    return [m["target"] for pattern in (MARKDOWN_LINK, HTML_LINK) for m in pattern.finditer(prose)]
+
+
+def test_link_parser_finds_links():
+    sample = '[a](docs/x.md) ![b](docs/y.png "t") <img src="docs/z.png" width=600> `[no](nope.md)` [w](https://e.org)'
+    assert _targets(sample) == ["docs/x.md", "docs/y.png", "https://e.org", "docs/z.png"]
+
+
+def test_relative_links_and_images_exist():
+    text = README.read_text()
+    anchors = {_anchor(m[1]) for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*\s*$", _prose(text), re.MULTILINE)}
+    broken = []
+    for target in _targets(text):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):  # https:, mailto: ...
+            continue
+        path, _, fragment = target.partition("#")
+        if not path:
+            if fragment not in anchors:
+                broken.append(f"{target} (no such heading)")
+        elif not (README.parent / path).exists():
+            broken.append(f"{target} (no such file)")
+    assert not broken, f"README.md has broken relative links: {broken}"
