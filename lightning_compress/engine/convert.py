@@ -17,6 +17,7 @@ int8 kernels. torchao is imported lazily (only when converting).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import io
@@ -43,9 +44,12 @@ from lightning_compress.engine.fake_quant import (
 from lightning_compress.engine.validation import check_choice
 
 __all__ = [
+    "DEFAULT_PERCENTILE",
     "MODES",
+    "OBSERVERS",
     "Int8ConversionError",
     "Int8Model",
+    "check_exportable",
     "compile_int8",
     "convert_to_int8",
     "int8_weights",
@@ -57,6 +61,14 @@ __all__ = [
 #: ``"static"``: int8 weights and activations (calibrated ranges); ``"dynamic"``: int8 weights, activations
 #: quantized at run time with their own range (Linear-heavy models); ``"weight_only"``: int8 weights, float compute.
 MODES = ("static", "dynamic", "weight_only")
+#: Activation observers of ``"static"`` calibration: ``"minmax"`` (running min/max of everything seen),
+#: ``"moving_average"`` (exponential moving average of each batch's min/max, constant 0.01), ``"histogram"`` (a
+#: histogram of everything seen, clipped at the ``percentile`` on each side: rare outliers do not stretch the
+#: range; the same rule as the QAT ``"histogram"`` observer) and ``"histogram_l2"`` (torchao's ``HistogramObserver``,
+#: the x86 default, whose range minimizes the L2 quantization error: it keeps isolated large outliers).
+OBSERVERS = ("minmax", "moving_average", "histogram", "histogram_l2")
+#: Default ``percentile`` of the ``"histogram"`` observer (values kept on each side, in percent).
+DEFAULT_PERCENTILE = 99.99
 
 _QUANTIZED_OPS = {
     "aten.linear.default",
@@ -275,6 +287,32 @@ def _fixed_observer_type() -> type[nn.Module]:
     return FixedRangeObserver
 
 
+@functools.cache
+def _percentile_observer_type() -> Any:
+    from torchao.quantization.pt2e.observer import HistogramObserver
+
+    class PercentileObserver(HistogramObserver):
+        """torchao's running histogram, with the range clipped at a percentile instead of an L2 search."""
+
+        def __init__(self, *args: Any, percentile: float = DEFAULT_PERCENTILE, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.percentile = percentile
+
+        def _non_linear_param_search(self) -> tuple[Tensor, Tensor]:
+            cdf = torch.cumsum(self.histogram, 0)
+            total = cdf[-1]
+            tail = total * (100.0 - self.percentile) / 100.0
+            last = self.bins - 1
+            lo = torch.searchsorted(cdf, tail.reshape(1), right=True).clamp(max=last)
+            hi = torch.searchsorted(cdf, (total - tail).reshape(1), right=False).clamp(max=last)
+            width = (self.max_val - self.min_val) / self.bins
+            new_min = (self.min_val + lo.float() * width).reshape(())
+            new_max = torch.minimum(self.min_val + (hi.float() + 1.0) * width, self.max_val).reshape(())
+            return new_min, new_max
+
+    return PercentileObserver
+
+
 def _carry_ranges(prepared: torch.fx.GraphModule, ranges: dict[str, tuple[float, float]]) -> dict[str, Any]:
     """Replace the input observers of the quantized Linear/Conv ops of fake-quant modules by fixed-range ones."""
     per_observer: dict[str, list[str]] = {}
@@ -323,12 +361,23 @@ def _calibrated_observers(prepared: torch.fx.GraphModule) -> list[str]:
     return names
 
 
-def _quantizer(mode: str, skip: Sequence[str]) -> Any:
+def _quantizer(
+    mode: str, skip: Sequence[str], observer: str = "histogram", percentile: float = DEFAULT_PERCENTILE
+) -> Any:
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e import observer as obs
     from torchao.quantization.pt2e.quantizer import QuantizationConfig
 
     if mode == "static":
         config = xiq.get_default_x86_inductor_quantization_config()
+        if observer != "histogram_l2":  # the default config's activation observer is torchao's histogram one
+            if observer == "histogram":
+                ctr = _percentile_observer_type().with_args(eps=ACTIVATION_EPS, percentile=percentile)
+            else:
+                kind = obs.MinMaxObserver if observer == "minmax" else obs.MovingAverageMinMaxObserver
+                ctr = kind.with_args(eps=ACTIVATION_EPS)
+            act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=ctr)
+            config = QuantizationConfig(act, act, config.weight, config.bias, config.is_qat)
     elif mode == "dynamic":
         config = xiq.get_default_x86_inductor_quantization_config(is_dynamic=True)
     else:
@@ -368,6 +417,8 @@ def convert_to_int8(
     calibration_data: Iterable[Any] | None = None,
     skip: Sequence[str] = (),
     dynamic_batch: bool = True,
+    observer: str = "histogram",
+    percentile: float = DEFAULT_PERCENTILE,
 ) -> Int8Model:
     """Build an int8 ``ExportedProgram`` from a copy of ``model`` (which is left untouched).
 
@@ -389,6 +440,12 @@ def convert_to_int8(
         skip: Module names kept in float (with everything inside them), e.g. for accuracy-aware fallback.
         dynamic_batch: Export with a dynamic batch dimension (falls back to static shapes, with a note, when the
             model cannot have one).
+        observer: For ``"static"``: how calibration sets the activation ranges, one of :data:`OBSERVERS`
+            (``"histogram"``, the default, clips the rarest values at ``percentile``; ``"minmax"`` keeps every
+            value seen; ``"moving_average"`` averages each batch's min/max; ``"histogram_l2"`` is torchao's L2
+            search). Ranges carried from fake-quant observers are kept.
+        percentile: For ``observer="histogram"``: the range kept, in percent of the values on each side, in
+            (50, 100].
 
     Returns:
         An :class:`Int8Model` with the ``program`` and what happened (timings, notes, carried ranges).
@@ -399,6 +456,9 @@ def convert_to_int8(
             what to change), or the pt2e conversion fails.
     """
     check_choice("mode", mode, MODES)
+    check_choice("observer", observer, OBSERVERS)
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 50.0 < percentile <= 100.0:
+        raise ValueError(f"`percentile` must be in (50, 100], got {percentile!r}.")
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, tuple):
@@ -459,7 +519,7 @@ def convert_to_int8(
         with warnings.catch_warnings():
             # X86InductorQuantizer warns for every pooling op whose input it leaves in float; nothing to act on.
             warnings.filterwarnings("ignore", message=r".*is not quantized, skip annotate.*")
-            prepared = prepare_pt2e(exported.module(), _quantizer(mode, skip_all))
+            prepared = prepare_pt2e(exported.module(), _quantizer(mode, skip_all, observer, float(percentile)))
         timings["prepare"] = time.perf_counter() - t
         carried = _carry_ranges(prepared, ranges) if mode == "static" and ranges else {}
 
@@ -526,6 +586,28 @@ def convert_to_int8(
         timings=timings,
         notes=notes,
     )
+
+
+def check_exportable(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] | Tensor,
+    example_kwargs: dict[str, Any] | None = None,
+) -> None:
+    """Fail early, with the reason and what to change, if ``torch.export`` cannot capture ``model`` (eval mode).
+
+    A cheap check to run before a long training whose end product is an int8 model: the model is exported once
+    (no quantization, no copy; its train/eval mode is restored).
+
+    Raises:
+        Int8ConversionError: If the model cannot be exported with these inputs.
+    """
+    args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        _export(model, args, dict(example_kwargs or {}), dynamic_batch=False, notes=[])
+    finally:
+        model.train(was_training)
 
 
 def _program_of(obj: torch.export.ExportedProgram | Int8Model) -> torch.export.ExportedProgram:
