@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,14 @@ def _detached_cpu(tree: Any) -> Any:
 def example_inputs(
     pl_module: LightningModule, module_name: str | None, catcher: InputCatcher
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Inputs to export with: ``example_input_array`` when the target is the LightningModule, else a caught batch."""
+    """Inputs to export (and to measure per-layer error) with: a caught real batch, else ``example_input_array``.
+
+    A real batch comes first: ``example_input_array`` is often zeros of batch size 1, which exports a program that
+    only accepts batch 1 and gives a meaningless quantization error. It is used when the target is the
+    LightningModule itself and no call of it was caught.
+    """
+    if catcher.args is not None:
+        return catcher.args, catcher.kwargs
     if module_name is None and pl_module.example_input_array is not None:
         example = pl_module.example_input_array
         if isinstance(example, dict):
@@ -102,11 +110,13 @@ class _Recorder(nn.Module):
 def _swapped(pl_module: LightningModule, module_name: str | None, replacement: nn.Module) -> Iterator[None]:
     """Put ``replacement`` where the target network is (the submodule, or the LightningModule's ``forward``)."""
     if module_name is None:
-        pl_module.forward = replacement  # type: ignore[method-assign]  # instance attribute wins over the method
+        # A plain instance attribute (``nn.Module.__setattr__`` would register a submodule named "forward" instead,
+        # which ``__call__`` never uses): it shadows the class's ``forward`` until removed.
+        object.__setattr__(pl_module, "forward", replacement)
         try:
             yield
         finally:
-            del pl_module.forward
+            pl_module.__dict__.pop("forward", None)
         return
     parent_name, _, child = module_name.rpartition(".")
     parent = pl_module.get_submodule(parent_name)
@@ -135,6 +145,10 @@ def validate_network(
     dataloaders = trainer.val_dataloaders
     if dataloaders is None:
         raise RuntimeError("There is no validation dataloader to measure the quantized model on.")
+    if network is pl_module:
+        # The whole LightningModule is the target and is evaluated as it is: record its own (class) ``forward``,
+        # bound now, because the instance's ``forward`` is about to be the recorder itself.
+        network = type(pl_module).forward.__get__(pl_module)
     recorder = _Recorder(network)
     device = pl_module.device
     inner = _Trainer(
@@ -249,8 +263,9 @@ def save_and_size(int8: Int8Model, float_model: nn.Module, path: Path) -> dict[s
 
 
 def log_layer_figure(trainer: Trainer, tag: str, values: dict[str, float], xlabel: str) -> None:
-    """Per-layer bar chart (e.g. SQNR) into TensorBoard."""
-    if values:
+    """Per-layer bar chart (e.g. SQNR) into TensorBoard (only finite values: an exact layer has an infinite SQNR)."""
+    values = {name: value for name, value in values.items() if math.isfinite(value)}
+    if values and reporting.tensorboard_writers(trainer):
         figure = figures.per_layer_bars(values, title=tag.rsplit("/", 1)[-1].replace("_", " "), xlabel=xlabel)
         reporting.log_figure(trainer, tag, figure, trainer.global_step)
 

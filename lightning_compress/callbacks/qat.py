@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
@@ -194,6 +195,8 @@ class QATCallback(Callback):
         sync_observers(pl_module)  # every rank saves the same ranges
         model_state = checkpoint["state_dict"]
         quant_state = {key: model_state.pop(key) for key in quant_state_keys(model_state)}
+        # (Lightning calls this for full checkpoints only: a `save_weights_only=True` checkpoint keeps the observer
+        # buffers in its model state, so it loads with `load_checkpoint` or `load_from_checkpoint(strict=False)`.)
         checkpoint["callbacks"].setdefault(self.state_key, {})["quant_state"] = quant_state
 
     @override
@@ -207,10 +210,21 @@ class QATCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.monitor and self.convert_on_fit_end and not is_overridden("validation_step", pl_module):
+            raise ValueError(
+                f"`monitor`={self.monitor!r} needs a validation loop, but "
+                f"{type(pl_module).__name__} does not define `validation_step`."
+            )
         self._restore_quant_state(pl_module)
         reporting.write_dashboard_layout(trainer)
         self._applied = None
         self._apply_schedule(trainer, pl_module)
+
+    @override
+    def on_sanity_check_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Fail before training, not after it, when the metric to compare at fit end is not logged.
+        if self.monitor and self.convert_on_fit_end:
+            self._check_monitor({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -16,6 +16,7 @@ int8 kernels. torchao is imported lazily (only when converting).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -24,7 +25,7 @@ import io
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,7 +189,8 @@ def _export(
             ) from err
     if dynamic_shapes is not None:
         try:
-            program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
+            with _no_causal_mask_detection():
+                program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
             if _has_dynamic_batch(program):
                 return program, dynamic_shapes
             notes.append(
@@ -205,7 +207,8 @@ def _export(
     else:
         dynamic_error = None
     try:
-        program = torch.export.export(model, args, kwargs)
+        with _no_causal_mask_detection():
+            program = torch.export.export(model, args, kwargs)
     except Exception as err:
         raise Int8ConversionError(
             f"torch.export could not capture `{type(model).__name__}`:\n    {_first_lines(err)}\n{_EXPORT_HINT}"
@@ -216,6 +219,29 @@ def _export(
             f"shapes. Export said: {_first_lines(dynamic_error, 2)}"
         )
     return program, None
+
+
+@contextlib.contextmanager
+def _no_causal_mask_detection() -> Iterator[None]:
+    """Let ``torch.export`` capture ``nn.Transformer*`` layers that are given an explicit attention mask.
+
+    Their ``forward`` compares the mask with a causal one (``bool((mask == causal).all())``) only to choose a fast
+    kernel (``is_causal`` is a hint: the mask itself is still applied). That comparison is control flow on tensor
+    values, which export cannot trace; while exporting, the hint is taken as given (``None`` → ``False``), so the
+    captured graph applies the mask as is and computes the same outputs.
+    """
+    import torch.nn.modules.transformer as transformer
+
+    original = transformer._detect_is_causal_mask
+
+    def as_given(mask: Tensor | None, is_causal: bool | None = None, size: int | None = None) -> bool:
+        return bool(is_causal)
+
+    transformer._detect_is_causal_mask = as_given
+    try:
+        yield
+    finally:
+        transformer._detect_is_causal_mask = original
 
 
 def _module_path(node: torch.fx.Node) -> str | None:
