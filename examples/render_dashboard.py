@@ -24,9 +24,9 @@ from pathlib import Path
 from lightning_compress.tensorboard_server import TensorBoardClient, running_tensorboard
 
 #: The demo study's log directory (``python -m lightning_compress.demo.study``).
-DEFAULT_LOGDIR = "runs"
-#: Tags shown in the scalars screenshot: the sparsity curves and the metric-vs-sparsity curve.
-DEFAULT_SCALARS_FILTER = "sparsity"
+DEFAULT_LOGDIR = "runs/demo"
+#: Tags shown in the scalars screenshot: the sparsity curves, the metric-vs-sparsity curve, accuracy and loss.
+DEFAULT_SCALARS_FILTER = r"^(compress/(sparsity|target_sparsity|[^/]+_vs_sparsity)|val_acc|train_loss)$"
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
