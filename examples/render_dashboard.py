@@ -95,6 +95,11 @@ def render(
     budget_ms: int = 20_000,
 ) -> list[Path]:
     """Start TensorBoard over ``logdir`` and save the screenshots into ``out``; return their paths."""
+    if not logdir.is_dir():
+        raise FileNotFoundError(
+            f"`--logdir` must be an existing log directory, got {str(logdir)!r}: run the demo first"
+            " (`bash examples/demo.sh`) or pass the log directory of your runs."
+        )
     browser = find_chromium(chromium)
     out.mkdir(parents=True, exist_ok=True)
     saved = []
