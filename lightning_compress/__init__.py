@@ -1,6 +1,6 @@
 """Lightning callbacks that compress a model while it trains and log the trade-off to TensorBoard."""
 
-from lightning_compress.callbacks import IterativePruningCallback, QATCallback
+from lightning_compress.callbacks import IterativePruningCallback, PostTrainingQuantCallback, QATCallback
 
-__all__ = ["IterativePruningCallback", "QATCallback"]
+__all__ = ["IterativePruningCallback", "PostTrainingQuantCallback", "QATCallback"]
 __version__ = "0.1.0"

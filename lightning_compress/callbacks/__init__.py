@@ -1,6 +1,7 @@
 """Thin Lightning callbacks over :mod:`lightning_compress.engine`."""
 
 from lightning_compress.callbacks.pruning import IterativePruningCallback
+from lightning_compress.callbacks.ptq import PostTrainingQuantCallback
 from lightning_compress.callbacks.qat import QATCallback
 
-__all__ = ["IterativePruningCallback", "QATCallback"]
+__all__ = ["IterativePruningCallback", "PostTrainingQuantCallback", "QATCallback"]

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +50,7 @@ __all__ = [
     "OBSERVERS",
     "Int8ConversionError",
     "Int8Model",
+    "ModelCall",
     "check_exportable",
     "compile_int8",
     "convert_to_int8",
@@ -274,8 +275,18 @@ def _drop_unused_tensors(gm: torch.fx.GraphModule) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+class ModelCall(NamedTuple):
+    """One calibration item with both positional and keyword arguments: ``model(*args, **kwargs)``."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
 def _as_call(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """A calibration item (a Tensor, a tuple/list of positional arguments or a dict of keywords) as (args, kwargs)."""
+    """A calibration item (a Tensor, a tuple/list of positional arguments, a dict of keywords or a
+    :class:`ModelCall`) as (args, kwargs)."""
+    if isinstance(batch, ModelCall):
+        return tuple(batch.args), dict(batch.kwargs)
     if isinstance(batch, Tensor):
         return (batch,), {}
     if isinstance(batch, (tuple, list)):
@@ -283,8 +294,8 @@ def _as_call(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(batch, dict):
         return (), dict(batch)
     raise Int8ConversionError(
-        "Each item of `calibration_data` must be the model's input: a Tensor, a tuple of positional arguments or a "
-        f"dict of keyword arguments, got {type(batch).__name__}."
+        "Each item of `calibration_data` must be the model's input: a Tensor, a tuple of positional arguments, a "
+        f"dict of keyword arguments or a ModelCall(args, kwargs), got {type(batch).__name__}."
     )
 
 
@@ -461,8 +472,9 @@ def convert_to_int8(
             ``"dynamic"`` (activation ranges computed at run time; for Linear-heavy models) or ``"weight_only"``
             (int8 weights, float activations).
         calibration_data: For ``"static"``: an iterable of model inputs (a Tensor, a tuple of positional
-            arguments or a dict of keyword arguments per item) used to calibrate the activation ranges not taken
-            over from fake-quant observers. When ``None``, ``example_inputs`` is the only calibration batch (noted).
+            arguments, a dict of keyword arguments or a :class:`ModelCall` with both, per item) used to calibrate
+            the activation ranges not taken over from fake-quant observers. When ``None``, ``example_inputs`` is the
+            only calibration batch (noted).
         skip: Module names kept in float (with everything inside them), e.g. for accuracy-aware fallback.
         dynamic_batch: Export with a dynamic batch dimension (falls back to static shapes, with a note, when the
             model cannot have one).

@@ -1,0 +1,662 @@
+"""``PostTrainingQuantCallback``: calibrate, convert a copy to int8, measure it with the user's validation, and keep
+the most sensitive layers in float when the accuracy budget would not hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_compress import reporting
+from lightning_compress.callbacks import _int8
+from lightning_compress.engine.convert import (
+    DEFAULT_PERCENTILE,
+    MODES,
+    OBSERVERS,
+    Int8Model,
+    ModelCall,
+    check_exportable,
+    convert_to_int8,
+)
+from lightning_compress.engine.fake_quant import QuantConfig, prepare_qat
+from lightning_compress.engine.measure import per_layer_sqnr
+from lightning_compress.engine.selection import compile_patterns, select_modules
+from lightning_compress.engine.validation import check_choice, check_positive_int
+
+PREFIX = f"{reporting.PREFIX}/ptq"
+STAGES = ("fit", "validate", "test")
+_HEADLINE_PREFIXES = ("int8_ms", "float_ms", "float_compiled_ms", "speedup")
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+class PostTrainingQuantCallback(Callback):
+    r"""Post-training int8 quantization of a copy of the model, measured with your own validation.
+
+    When it runs (``run_on``): at the end of ``trainer.fit`` (after the last validation), and on
+    ``trainer.validate(model)`` / ``trainer.test(model)`` for a model trained elsewhere (after that loop ends).
+
+    What it does, on rank zero:
+
+    1. **Calibration inputs.** Up to ``calibration_batches`` batches of the train (or validation) dataloader go
+       through *your* ``validation_step`` (eval mode, no gradients, in a separate CPU loop whose logs are discarded,
+       with Lightning's batch transfer hooks), and the arguments the target network receives are recorded. So the
+       network is calibrated on exactly what your step feeds it, whatever the batch format.
+    2. **Conversion of a copy** through torchao's pt2e flow (:func:`~lightning_compress.engine.convert
+       .convert_to_int8`): the LightningModule is not modified. The int8 ``torch.export`` program is
+       :attr:`quantized_model`, saved with ``torch.export.save`` (default ``<log_dir>/ptq_int8.pt2``).
+    3. **Measurement** with your validation logic (your ``validation_step``, or ``test_step`` when run on
+       ``trainer.test``) with the float and then the int8 network in place: the ``monitor`` metric and its drop,
+       top-1 agreement, per-layer SQNR, size and CPU latency. Logged under ``compress/ptq/`` with a per-layer SQNR
+       figure and a markdown summary, and kept in :attr:`results`.
+    4. **Accuracy-aware fallback** (``max_accuracy_drop`` with ``monitor``): when the int8 metric drops more than
+       allowed, the layers are ranked by sensitivity (per-layer SQNR, lowest first) and the most sensitive ones are
+       kept in float, one more at a time (fewest first), until the budget holds. Every attempt (float layers,
+       metric) is in :attr:`attempts`, :attr:`results` and the logs; if no attempt meets the budget this is reported
+       and the attempt with the smallest drop is kept.
+
+    Example::
+
+        ptq = PostTrainingQuantCallback(module="net", monitor="val_acc", max_accuracy_drop=0.5)
+        trainer = Trainer(callbacks=[ptq], max_epochs=5)
+        trainer.fit(model, datamodule=data)
+        ptq.quantized_model, ptq.results["val_acc_drop"], ptq.results["float_layers"]
+
+    Args:
+        mode: ``"static"`` (int8 weights per channel and uint8 activations per tensor, calibrated; conv nets),
+            ``"dynamic"`` (int8 weights, activations quantized at run time; Linear-heavy models and transformers)
+            or ``"weight_only"`` (int8 weights, float compute; size only).
+        calibration_batches: Maximum number of calibration batches (``"static"``; also used for the per-layer SQNR
+            in every mode).
+        observer: How static calibration sets activation ranges: ``"histogram"`` (histogram of all values, clipped
+            at ``percentile`` on each side: robust to rare outliers), ``"minmax"`` (every value seen),
+            ``"moving_average"`` (moving average of each batch's min/max, constant 0.01) or ``"histogram_l2"``
+            (torchao's L2-error search, the x86 default).
+        calibration_data: ``"train"`` or ``"val"``: the dataloader calibration batches come from. Under
+            ``trainer.validate``/``test`` the train dataloader is taken from the datamodule (or the LightningModule)
+            when it has one; otherwise the loop's own dataloader is used, with a warning.
+        module: Name of the submodule to quantize (e.g. ``"net"``); ``None``: the LightningModule's ``forward``.
+        include: Regular expressions searched in Linear/Conv module names (relative to ``module``): quantize only
+            these. The others stay float.
+        exclude: Regular expressions of Linear/Conv module names to keep in float.
+        monitor: A metric your validation logs (e.g. ``"val_acc"``), measured for the float and the int8 network.
+            Under ``trainer.test`` the test loop's metric is used: ``monitor`` itself or, if not logged, its test
+            counterpart (``val_acc`` → ``test_acc``).
+        monitor_mode: ``"max"`` (higher is better, e.g. accuracy) or ``"min"`` (e.g. a loss): the sign of the drop.
+        max_accuracy_drop: The largest drop of ``monitor`` accepted, in **points**: for a metric whose float and int8
+            values lie in [0, 1] (accuracy as a fraction) one point is 0.01 (``0.5`` allows 91.0% → 90.5%); for any
+            other metric it is in the metric's own units. ``None``: no fallback.
+        max_float_layers: At most this many layers kept in float by the fallback (``None``: no limit).
+        run_on: When to run: any of ``"fit"`` (end of fit), ``"validate"`` and ``"test"`` (end of a standalone
+            ``trainer.validate``/``trainer.test``).
+        save_path: Where to save the int8 program; default ``<logger.log_dir>/ptq_int8.pt2``.
+        latency: ``"compiled"`` (int8 compiled with Inductor, where its int8 kernels are, vs float eager and
+            compiled), ``"eager"``, or ``"off"``.
+        latency_batch_sizes: Batch sizes to time; default: 1 and the validation batch size.
+        percentile: For ``observer="histogram"``: the range kept, in percent of the values on each side.
+        verbose: Print the report on rank zero.
+    """
+
+    def __init__(
+        self,
+        mode: Literal["static", "dynamic", "weight_only"] = "static",
+        calibration_batches: int = 32,
+        observer: Literal["minmax", "moving_average", "histogram", "histogram_l2"] = "histogram",
+        calibration_data: Literal["train", "val"] = "train",
+        module: str | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        monitor: str | None = None,
+        monitor_mode: Literal["max", "min"] = "max",
+        max_accuracy_drop: float | None = None,
+        max_float_layers: int | None = None,
+        run_on: list[Literal["fit", "validate", "test"]] | None = None,
+        save_path: str | None = None,
+        latency: Literal["compiled", "eager", "off"] = "compiled",
+        latency_batch_sizes: list[int] | None = None,
+        percentile: float = DEFAULT_PERCENTILE,
+        verbose: bool = True,
+    ) -> None:
+        self.mode = check_choice("mode", mode, MODES)
+        self.calibration_batches = check_positive_int("calibration_batches", calibration_batches)
+        self.observer = check_choice("observer", observer, OBSERVERS)
+        self.calibration_data = check_choice("calibration_data", calibration_data, ("train", "val"))
+        compile_patterns("include", include)
+        compile_patterns("exclude", exclude)
+        self.monitor_mode = check_choice("monitor_mode", monitor_mode, ("max", "min"))
+        if max_accuracy_drop is not None:
+            if isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, (int, float)):
+                raise ValueError(f"`max_accuracy_drop` must be a number of points >= 0, got {max_accuracy_drop!r}.")
+            if not max_accuracy_drop >= 0:
+                raise ValueError(f"`max_accuracy_drop` must be a number of points >= 0, got {max_accuracy_drop!r}.")
+            if not monitor:
+                raise ValueError(
+                    f"`max_accuracy_drop`={max_accuracy_drop!r} needs a `monitor`: the name of a metric your "
+                    "validation logs (e.g. monitor='val_acc'), got monitor=None."
+                )
+        if max_float_layers is not None:
+            check_positive_int("max_float_layers", max_float_layers)
+        stages: list[str] = list(STAGES) if run_on is None else [run_on] if isinstance(run_on, str) else list(run_on)
+        if not stages or any(s not in STAGES for s in stages):
+            raise ValueError(f"`run_on` must be a non-empty list of {', '.join(map(repr, STAGES))}, got {run_on!r}.")
+        self.latency = check_choice("latency", latency, ("compiled", "eager", "off"))
+        for size in latency_batch_sizes or []:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"`latency_batch_sizes` must hold positive integers, got {latency_batch_sizes!r}.")
+        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 50.0 < percentile <= 100.0:
+            raise ValueError(f"`percentile` must be in (50, 100], got {percentile!r}.")
+        self.module = module
+        self.include = include
+        self.exclude = exclude
+        self.monitor = monitor
+        self.max_accuracy_drop = None if max_accuracy_drop is None else float(max_accuracy_drop)
+        self.max_float_layers = max_float_layers
+        self.run_on = stages
+        self.save_path = save_path
+        self.latency_batch_sizes = latency_batch_sizes
+        self.percentile = float(percentile)
+        self.verbose = verbose
+
+        #: The int8 program of the last run (rank zero), ``None`` before.
+        self.quantized_model: torch.export.ExportedProgram | None = None
+        #: The numbers of the last run (also logged under ``compress/ptq/``).
+        self.results: dict[str, float | str] = {}
+        #: One entry per conversion tried: ``{"float_layers": [...], "metric": float | None, "drop": float | None}``.
+        self.attempts: list[dict[str, Any]] = []
+        self._catcher = _int8.InputCatcher()
+        self._export_checked = False
+        self._float_value = math.nan  # the float metric of the run in progress
+        self._kept: dict[str, Any] = {}  # the attempt whose int8 model is kept
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(module=self.module, mode=self.mode)
+
+    def dashboard_categories(self) -> dict[str, list[tuple[str, list[str]]]]:
+        """Charts of this callback in the TensorBoard custom-scalars layout."""
+        charts = [
+            ("per-layer SQNR (dB)", [rf"^{PREFIX}/sqnr/"]),
+            ("size (bytes): float vs int8", [rf"^{PREFIX}/(float|int8)_bytes$"]),
+            ("latency (ms)", [rf"^{PREFIX}/.*_ms/"]),
+        ]
+        if self.monitor:
+            charts.insert(0, (f"{self.monitor}: float vs int8", [rf"^{PREFIX}/(float|int8)_{self.monitor}$"]))
+            charts.insert(1, ("fallback: metric vs number of float layers", [rf"^{PREFIX}/fallback/"]))
+        return {"post-training quantization": charts}
+
+    # ----------------------------------------------------------------------------------------------------------
+    # When to run
+    # ----------------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        _int8.target_module(pl_module, self.module)  # a wrong `module` fails now, not after training
+        reporting.write_dashboard_layout(trainer)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Fail before training, not after it, when the network cannot be exported.
+        if "fit" in self.run_on and self.module is None and pl_module.example_input_array is not None:
+            self._check_exportable(pl_module, _int8.example_inputs(pl_module, None, self._catcher))
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if "fit" in self.run_on and not self._export_checked:
+            self._catcher.attach(_int8.target_module(pl_module, self.module))
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._export_checked and self._catcher.args is not None:
+            self._check_exportable(pl_module, (self._catcher.args, self._catcher.kwargs))
+
+    def _check_exportable(self, pl_module: LightningModule, call: Call) -> None:
+        self._export_checked = True
+        self._catcher.detach()
+        check_exportable(_int8.target_module(pl_module, self.module), call[0], call[1])
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == "fit" and self.monitor and "fit" in self.run_on:
+            self._check_monitor(dict(trainer.callback_metrics), "validate")  # fail at the first validation
+        elif trainer.state.fn == "validate" and "validate" in self.run_on:
+            self.run(trainer, pl_module, "validate")
+
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "test" and "test" in self.run_on:
+            self.run(trainer, pl_module, "test")
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._catcher.detach()
+        if "fit" in self.run_on:
+            self.run(trainer, pl_module, "fit")
+
+    # ----------------------------------------------------------------------------------------------------------
+    # The run
+    # ----------------------------------------------------------------------------------------------------------
+    def run(self, trainer: Trainer, pl_module: LightningModule, stage: str = "fit") -> None:
+        """Calibrate, convert, measure (and fall back if needed), save and log. Called by the hooks."""
+        if not trainer.is_global_zero:
+            return
+        target = _int8.target_module(pl_module, self.module)
+        # A float CPU copy is what gets calibrated, converted and timed; the LightningModule is only read.
+        float_net = copy.deepcopy(target).cpu().eval()
+        calls = self._calibration_calls(trainer, pl_module, float_net, stage)
+        args, kwargs = calls[0]
+        quantized = list(select_modules(float_net, self.include, self.exclude))
+        base_skip = [n for n in select_modules(float_net) if n not in quantized]
+        sqnr = self._per_layer_sqnr(float_net, calls)
+        results: dict[str, float | str] = {f"sqnr/{k}": v for k, v in sqnr.items()}
+
+        float_metrics, float_outputs = self._evaluate(trainer, pl_module, float_net, stage)
+        monitor = self._check_monitor(float_metrics, stage) if self.monitor else None
+        self._float_value = float_metrics[monitor] if monitor else math.nan
+        self.attempts = []
+        int8, int8_metrics, int8_outputs = self._attempt(
+            trainer, pl_module, stage, float_net, calls, base_skip, [], float_metrics, monitor
+        )
+        self._kept = self.attempts[-1]
+        if monitor is not None and self.max_accuracy_drop is not None and not self._within_budget(self._kept):
+            int8, int8_metrics, int8_outputs = self._fall_back(
+                trainer, pl_module, stage, float_net, calls, base_skip, sqnr, float_metrics, monitor
+            )
+        self.quantized_model = int8.program
+
+        path = _int8.artifact_path(trainer, self.save_path, "ptq_int8.pt2")
+        results.update(_int8.save_and_size(int8, float_net, path))
+        results["conversion_seconds"] = int8.timings.get("total", 0.0)
+        results["quantized_layers"] = float(len([n for n in quantized if n not in int8.skipped]))
+        if monitor is not None:
+            results[f"float_{monitor}"] = float_metrics[monitor]
+            results[f"int8_{monitor}"] = int8_metrics[monitor]
+            results[f"{monitor}_drop"] = self._drop(float_metrics[monitor], int8_metrics[monitor])
+        agreement = _int8.agreement(float_outputs, int8_outputs)
+        if agreement is not None:
+            results["top1_agreement"] = agreement
+        results["float_layers"] = ",".join(n for n in int8.skipped if n not in base_skip)
+        results.update(self._attempt_results(monitor))
+        if self.latency != "off":
+            sizes = self.latency_batch_sizes or sorted({1, _int8.validation_batch_size(trainer) or 64})
+            results.update(_int8.latency_report(float_net, int8, args, kwargs, sizes, self.latency))
+        results["saved_to"] = str(path)
+        for note in int8.notes:
+            _int8.warn_once(f"PostTrainingQuantCallback: {note}")
+        self.results = results
+        self._log(trainer, monitor)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Calibration
+    # ----------------------------------------------------------------------------------------------------------
+    def _calibration_calls(
+        self, trainer: Trainer, pl_module: LightningModule, float_net: nn.Module, stage: str
+    ) -> list[Call]:
+        """Run the user's ``validation_step`` on calibration batches and record what the target network receives."""
+        loader = self._calibration_loader(trainer, pl_module, stage)
+        recorder = _CallRecorder(float_net)
+        progress: list[Callback] = []
+        if trainer.progress_bar_callback is not None:
+            total = min(self.calibration_batches, _length(loader) or self.calibration_batches)
+            progress.append(_CalibrationProgress(total))
+        # (A shuffled train loader is fine for calibration: the warning Lightning gives in a validation loop is off.)
+        _run_loop(trainer, pl_module, self.module, recorder, "validate", loader, self.calibration_batches, progress)
+        if not recorder.calls:
+            where = f"`{self.module}`" if self.module else "`forward`"
+            raise RuntimeError(
+                f"The calibration batches went through `validation_step` but it never called {where}. Pass the name "
+                "of the submodule your steps call as `module` (e.g. module='net')."
+            )
+        return recorder.calls
+
+    def _calibration_loader(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> Any:
+        wanted = self.calibration_data
+        loader = _first(trainer.train_dataloader if wanted == "train" else trainer.val_dataloaders)
+        if loader is None:
+            loader = _loader_from_hooks(trainer, pl_module, wanted)
+        if loader is None:
+            own = _first(trainer.val_dataloaders if stage != "test" else trainer.test_dataloaders)
+            if own is None:
+                raise RuntimeError(
+                    f"No dataloader to calibrate on: `calibration_data`={wanted!r} has none under "
+                    f"trainer.{stage}(), and neither has the {stage} loop."
+                )
+            rank_zero_warn(
+                f"PostTrainingQuantCallback: no {wanted} dataloader under trainer.{stage}() (give the Trainer a "
+                f"datamodule with `{wanted}_dataloader`): calibrating on the {'test' if stage == 'test' else 'val'}"
+                " dataloader, the data the int8 model is then measured on."
+            )
+            loader = own
+        return loader
+
+    def _per_layer_sqnr(self, float_net: nn.Module, calls: list[Call]) -> dict[str, float]:
+        """Per-layer SQNR (dB) of a fake-quant simulation of the same scheme, calibrated on the same inputs.
+
+        Each layer's int8 output is compared with its float output on the same input (the error that layer adds):
+        a low SQNR marks a layer that int8 hurts, which is what the fallback keeps in float first.
+        """
+        fake_quant = copy.deepcopy(float_net).eval()
+        if self.mode == "weight_only":
+            config = QuantConfig(quantize_activations=False)
+        elif self.mode == "dynamic":  # the range of the measured batch itself, as dynamic quantization computes it
+            config = QuantConfig(activation_observer="minmax")
+            calls = calls[:1]
+        elif self.observer == "moving_average":
+            config = QuantConfig(activation_observer="moving_average", averaging_constant=0.01)
+        elif self.observer == "minmax":
+            config = QuantConfig(activation_observer="minmax")
+        else:
+            c = min(1.0, 1.0 / len(calls))
+            config = QuantConfig(activation_observer="histogram", averaging_constant=c, percentile=self.percentile)
+        try:
+            layers = prepare_qat(fake_quant, config, include=self.include, exclude=self.exclude)
+        except ValueError:
+            return {}  # only subclassed layers (e.g. attention projections) are selected: no simulation
+        with torch.no_grad():
+            for layer in layers.values():
+                layer.train()  # observers move in training mode only; everything else (BN, dropout) stays in eval
+            for args, kwargs in calls:
+                fake_quant(*args, **kwargs)
+        return per_layer_sqnr(None, fake_quant, calls[0][0], calls[0][1])
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Conversion, measurement and fallback
+    # ----------------------------------------------------------------------------------------------------------
+    def _attempt(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        stage: str,
+        float_net: nn.Module,
+        calls: list[Call],
+        base_skip: list[str],
+        float_layers: list[str],
+        float_metrics: dict[str, float],
+        monitor: str | None,
+    ) -> tuple[Int8Model, dict[str, float], list[Tensor]]:
+        """Convert with ``float_layers`` kept in float, measure, and record the attempt."""
+        args, kwargs = calls[0]
+        calibration = [_as_item(call) for call in calls] if self.mode == "static" else None
+        int8 = convert_to_int8(
+            float_net,
+            args,
+            kwargs,
+            mode=self.mode,
+            calibration_data=calibration,
+            skip=base_skip + float_layers,
+            observer=self.observer,
+            percentile=self.percentile,
+        )
+        metrics, outputs = self._evaluate(trainer, pl_module, int8.module(), stage)
+        metric = metrics.get(monitor) if monitor else None
+        drop = None if metric is None or monitor is None else self._drop(float_metrics[monitor], metric)
+        self.attempts.append({"float_layers": list(float_layers), "metric": metric, "drop": drop})
+        if self.verbose and self.max_accuracy_drop is not None and drop is not None:
+            shown = ", ".join(float_layers) or "none"
+            rank_zero_info(f"PTQ attempt {len(self.attempts)}: float layers [{shown}] → {monitor}={metric:.4g}")
+        return int8, metrics, outputs
+
+    def _fall_back(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        stage: str,
+        float_net: nn.Module,
+        calls: list[Call],
+        base_skip: list[str],
+        sqnr: dict[str, float],
+        float_metrics: dict[str, float],
+        monitor: str,
+    ) -> tuple[Int8Model, dict[str, float], list[Tensor]]:
+        """Keep the k most sensitive layers in float, k = 1, 2, ..., until the drop is within budget."""
+        ranking = sorted(sqnr, key=lambda name: sqnr[name])  # lowest SQNR (most hurt by int8) first
+        limit = min(len(ranking), self.max_float_layers or len(ranking))
+        tried: list[tuple[Int8Model, dict[str, float], list[Tensor]]] = []
+        for k in range(1, limit + 1):
+            tried.append(
+                self._attempt(
+                    trainer, pl_module, stage, float_net, calls, base_skip, ranking[:k], float_metrics, monitor
+                )
+            )
+            if self._within_budget(self.attempts[-1]):
+                self._kept = self.attempts[-1]
+                return tried[-1]
+        best = min(range(len(tried)), key=lambda i: self.attempts[i + 1]["drop"])
+        self._kept = self.attempts[best + 1]
+        rank_zero_warn(
+            f"PostTrainingQuantCallback: no mix of float layers tried (up to {limit}, by increasing SQNR) keeps the "
+            f"`{monitor}` drop within `max_accuracy_drop`={self.max_accuracy_drop} points; keeping the attempt with "
+            f"the smallest drop (float layers: {', '.join(self.attempts[best + 1]['float_layers'])})."
+        )
+        return tried[best]
+
+    def _evaluate(
+        self, trainer: Trainer, pl_module: LightningModule, network: Any, stage: str
+    ) -> tuple[dict[str, float], list[Tensor]]:
+        """The user's validation (or test, under ``trainer.test``) loop with ``network`` as the target."""
+        loop = "test" if stage == "test" else "validate"
+        loader = trainer.test_dataloaders if loop == "test" else trainer.val_dataloaders
+        if loader is None:
+            if self.monitor:
+                raise RuntimeError(f"`monitor`={self.monitor!r} needs a {loop} dataloader to measure it on; none.")
+            return {}, []
+        limit = trainer.limit_test_batches if loop == "test" else trainer.limit_val_batches
+        recorder = _int8._Recorder(network)
+        metrics = _run_loop(trainer, pl_module, self.module, recorder, loop, loader, limit, [])
+        return metrics, recorder.outputs
+
+    def _check_monitor(self, metrics: dict[str, Any], stage: str) -> str:
+        """The name of the monitored metric in ``metrics`` (its test counterpart under test); fails clearly."""
+        assert self.monitor is not None
+        names = [self.monitor]
+        if stage == "test" and self.monitor.startswith("val"):
+            names.append("test" + self.monitor[3:])
+        for name in names:
+            if name in metrics:
+                return name
+        loop = "test" if stage == "test" else "validation"
+        available = ", ".join(f"`{k}`" for k in metrics) or "none"
+        raise ValueError(f"`monitor`={self.monitor!r} is not logged by the {loop} loop. Logged: {available}.")
+
+    def _drop(self, float_value: float, int8_value: float) -> float:
+        """How much worse int8 is, in the metric's units (positive = worse)."""
+        return float_value - int8_value if self.monitor_mode == "max" else int8_value - float_value
+
+    def _within_budget(self, attempt: dict[str, Any]) -> bool:
+        assert self.max_accuracy_drop is not None
+        drop, metric = attempt["drop"], attempt["metric"]
+        if drop is None or math.isnan(drop):
+            return False
+        return _to_points(drop, self._float_value, metric) <= self.max_accuracy_drop + 1e-9
+
+    def _attempt_results(self, monitor: str | None) -> dict[str, float | str]:
+        out: dict[str, float | str] = {"attempts": float(len(self.attempts))}
+        if monitor is None or self.max_accuracy_drop is None:
+            return out
+        out["max_accuracy_drop"] = self.max_accuracy_drop
+        out["budget_met"] = float(self._within_budget(self._kept))
+        for i, attempt in enumerate(self.attempts):
+            out[f"attempt_{i}/float_layers"] = ",".join(attempt["float_layers"])
+            if attempt["metric"] is not None:
+                out[f"attempt_{i}/{monitor}"] = attempt["metric"]
+        return out
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Logging
+    # ----------------------------------------------------------------------------------------------------------
+    def _log(self, trainer: Trainer, monitor: str | None) -> None:
+        numbers = {k: v for k, v in self.results.items() if isinstance(v, (int, float)) and "attempt_" not in k}
+        step = trainer.global_step
+        reporting.log_scalars(trainer, {f"{PREFIX}/{k}": v for k, v in numbers.items()}, step)
+        if monitor is not None and self.max_accuracy_drop is not None:
+            # One point per attempt, at step = number of layers kept in float: the accuracy/float-layers curve.
+            for attempt in self.attempts:
+                if attempt["metric"] is not None:
+                    point = {f"{PREFIX}/fallback/{monitor}": attempt["metric"]}
+                    reporting.log_scalars(trainer, point, len(attempt["float_layers"]))
+        sqnr = {k.removeprefix("sqnr/"): v for k, v in numbers.items() if k.startswith("sqnr/")}
+        _int8.log_layer_figure(trainer, f"{PREFIX}/per_layer_sqnr", sqnr, "SQNR (dB), higher is better")
+        headline = {k: v for k, v in self.results.items() if "/" not in k or k.startswith(_HEADLINE_PREFIXES)}
+        title = f"PTQ int8 model ({self.mode}, {int(float(self.results['quantized_layers']))} quantized layers)"
+        summary = _int8.markdown_summary(title, headline)
+        if self.attempts and self.max_accuracy_drop is not None:
+            lines = ["", "| attempt | float layers | " + (monitor or "metric") + " |", "|---:|---|---:|"]
+            for i, attempt in enumerate(self.attempts):
+                metric = "n/a" if attempt["metric"] is None else f"{attempt['metric']:.4g}"
+                lines.append(f"| {i} | {', '.join(attempt['float_layers']) or 'none'} | {metric} |")
+            summary += "\n".join(lines)
+        reporting.log_text(trainer, f"{PREFIX}/summary", summary, step)
+        if self.verbose:
+            rank_zero_info(f"\n{summary}\n")
+
+
+def _to_points(drop: float, float_value: float, int8_value: float | None) -> float:
+    """A drop in points: x100 for metrics in [0, 1] (fractions), unchanged otherwise."""
+    values = [float_value] + ([int8_value] if int8_value is not None else [])
+    return drop * 100.0 if all(0.0 <= v <= 1.0 for v in values) else drop
+
+
+def _as_item(call: Call) -> Any:
+    """A recorded call as a calibration item of :func:`convert_to_int8`."""
+    args, kwargs = call
+    if not kwargs:
+        return args
+    if not args:
+        return kwargs
+    return ModelCall(args, kwargs)
+
+
+class _CallRecorder(nn.Module):
+    """Calls ``network`` and keeps a CPU copy of the arguments of each call."""
+
+    network: Any
+
+    def __init__(self, network: Any) -> None:
+        super().__init__()
+        object.__setattr__(self, "network", network)  # not a submodule: the loop must not move or retrain it
+        self.calls: list[Call] = []
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(_int8._detached_cpu((args, kwargs)))
+        return self.network(*args, **kwargs)
+
+
+class _CalibrationProgress(Callback):
+    """A tqdm bar for the calibration loop (the inner loop's own progress bar is off)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar: Any = None
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, desc="PTQ calibration", leave=False, dynamic_ncols=True)
+
+    @override
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_loop(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    module_name: str | None,
+    network: nn.Module,
+    loop: str,
+    dataloaders: Any,
+    limit_batches: int | float,
+    callbacks: list[Callback],
+) -> dict[str, float]:
+    """Run the user's ``validation_step`` (or ``test_step``) in a CPU Trainer with ``network`` as the target.
+
+    The separate Trainer keeps the user's logging working and the outer Trainer's callbacks (checkpointing, early
+    stopping) unaware of the swapped network; the LightningModule's trainer, device and mode are restored.
+    """
+    from lightning.pytorch import Trainer as _Trainer
+
+    inner = _Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=limit_batches,
+        limit_test_batches=limit_batches,
+    )
+    device, was_training = pl_module.device, pl_module.training
+    try:
+        with _int8._swapped(pl_module, module_name, network), _quiet_inner_loop():
+            run = inner.test if loop == "test" else inner.validate
+            results = run(pl_module, dataloaders=dataloaders, verbose=False)
+    finally:
+        pl_module.trainer = trainer
+        pl_module.to(device)
+        pl_module.train(was_training)
+    return {k: float(v) for k, v in results[0].items()} if results else {}
+
+
+@contextlib.contextmanager
+def _quiet_inner_loop() -> Iterator[None]:
+    """Silence the warnings of the inner CPU loop that say nothing about the user's setup."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r".*GPU available but not used.*")
+        warnings.filterwarnings("ignore", message=r".*shuffling enabled.*")
+        yield
+
+
+def _first(loaders: Any) -> Any:
+    """The first dataloader of a Trainer's (possibly list/dict of) dataloaders."""
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    return loaders
+
+
+def _loader_from_hooks(trainer: Trainer, pl_module: LightningModule, which: str) -> Any:
+    """``<which>_dataloader()`` of the datamodule or the LightningModule, outside the loop that would call it."""
+    hook = f"{which}_dataloader"
+    datamodule = getattr(trainer, "datamodule", None)
+    for owner in (datamodule, pl_module):
+        if owner is None or not is_overridden(hook, owner):
+            continue
+        try:
+            return _first(getattr(owner, hook)())
+        except Exception:
+            if owner is datamodule:  # the datamodule was set up for another stage only
+                datamodule.setup("fit")
+                return _first(getattr(owner, hook)())
+            raise
+    return None
+
+
+def _length(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
