@@ -2,8 +2,9 @@
 
 Each python block is executed on its own, in a fresh namespace (a reader copies one block, not the file), in a
 temporary working directory. To keep this fast the data and the training are made small, not skipped:
-``FashionMNISTDataModule`` is limited to a few hundred images and every ``Trainer`` to 2 epochs of 4 batches
-(``limit_*_batches``), the rest of each block runs unchanged.
+``FashionMNISTDataModule`` is limited to a few hundred images, every ``Trainer`` to 2 epochs of 4 batches
+(``limit_*_batches``), and the int8 latency measurement of the quantization callbacks runs eagerly instead of
+compiling with Inductor (``latency="compiled"`` costs a minute per block on 2 cores); the rest runs unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
+from lightning_compress.callbacks import _int8
 from lightning_compress.demo import FashionMNISTDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,8 +109,14 @@ def small_runs(monkeypatch, tmp_path):
         kwargs.setdefault("enable_progress_bar", False)
         trainer_init(self, *args, **kwargs)
 
+    latency_report = _int8.latency_report
+
+    def eager_latency(float_model, int8, args, kwargs, batch_sizes, mode):
+        return latency_report(float_model, int8, args, kwargs, batch_sizes, "eager")
+
     monkeypatch.setattr(FashionMNISTDataModule, "__init__", small_data)
     monkeypatch.setattr(pl.Trainer, "__init__", small_trainer)
+    monkeypatch.setattr(_int8, "latency_report", eager_latency)
 
 
 @pytest.mark.parametrize("block", python_blocks(), ids=lambda b: f"README.md:{b.line}")
