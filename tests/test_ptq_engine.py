@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.engine.convert import Int8ConversionError, check_exportable, convert_to_int8
+from lightning_compress.engine.convert import Int8ConversionError, check_exportable, convert_to_int8, int8_weights
 from lightning_compress.engine.measure import sqnr_db
 
 
@@ -69,3 +69,33 @@ def test_check_exportable() -> None:
     assert model.training  # mode restored
     with pytest.raises(Int8ConversionError, match=r"torch.export could not capture `_DataDependent`"):
         check_exportable(_DataDependent(), (torch.randn(4, 4),))
+
+
+class _Embedder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(1000, 64)
+        self.positions = nn.Embedding(16, 64)
+        self.fc = nn.Linear(64, 4)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))
+        return self.fc(h.mean(1))
+
+
+def test_quantize_embeddings_stores_int8_rows_and_honours_skip() -> None:
+    torch.manual_seed(0)
+    model = _Embedder().eval()
+    ids = torch.randint(0, 1000, (8, 16))
+    with torch.no_grad():
+        reference = model(ids)
+    plain = convert_to_int8(model, (ids,), mode="dynamic")
+    int8 = convert_to_int8(model, (ids,), mode="dynamic", quantize_embeddings=True)
+    assert type(model.tokens) is nn.Embedding  # the input model is untouched
+    shapes = sorted(tuple(t.shape) for t in int8_weights(int8).values())
+    assert shapes == [(4, 64), (16, 64), (1000, 64)]
+    assert int8.size_bytes() < 0.4 * plain.size_bytes()
+    with torch.no_grad():
+        assert sqnr_db(reference, int8.module()(ids)) > 30.0
+    kept = convert_to_int8(model, (ids,), mode="dynamic", quantize_embeddings=True, skip=["tokens"])
+    assert sorted(tuple(t.shape) for t in int8_weights(kept).values()) == [(4, 64), (16, 64)]

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
@@ -41,6 +42,7 @@ from lightning_compress.engine.fake_quant import (
     fake_quantize_weight,
     is_prepared,
     strip_qat,
+    weight_qparams,
 )
 from lightning_compress.engine.validation import check_choice
 
@@ -49,6 +51,7 @@ __all__ = [
     "MODES",
     "OBSERVERS",
     "Int8ConversionError",
+    "Int8Embedding",
     "Int8Model",
     "ModelCall",
     "check_exportable",
@@ -427,6 +430,38 @@ def _quantizer(
     return quantizer
 
 
+class Int8Embedding(nn.Module):
+    """An ``nn.Embedding`` whose table is stored as int8 with one scale per row; looked-up rows are dequantized."""
+
+    qweight: Tensor
+    scale: Tensor
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        weight = embedding.weight.detach().float()
+        scale, _ = weight_qparams(weight, 8)
+        self.register_buffer("qweight", torch.clamp(torch.round(weight / scale[:, None]), -128, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(weight.dtype))
+        self.embedding_dim = embedding.embedding_dim
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.qweight).to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
+
+
+def _quantize_embeddings(model: nn.Module, skip: Sequence[str]) -> list[str]:
+    """Swap the plain ``nn.Embedding`` modules of ``model`` (not inside a ``skip`` name) for :class:`Int8Embedding`."""
+    names = []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Embedding or module.max_norm is not None:
+            continue  # ``max_norm`` renormalizes the float table in place on lookup: keep those float
+        if any(name == s or name.startswith(f"{s}.") for s in skip):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, Int8Embedding(module))
+        names.append(name)
+    return names
+
+
 def _float_islands(model: nn.Module) -> list[str]:
     """What a fake-quant model computes in float: Linear/Conv modules not swapped, and attention blocks."""
     prepared = fake_quant_modules(model)
@@ -456,6 +491,7 @@ def convert_to_int8(
     dynamic_batch: bool = True,
     observer: str = "histogram",
     percentile: float = DEFAULT_PERCENTILE,
+    quantize_embeddings: bool = False,
 ) -> Int8Model:
     """Build an int8 ``ExportedProgram`` from a copy of ``model`` (which is left untouched).
 
@@ -484,6 +520,9 @@ def convert_to_int8(
             search). Ranges carried from fake-quant observers are kept.
         percentile: For ``observer="histogram"``: the range kept, in percent of the values on each side, in
             (50, 100].
+        quantize_embeddings: Also store ``nn.Embedding`` tables (not in ``skip``) as int8, per-row symmetric, and
+            dequantize only the rows looked up (weight-only, in every mode). pt2e leaves embeddings in float, and
+            in transformers they are often the largest tensors (a third to a half of a small BERT).
 
     Returns:
         An :class:`Int8Model` with the ``program`` and what happened (timings, notes, carried ranges).
@@ -544,6 +583,10 @@ def convert_to_int8(
     float_model.eval()
     for p in float_model.parameters():
         p.requires_grad_(False)
+    if quantize_embeddings:
+        embeddings = _quantize_embeddings(float_model, skip_all)
+        if embeddings:
+            notes.append(f"Embedding tables stored as int8 (per row): {', '.join(embeddings)}.")
 
     t = time.perf_counter()
     exported, dynamic_shapes = _export(float_model, args, kwargs, dynamic_batch, notes)
