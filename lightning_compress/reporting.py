@@ -62,36 +62,101 @@ def log_text(trainer: pl.Trainer, tag: str, markdown: str, step: int) -> None:
 # TensorBoard keeps only the first custom-scalars layout written to a run, so one layout gathering the categories
 # of every callback of the trainer is written once per log directory.
 _layout_written: set[str] = set()
+# Categories appear in this order whatever the order of the callbacks: pruning, quantization (QAT, PTQ), report.
+_CATEGORY_ORDER = ("prun", "quantiz", "report")
 
 
-def write_dashboard_layout(trainer: pl.Trainer, callbacks: Iterable[Any] | None = None) -> None:
-    """Write one custom-scalars layout with the categories of every compression callback on ``trainer``."""
-    writers = tensorboard_writers(trainer)
-    if not writers:
-        return
+def _category_rank(title: str) -> tuple[int, str]:
+    ranks = [i for i, word in enumerate(_CATEGORY_ORDER) if word in title.lower()]
+    return (ranks[0] if ranks else len(_CATEGORY_ORDER), title)
+
+
+def dashboard_layout(callbacks: Iterable[Any]) -> dict[str, dict[str, list[Any]]]:
+    """The custom-scalars layout (``SummaryWriter.add_custom_scalars`` format) of the given callbacks.
+
+    Every object with a ``dashboard_categories()`` method contributes; categories with the same title are merged
+    (duplicate charts dropped) and ordered pruning, quantization, report, then the rest, so the layout does not
+    depend on the order of the callbacks.
+    """
     merged: dict[str, list[tuple[str, list[str]]]] = {}
-    for cb in callbacks if callbacks is not None else getattr(trainer, "callbacks", []):
+    for cb in callbacks:
         if hasattr(cb, "dashboard_categories"):
             for title, charts in cb.dashboard_categories().items():
                 existing = merged.setdefault(title, [])
                 existing.extend(c for c in charts if c not in existing)
-    if not merged:
+    return {
+        title: {chart: ["Multiline", tags] for chart, tags in merged[title]}
+        for title in sorted(merged, key=_category_rank)
+    }
+
+
+def write_dashboard_layout(trainer: pl.Trainer, callbacks: Iterable[Any] | None = None) -> None:
+    """Write one custom-scalars layout with the categories of every compression callback on ``trainer``.
+
+    Call it from any hook once the Trainer holds its callbacks (``setup``, ``on_fit_start`` ...): the first call per
+    log directory writes the layout of all of them; later calls do nothing.
+    """
+    writers = [w for w in tensorboard_writers(trainer) if w.log_dir not in _layout_written]
+    if not writers:
         return
-    layout = {title: {chart: ["Multiline", tags] for chart, tags in charts} for title, charts in merged.items()}
+    layout = dashboard_layout(callbacks if callbacks is not None else getattr(trainer, "callbacks", []))
+    if not layout:
+        return
     for writer in writers:
-        if writer.log_dir in _layout_written:
-            continue
         writer.add_custom_scalars(layout)
         writer.flush()
         _layout_written.add(writer.log_dir)
 
 
+# The HParams plugin keeps the *first* experiment and session-start summaries of a run (TensorBoard stores the first
+# metadata per tag). Lightning's ``TensorBoardLogger`` writes its own (the module's hparams and a placeholder
+# ``hp_metric`` = -1) after the callbacks' ``setup`` when ``default_hp_metric=True``, so the compression settings are
+# declared in ``setup`` (:func:`start_hparams_session`) and their metric values logged at the end (:func:`log_hparams`).
+_hparams_started: set[str] = set()
+
+
+def _clean_params(params: Mapping[str, Any]) -> dict[str, int | float | str | bool]:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()}
+
+
 @rank_zero_only
-def log_hparams(trainer: pl.Trainer, params: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-    """Record compression settings with their final results in TensorBoard's HParams tab (and other loggers)."""
-    clean_params = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()}
+def start_hparams_session(trainer: pl.Trainer, params: Mapping[str, Any], metric_tags: Iterable[str]) -> None:
+    """Declare a run's settings and the tags of its metrics in TensorBoard's HParams tab (once per log dir).
+
+    Call it early (a callback's ``setup``), before Lightning writes its own hparams session. The metric *values* are
+    read by TensorBoard from the scalar summaries with these tags (their last value), logged later by
+    :func:`log_hparams`.
+    """
+    from torch.utils.tensorboard.summary import hparams
+
+    for writer in tensorboard_writers(trainer):
+        if writer.log_dir in _hparams_started:
+            continue
+        experiment, session_start, _ = hparams(_clean_params(params), {tag: 0.0 for tag in metric_tags})
+        file_writer = writer._get_file_writer()
+        file_writer.add_summary(experiment)
+        file_writer.add_summary(session_start)
+        writer.flush()
+        _hparams_started.add(writer.log_dir)
+
+
+@rank_zero_only
+def log_hparams(trainer: pl.Trainer, params: Mapping[str, Any], metrics: Mapping[str, float], step: int = 0) -> None:
+    """Record settings with their final results: TensorBoard's HParams tab, and the hyperparameters of other loggers.
+
+    The metrics are logged as scalars to every logger (TensorBoard's HParams tab reads them from there), the
+    TensorBoard session is declared if :func:`start_hparams_session` was not called earlier, and closed as
+    successful.
+    """
+    from torch.utils.tensorboard.summary import hparams
+
+    clean = _clean_params(params)
+    start_hparams_session(trainer, clean, metrics)
+    log_scalars(trainer, metrics, step)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(clean_params, metrics=dict(metrics))
+            _, _, session_end = hparams(clean, {})
+            logger.experiment._get_file_writer().add_summary(session_end)
+            logger.experiment.flush()
         else:
-            logger.log_hyperparams(clean_params)
+            logger.log_hyperparams(clean)

@@ -138,11 +138,19 @@ class IterativePruningCallback(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._resolved_end_step = end_step
         self._resolved_frequency = update_every_n_steps
+        #: The summary measured at fit end (also logged under ``compress/final/``): ``sparsity``, ``target_sparsity``,
+        #: ``nonzero_params``, ``total_params``, ``dense_bytes``, ``sparse_bytes`` and ``sparsity/<parameter>``.
+        self.results: dict[str, float] = {}
 
     @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(include=self.include, exclude=self.exclude, structure=self.structure)
+
+    @property
+    def history(self) -> list[tuple[int, float, float]]:
+        """``(step, sparsity, monitored metric)`` recorded at each validation end during fit (with ``monitor``)."""
+        return list(self._history)
 
     def dashboard_categories(self) -> dict[str, list[tuple[str, list[str]]]]:
         """Charts of this callback in the TensorBoard custom-scalars layout."""
@@ -207,17 +215,20 @@ class IterativePruningCallback(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         stats = measure_sparsity(self._weights)
         step = trainer.global_step
-        reporting.log_scalars(
-            trainer,
-            {
-                f"{reporting.PREFIX}/final/sparsity": stats.sparsity,
-                f"{reporting.PREFIX}/final/nonzero_params": stats.nonzero,
-                f"{reporting.PREFIX}/final/dense_bytes": stats.dense_bytes(),
-                f"{reporting.PREFIX}/final/sparse_bytes": stats.sparse_bytes(),
-            },
-            step,
-        )
+        final = {
+            "sparsity": stats.sparsity,
+            "nonzero_params": float(stats.nonzero),
+            "dense_bytes": float(stats.dense_bytes()),
+            "sparse_bytes": float(stats.sparse_bytes()),
+        }
+        reporting.log_scalars(trainer, {f"{reporting.PREFIX}/final/{k}": v for k, v in final.items()}, step)
         per_layer = stats.per_tensor()
+        self.results = {
+            **final,
+            "target_sparsity": self.target_sparsity,
+            "total_params": float(stats.total_numel),
+            **{f"sparsity/{name}": value for name, value in per_layer.items()},
+        }
         figure = figures.per_layer_bars(per_layer, title="sparsity per layer", xlabel="sparsity", limit_one=True)
         reporting.log_figure(trainer, f"{reporting.PREFIX}/pruning/per_layer_sparsity", figure, step)
         rows = [
