@@ -68,3 +68,28 @@ def test_observers_identical_across_ranks(tmp_path):
         low, high = f"{layer}.activation_observer.min_val", f"{layer}.activation_observer.max_val"
         assert rank0["synced"][low] == [min(rank0["local"][low][0], rank1["local"][low][0])]
         assert rank0["synced"][high] == [max(rank0["local"][high][0], rank1["local"][high][0])]
+
+
+class WithTorchmetrics(TinyClassifier):
+    """Logs a torchmetrics object, which synchronizes across processes when computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.val_accuracy = MulticlassAccuracy(num_classes=4, average="micro")
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.val_accuracy(self(x), y)
+        self.log("val_acc", self.val_accuracy)
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_conversion_on_rank_zero_with_torchmetrics_does_not_hang(tmp_path):
+    """Rank zero measures the int8 model alone: its torchmetrics must not wait for the other rank."""
+    callback = QATCallback(module="net", monitor="val_acc", latency="off", save_path=str(tmp_path / "int8.pt2"))
+    fit = trainer(tmp_path, [callback], strategy="ddp_spawn", devices=2, max_epochs=1, num_sanity_val_steps=0)
+    fit.fit(WithTorchmetrics(), loader(), loader(64))
+    assert (tmp_path / "int8.pt2").is_file()

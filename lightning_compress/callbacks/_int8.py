@@ -128,6 +128,23 @@ def _swapped(pl_module: LightningModule, module_name: str | None, replacement: n
         setattr(parent, child, original)
 
 
+@contextlib.contextmanager
+def _local_metrics(pl_module: LightningModule) -> Iterator[None]:
+    """Keep torchmetrics from synchronizing across processes while only this rank measures (DDP: it would hang)."""
+    from torchmetrics import Metric
+
+    metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
+    saved = [(m.sync_on_compute, m.dist_sync_on_step) for m in metrics]
+    for m in metrics:
+        m.sync_on_compute = False
+        m.dist_sync_on_step = False
+    try:
+        yield
+    finally:
+        for m, (on_compute, on_step) in zip(metrics, saved, strict=True):
+            m.sync_on_compute, m.dist_sync_on_step = on_compute, on_step
+
+
 def validate_network(
     trainer: Trainer, pl_module: LightningModule, module_name: str | None, network: Any
 ) -> tuple[dict[str, float], list[Tensor]]:
@@ -162,7 +179,7 @@ def validate_network(
     )
     was_training = pl_module.training
     try:
-        with _swapped(pl_module, module_name, recorder):
+        with _swapped(pl_module, module_name, recorder), _local_metrics(pl_module):
             results = inner.validate(pl_module, dataloaders=dataloaders, verbose=False)
     finally:
         pl_module.trainer = trainer
