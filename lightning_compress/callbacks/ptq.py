@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import warnings
 from collections.abc import Iterator
@@ -77,8 +78,8 @@ class PostTrainingQuantCallback(Callback):
         mode: ``"static"`` (int8 weights per channel and uint8 activations per tensor, calibrated; conv nets),
             ``"dynamic"`` (int8 weights, activations quantized at run time; Linear-heavy models and transformers)
             or ``"weight_only"`` (int8 weights, float compute; size only).
-        calibration_batches: Maximum number of calibration batches (``"static"``; also used for the per-layer SQNR
-            in every mode).
+        calibration_batches: Maximum number of calibration batches for ``"static"`` (the other modes run one batch:
+            the export example and the per-layer SQNR).
         observer: How static calibration sets activation ranges: ``"histogram"`` (histogram of all values, clipped
             at ``percentile`` on each side: robust to rare outliers), ``"minmax"`` (every value seen),
             ``"moving_average"`` (moving average of each batch's min/max, constant 0.01) or ``"histogram_l2"``
@@ -316,11 +317,12 @@ class PostTrainingQuantCallback(Callback):
         loader = self._calibration_loader(trainer, pl_module, stage)
         recorder = _CallRecorder(float_net)
         progress: list[Callback] = []
+        # Only static quantization calibrates; the other modes need one batch (export example, per-layer SQNR).
+        batches = self.calibration_batches if self.mode == "static" else 1
         if trainer.progress_bar_callback is not None:
-            total = min(self.calibration_batches, _length(loader) or self.calibration_batches)
-            progress.append(_CalibrationProgress(total))
+            progress.append(_CalibrationProgress(min(batches, _length(loader) or batches)))
         # (A shuffled train loader is fine for calibration: the warning Lightning gives in a validation loop is off.)
-        _run_loop(trainer, pl_module, self.module, recorder, "validate", loader, self.calibration_batches, progress)
+        _run_loop(trainer, pl_module, self.module, recorder, "validate", loader, batches, progress)
         if not recorder.calls:
             where = f"`{self.module}`" if self.module else "`forward`"
             raise RuntimeError(
@@ -603,22 +605,23 @@ def _run_loop(
     """
     from lightning.pytorch import Trainer as _Trainer
 
-    inner = _Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=limit_batches,
-        limit_test_batches=limit_batches,
-    )
     device, was_training = pl_module.device, pl_module.training
     try:
-        with _int8._swapped(pl_module, module_name, network), _quiet_inner_loop():
+        with _quiet_inner_loop():
+            inner = _Trainer(
+                accelerator="cpu",
+                devices=1,
+                logger=False,
+                callbacks=callbacks,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                limit_val_batches=limit_batches,
+                limit_test_batches=limit_batches,
+            )
             run = inner.test if loop == "test" else inner.validate
-            results = run(pl_module, dataloaders=dataloaders, verbose=False)
+            with _int8._swapped(pl_module, module_name, network):
+                results = run(pl_module, dataloaders=dataloaders, verbose=False)
     finally:
         pl_module.trainer = trainer
         pl_module.to(device)
@@ -628,12 +631,19 @@ def _run_loop(
 
 @contextlib.contextmanager
 def _quiet_inner_loop() -> Iterator[None]:
-    """Silence the warnings of the inner CPU loop that say nothing about the user's setup."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=r".*GPU available but not used.*")
-        warnings.filterwarnings("ignore", message=r".*shuffling enabled.*")
-        yield
+    """Silence what the inner CPU loop prints and warns that says nothing about the user's setup (accelerators found,
+    ``limit_*_batches`` echoes, few workers, a shuffled calibration loader)."""
+    info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = info.level
+    info.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=r".*GPU available but not used.*")
+            warnings.filterwarnings("ignore", message=r".*shuffling enabled.*")
+            yield
+    finally:
+        info.setLevel(level)
 
 
 def _first(loaders: Any) -> Any:
