@@ -20,10 +20,9 @@ import tempfile
 import urllib.parse
 from pathlib import Path
 
+from lightning_compress.demo.study import DEFAULT_LOGDIR  # the demo study's log directory, "runs/demo"
 from lightning_compress.tensorboard_server import TensorBoardClient, running_tensorboard
 
-#: The demo study's log directory (``python -m lightning_compress.demo.study``).
-DEFAULT_LOGDIR = "runs/demo"
 #: Tags shown in the scalars screenshot: the sparsity curves, the metric-vs-sparsity curve, accuracy and loss.
 DEFAULT_SCALARS_FILTER = r"^(compress/(sparsity|target_sparsity|[^/]+_vs_sparsity)|val_acc|train_loss)$"
 CHROMIUM_FLAGS = [
