@@ -235,8 +235,8 @@ def test_dynamic_transformer_block_standalone_validate_then_test(tmp_path) -> No
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["weight_only", "dynamic"])
-def test_pruned_linear_model_keeps_zeros_and_is_four_times_smaller(tmp_path, mode) -> None:
+@pytest.mark.parametrize(("mode", "module"), [("weight_only", None), ("dynamic", "net")])
+def test_pruned_linear_model_keeps_zeros_and_is_four_times_smaller(tmp_path, mode, module) -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4))
     with torch.no_grad():
@@ -244,7 +244,7 @@ def test_pruned_linear_model_keeps_zeros_and_is_four_times_smaller(tmp_path, mod
             w = layer.weight
             w.mul_(w.abs() > w.abs().flatten().kthvalue(w.numel() // 2).values)  # 50% magnitude pruning
     model = Classifier(net)
-    ptq = PostTrainingQuantCallback(module="net", mode=mode, run_on=["validate"], latency="off")
+    ptq = PostTrainingQuantCallback(module=module, mode=mode, run_on=["validate"], latency="off")
     trainer = make_trainer(tmp_path, [ptq])
     with pytest.warns(UserWarning, match="calibrating on the val dataloader"):
         trainer.validate(model, vector_loader(), verbose=False)
