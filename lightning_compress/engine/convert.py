@@ -402,7 +402,7 @@ def _calibrated_observers(prepared: torch.fx.GraphModule) -> list[str]:
 
 
 def _quantizer(
-    mode: str, skip: Sequence[str], observer: str = "histogram", percentile: float = DEFAULT_PERCENTILE
+    mode: str, skip: Sequence[str], observer: str = "histogram_l2", percentile: float = DEFAULT_PERCENTILE
 ) -> Any:
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e import observer as obs
@@ -489,7 +489,7 @@ def convert_to_int8(
     calibration_data: Iterable[Any] | None = None,
     skip: Sequence[str] = (),
     dynamic_batch: bool = True,
-    observer: str = "histogram",
+    observer: str = "histogram_l2",
     percentile: float = DEFAULT_PERCENTILE,
     quantize_embeddings: bool = False,
 ) -> Int8Model:
@@ -515,9 +515,9 @@ def convert_to_int8(
         dynamic_batch: Export with a dynamic batch dimension (falls back to static shapes, with a note, when the
             model cannot have one).
         observer: For ``"static"``: how calibration sets the activation ranges, one of :data:`OBSERVERS`
-            (``"histogram"``, the default, clips the rarest values at ``percentile``; ``"minmax"`` keeps every
-            value seen; ``"moving_average"`` averages each batch's min/max; ``"histogram_l2"`` is torchao's L2
-            search). Ranges carried from fake-quant observers are kept.
+            (``"histogram_l2"``, the default, is torchao's x86 default, an L2 error search; ``"histogram"`` clips
+            the rarest values at ``percentile``; ``"minmax"`` keeps every value seen; ``"moving_average"`` averages
+            each batch's min/max). Ranges carried from fake-quant observers are kept.
         percentile: For ``observer="histogram"``: the range kept, in percent of the values on each side, in
             (50, 100].
         quantize_embeddings: Also store ``nn.Embedding`` tables (not in ``skip``) as int8, per-row symmetric, and
