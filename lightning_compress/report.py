@@ -195,6 +195,18 @@ def summarize(
     return out
 
 
+def jsonable(value: Any) -> Any:
+    """``value`` with non-finite floats as the strings ``"inf"``, ``"-inf"``, ``"nan"`` (strict JSON has no such
+    numbers; e.g. an int8 output identical to the fake-quant one has an infinite SQNR)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
 def markdown_report(title: str, settings: Mapping[str, Any], results: Mapping[str, float], monitor: str | None) -> str:
     """The summary as markdown: a settings line and a table of the results, in reading order."""
     used = {k: v for k, v in settings.items() if v != NO_SETTINGS.get(k)}
@@ -405,7 +417,7 @@ class CompressionReport(Callback):
         reporting.log_text(trainer, f"{PREFIX}/summary", summary, step)
         path.parent.mkdir(parents=True, exist_ok=True)
         document = {"run": run, "monitor": self.monitor, "settings": self.settings, "results": self.results}
-        path.write_text(json.dumps(document, indent=2) + "\n")
+        path.write_text(json.dumps(jsonable(document), indent=2) + "\n")
         path.with_suffix(".md").write_text(summary + "\n")
         self.path = path
         if self.verbose:

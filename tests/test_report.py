@@ -14,7 +14,7 @@ from tensorboard.plugins.hparams import metadata as hp_metadata
 
 from lightning_compress import IterativePruningCallback, PostTrainingQuantCallback, QATCallback
 from lightning_compress.engine.convert import model_size_bytes
-from lightning_compress.report import NO_SETTINGS, CompressionReport, summarize
+from lightning_compress.report import NO_SETTINGS, CompressionReport, jsonable, summarize
 from lightning_compress.tensorboard_server import TensorBoardClient, running_tensorboard
 
 
@@ -78,6 +78,12 @@ def test_summarize_dense_run_uses_measurements_and_float_before():
     # PTQ: "before" is the float model's metric when no baseline is given
     ptq = summarize(monitor="val_acc", trained_metric=0.8, quantization={"float_val_acc": 0.8, "int8_val_acc": 0.7})
     assert ptq["val_acc_drop"] == pytest.approx(0.1)
+
+
+def test_json_has_no_bare_infinity():
+    document = {"results": {"output_sqnr_db": float("inf"), "x": 1.5}, "runs": [float("nan"), -float("inf")]}
+    text = json.dumps(jsonable(document), allow_nan=False)  # strict JSON: would raise on a bare inf/nan
+    assert json.loads(text) == {"results": {"output_sqnr_db": "inf", "x": 1.5}, "runs": ["nan", "-inf"]}
 
 
 @pytest.mark.parametrize(
@@ -144,7 +150,7 @@ def test_report_files(prune_qat_run):
     assert str(report.path.parent) == tb.log_dir
     assert document["run"] == "prune_qat/version_0" and document["monitor"] == "val_acc"
     assert document["settings"]["method"] == "prune+qat"
-    assert document["results"] == pytest.approx(report.results)
+    assert document["results"] == jsonable(report.results)  # floats round-trip exactly through JSON
     markdown = report.path.with_suffix(".md").read_text()
     assert "| sparsity | 80.00% |" in markdown and "| val_acc_before | 0.9500 |" in markdown
 
