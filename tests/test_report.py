@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
-from lightning_compress import IterativePruningCallback, PostTrainingQuantCallback, QATCallback
+from lightning_compress import IterativePruningCallback, PostTrainingQuantCallback, QATCallback, reporting
 from lightning_compress.engine.convert import model_size_bytes
 from lightning_compress.report import NO_SETTINGS, CompressionReport, jsonable, summarize
 from lightning_compress.tensorboard_server import TensorBoardClient, running_tensorboard
@@ -255,3 +255,24 @@ def test_ptq_in_validate_is_reported_after_the_validation(tmp_path):
     assert report.results["val_acc_before"] == ptq.results["float_val_acc"]
     assert report.results["size_bytes"] == ptq.results["int8_bytes"] and "latency_ms/batch_1" not in report.results
     assert json.loads(report.path.read_text())["run"] == "ptq/version_0"
+    assert [c.title for c in _layout(_events(logger.log_dir)).category] == [
+        "post-training quantization",
+        "compression report",
+    ]
+
+
+def test_layout_of_all_callbacks_does_not_depend_on_their_order():
+    callbacks = [
+        CompressionReport("val_acc"),
+        PostTrainingQuantCallback(monitor="val_acc"),
+        QATCallback(monitor="val_acc"),
+        IterativePruningCallback(monitor="val_acc"),
+    ]
+    layouts = [
+        reporting.dashboard_layout(order) for order in (callbacks, callbacks[::-1], callbacks[1:] + callbacks[:1])
+    ]
+    assert layouts[0] == layouts[1] == layouts[2]
+    assert list(layouts[0]) == ["pruning", "post-training quantization", "quantization (QAT)", "compression report"]
+    charts = {chart for category in layouts[0].values() for chart in category}
+    assert {"sparsity: target vs measured", "val_acc: fake-quant vs int8", "val_acc: float vs int8"} <= charts
+    assert "quantization error: SQNR (dB)" in charts and "per-layer SQNR (dB)" in charts
