@@ -404,3 +404,81 @@ def test_unknown_module_name_fails_at_setup(tmp_path) -> None:
     trainer = make_trainer(tmp_path, [ptq])
     with pytest.raises(ValueError, match=r"`module`='encoder' is not a submodule of Classifier. Its submodules: net"):
         trainer.validate(Classifier(mlp()), vector_loader(64), verbose=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Calibration sees what the user's step feeds the network; YAML configuration
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MaskedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 64)
+        self.fc2 = nn.Linear(64, 4)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h if mask is None else h * mask)
+
+
+class DictBatchModule(Classifier):
+    """Batches are dicts of raw values; the step scales them and calls the network with a keyword argument."""
+
+    def validation_step(self, batch, batch_idx):
+        out = self.net(batch["raw"] / 100.0, mask=batch["mask"])
+        self.log("val_acc", (out.argmax(-1) == batch["label"]).float().mean())
+
+
+def test_calibration_records_what_the_step_passes_to_the_network(tmp_path) -> None:
+    data = classification_data(128)
+    rows = [
+        {"raw": x * 100.0, "mask": torch.ones(64), "label": y}
+        for x, y in zip(data.tensors[0], data.tensors[1], strict=True)
+    ]
+    loader = DataLoader(rows, batch_size=32)  # default collate: a dict of stacked tensors per batch
+    torch.manual_seed(0)
+    model = DictBatchModule(MaskedNet())
+    ptq = PostTrainingQuantCallback(
+        module="net", observer="minmax", monitor="val_acc", calibration_data="val", run_on=["validate"], latency="off"
+    )
+    make_trainer(tmp_path, [ptq]).validate(model, loader, verbose=False)
+    # Calibrated on raw values (100x) the uint8 ranges would be 100x too wide and the int8 outputs mostly noise.
+    assert ptq.results["sqnr/fc1"] > 30.0 and ptq.results["sqnr/fc2"] > 30.0
+    assert ptq.results["top1_agreement"] >= 0.95
+    x = data.tensors[0][:8]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ptq.quantized_model.module()(x, mask=torch.ones(8, 64)), model.net(x), atol=0.1, rtol=0.1
+        )
+
+
+def test_yaml_class_path(tmp_path) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        """
+trainer:
+  accelerator: cpu
+  logger: false
+  callbacks:
+    - class_path: lightning_compress.PostTrainingQuantCallback
+      init_args:
+        mode: static
+        observer: moving_average
+        calibration_batches: 8
+        module: net
+        monitor: val_acc
+        max_accuracy_drop: 0.5
+        run_on: [fit, test]
+        exclude: ["fc2"]
+        latency: "off"
+"""
+    )
+    from helpers import TinyClassifier
+
+    cli = LightningCLI(TinyClassifier, run=False, args=["--config", str(config)])
+    (ptq,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, PostTrainingQuantCallback)]
+    assert (ptq.mode, ptq.observer, ptq.calibration_batches, ptq.module) == ("static", "moving_average", 8, "net")
+    assert ptq.max_accuracy_drop == 0.5 and ptq.run_on == ["fit", "test"] and ptq.exclude == ["fc2"]
