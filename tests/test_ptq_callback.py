@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import classification_data
+from helpers import TinyClassifier, classification_data
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -476,8 +476,6 @@ trainer:
         latency: "off"
 """
     )
-    from helpers import TinyClassifier
-
     cli = LightningCLI(TinyClassifier, run=False, args=["--config", str(config)])
     (ptq,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, PostTrainingQuantCallback)]
     assert (ptq.mode, ptq.observer, ptq.calibration_batches, ptq.module) == ("static", "moving_average", 8, "net")
