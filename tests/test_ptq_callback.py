@@ -135,11 +135,18 @@ def make_trainer(tmp_path, callbacks, logger=False, **kwargs) -> L.Trainer:
     return L.Trainer(callbacks=callbacks, **defaults)
 
 
+PROBE = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+
+
 class Snapshot(L.Callback):
     """Placed before the PTQ callback: keeps the module as it was when fit ended, before PTQ ran."""
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        was_training = pl_module.training
+        with torch.no_grad():
+            self.output = pl_module.eval()(PROBE)
+        pl_module.train(was_training)
         self.types = {n: type(m) for n, m in pl_module.named_modules()}
         self.training = pl_module.training
 
@@ -169,6 +176,9 @@ def test_static_cnn_at_fit_end_leaves_module_unchanged_saves_and_logs(tmp_path) 
     assert all(torch.equal(state[k], snapshot.state[k]) for k in state)
     assert model.training == snapshot.training
     assert type(model.net.conv1) is nn.Conv2d
+    with torch.no_grad():
+        assert torch.equal(model.eval()(PROBE), snapshot.output)  # the class's forward, not a swapped one
+    assert "forward" not in model.__dict__
 
     results = ptq.results
     assert ptq.quantized_model is not None
