@@ -90,6 +90,7 @@ def render(
     scalars_filter: str = DEFAULT_SCALARS_FILTER,
     width: int = 1600,
     height: int = 1000,
+    hparams_width: int = 2400,
     budget_ms: int = 20_000,
 ) -> list[Path]:
     """Start TensorBoard over ``logdir`` and save the screenshots into ``out``; return their paths."""
@@ -108,7 +109,9 @@ def render(
         print(f"TensorBoard at {url}: {len(runs)} runs ({', '.join(runs)})")
         for stem, view in view_urls(url, scalars_filter).items():
             path = out / f"{stem}.png"
-            screenshot(browser, view, path, width=width, height=height, budget_ms=budget_ms)
+            # The HParams table shows the first 5 settings and 5 metrics by default: wider, so they all fit.
+            view_width = hparams_width if stem == "dashboard_hparams" else width
+            screenshot(browser, view, path, width=view_width, height=height, budget_ms=budget_ms)
             print(f"saved {path} ({path.stat().st_size / 1024:.0f} KB)")
             saved.append(path)
     return saved
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scalars-filter", default=DEFAULT_SCALARS_FILTER, help="tag regex of the scalars view")
     parser.add_argument("--width", type=int, default=1600)
     parser.add_argument("--height", type=int, default=1000)
+    parser.add_argument("--hparams-width", type=int, default=2400, help="window width of the HParams view")
     parser.add_argument("--budget-ms", type=int, default=20_000, help="virtual time Chromium gives the page")
     args = parser.parse_args(argv)
     render(
@@ -131,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         scalars_filter=args.scalars_filter,
         width=args.width,
         height=args.height,
+        hparams_width=args.hparams_width,
         budget_ms=args.budget_ms,
     )
 
