@@ -8,7 +8,8 @@ same data, epoch budget, optimizer and seeds:
   quantization (per-channel int8 weights, per-tensor uint8 inputs), BatchNorm statistics frozen at
   ``--qat-freeze-bn`` and observers at ``--qat-freeze-observers`` (default: the last two epochs, as torchvision's
   recipe freezes them at epochs 3 and 4 of its fine-tuning). At fit end the callback converts a copy to a real
-  int8 program and measures it with the model's own validation step: its ``results`` give the fake-quant and int8 accuracy and their top-1 agreement.
+  int8 program and measures it with the model's own validation step: its ``results`` give the fake-quant and
+  int8 accuracy and their top-1 agreement.
 * **PTQ**: static post-training quantization of each fp32 model by ``PostTrainingQuantCallback`` (standalone, on
   ``trainer.validate``), once per activation observer (min/max, moving average, histogram), calibrated on 32 training
   batches; each once without and once with the accuracy-aware fallback (``max_accuracy_drop``).
