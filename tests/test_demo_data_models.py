@@ -165,7 +165,9 @@ def test_digits_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real: 
 
 
 def test_digits_fallback_without_sklearn_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "sklearn", None)  # makes `import sklearn` raise ImportError
+    # None in sys.modules makes the import raise ImportError (both names: an earlier test may have imported them)
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     dm = FashionMNISTDataModule(data_dir=str(tmp_path), fallback="digits")
     with pytest.warns(UserWarning), pytest.raises(ImportError, match="pip install scikit-learn"):
         dm.setup("fit")
