@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import torch
@@ -159,7 +160,8 @@ class IterativePruningCallback(Callback):
             ("per-layer sparsity", [rf"^{PREFIX}/"]),
         ]
         if self.monitor:
-            charts.append((f"{self.monitor} vs sparsity (x axis: sparsity in per mille)", [self._curve_tag()]))
+            curve = (f"{self.monitor} vs sparsity (x axis: sparsity in per mille)", [re.escape(self._curve_tag())])
+            charts.append(curve)
         return {"pruning": charts}
 
     # ----------------------------------------------------------------------------------------------------------

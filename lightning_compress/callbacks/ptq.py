@@ -8,6 +8,7 @@ import contextlib
 import copy
 import logging
 import math
+import re
 import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -196,10 +197,13 @@ class PostTrainingQuantCallback(Callback):
         charts = [
             ("per-layer SQNR (dB)", [rf"^{PREFIX}/sqnr/"]),
             ("size (bytes): float vs int8", [rf"^{PREFIX}/(float|int8)_bytes$"]),
-            ("latency (ms)", [rf"^{PREFIX}/.*_ms/"]),
         ]
+        if self.latency != "off":  # no empty chart when nothing is timed
+            charts.append(("latency (ms)", [rf"^{PREFIX}/.*_ms/"]))
         if self.monitor:
-            charts.insert(0, (f"{self.monitor}: float vs int8", [rf"^{PREFIX}/(float|int8)_{self.monitor}$"]))
+            monitor = re.escape(self.monitor)
+            charts.insert(0, (f"{self.monitor}: float vs int8", [rf"^{PREFIX}/(float|int8)_{monitor}$"]))
+        if self.monitor and self.max_accuracy_drop is not None:  # the fallback logs its attempts only then
             charts.insert(1, ("fallback: metric vs number of float layers", [rf"^{PREFIX}/fallback/"]))
         return {"post-training quantization": charts}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,10 +156,11 @@ class QATCallback(Callback):
             ("per-layer SQNR (dB)", [rf"^{PREFIX}/sqnr/"]),
             ("activation scale per layer", [rf"^{PREFIX}/activation_scale/"]),
             ("size (bytes): float vs int8", [rf"^{PREFIX}/(float|int8)_bytes$"]),
-            ("latency (ms)", [rf"^{PREFIX}/.*_ms/"]),
         ]
+        if self.latency != "off":  # no empty chart when nothing is timed
+            charts.append(("latency (ms)", [rf"^{PREFIX}/.*_ms/"]))
         if self.monitor:
-            metric_tags = [rf"^{PREFIX}/(fake_quant|int8)_{self.monitor}$"]
+            metric_tags = [rf"^{PREFIX}/(fake_quant|int8)_{re.escape(self.monitor)}$"]
             charts.insert(0, (f"{self.monitor}: fake-quant vs int8", metric_tags))
         return {"quantization (QAT)": charts}
 
