@@ -1,24 +1,30 @@
-"""What the QAT and PTQ callbacks share: find the target network, capture an example input, evaluate a replacement
-network with the user's own validation logic, time it, and log the results.
+"""What the QAT and PTQ callbacks share: find the target network, capture an example input, run the user's own
+validation (or test) loop with a replacement network, time it, and log the results.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_compress import figures, reporting
 from lightning_compress.engine.convert import Int8Model, compile_int8, model_size_bytes, save_int8
 from lightning_compress.engine.measure import compare_latency, top1_agreement
+
+#: The positional and keyword arguments of one call of a network.
+Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 def target_module(pl_module: LightningModule, name: str | None) -> nn.Module:
@@ -85,23 +91,29 @@ def example_inputs(
     return catcher.args, catcher.kwargs
 
 
-class _Recorder(nn.Module):
-    """Calls ``network`` and keeps its outputs (for top-1 agreement) and a call count."""
+class Recorder(nn.Module):
+    """Calls ``network`` and keeps what goes through it: a call count, and a CPU copy of each call's arguments
+    (``keep_inputs``, for calibration) and of its tensor outputs (``keep_outputs``, for top-1 agreement)."""
 
     network: Any
 
-    def __init__(self, network: Any) -> None:
+    def __init__(self, network: Any, keep_inputs: bool = False, keep_outputs: bool = False) -> None:
         super().__init__()
         # Not registered as a submodule: the loop's ``.eval()``/``.to()`` must not reach an exported program
         # (``ExportedProgram.module()`` refuses ``train()``); the caller puts ``network`` in eval mode itself.
         object.__setattr__(self, "network", network)
-        self.outputs: list[Tensor] = []
+        self.keep_inputs = keep_inputs
+        self.keep_outputs = keep_outputs
         self.calls = 0
+        self.inputs: list[Call] = []
+        self.outputs: list[Tensor] = []
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
+        if self.keep_inputs:
+            self.inputs.append(_detached_cpu((args, kwargs)))
         out = self.network(*args, **kwargs)
-        if isinstance(out, Tensor):
+        if self.keep_outputs and isinstance(out, Tensor):
             self.outputs.append(out.detach().cpu())
         return out
 
@@ -145,20 +157,75 @@ def _local_metrics(pl_module: LightningModule) -> Iterator[None]:
             m.sync_on_compute, m.dist_sync_on_step = on_compute, on_step
 
 
+@contextlib.contextmanager
+def _quiet_inner_loop() -> Iterator[None]:
+    """Silence what the inner CPU loop prints and warns that says nothing about the user's setup (accelerators found,
+    ``limit_*_batches`` echoes, few workers, a shuffled calibration loader)."""
+    info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = info.level
+    info.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=r".*GPU available but not used.*")
+            warnings.filterwarnings("ignore", message=r".*shuffling enabled.*")
+            yield
+    finally:
+        info.setLevel(level)
+
+
+def run_inner_loop(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    module_name: str | None,
+    network: nn.Module,
+    loop: Literal["validate", "test"],
+    dataloaders: Any,
+    limit_batches: int | float,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, float]:
+    """Run the user's ``validation_step`` (or ``test_step``) over ``dataloaders`` with ``network`` as the target.
+
+    A separate CPU ``Trainer`` runs the loop, so the user's logging (``self.log``, torchmetrics) works unchanged and
+    the outer Trainer's callbacks (checkpointing, early stopping) never see the swapped model. Its console chatter is
+    silenced, and torchmetrics do not synchronize across processes (only this rank runs the loop). The
+    LightningModule is restored afterwards: its network, its trainer reference, its device and its mode.
+
+    Returns:
+        The metrics the loop logged.
+    """
+    device, was_training = pl_module.device, pl_module.training
+    try:
+        with _quiet_inner_loop():
+            inner = Trainer(
+                accelerator="cpu",
+                devices=1,
+                logger=False,
+                callbacks=list(callbacks),
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                limit_val_batches=limit_batches,
+                limit_test_batches=limit_batches,
+            )
+            run = inner.test if loop == "test" else inner.validate
+            with _swapped(pl_module, module_name, network), _local_metrics(pl_module):
+                results = run(pl_module, dataloaders=dataloaders, verbose=False)
+    finally:
+        pl_module.trainer = trainer
+        pl_module.to(device)
+        pl_module.train(was_training)
+    return {k: float(v) for k, v in results[0].items()} if results else {}
+
+
 def validate_network(
     trainer: Trainer, pl_module: LightningModule, module_name: str | None, network: Any
 ) -> tuple[dict[str, float], list[Tensor]]:
     """Run the user's ``validation_step`` over the trainer's validation data with ``network`` as the target.
 
-    A separate CPU ``Trainer`` runs the loop, so the user's logging (``self.log``, torchmetrics) works unchanged and
-    the outer Trainer's callbacks (checkpointing, early stopping) never see the swapped model. The LightningModule
-    is restored afterwards: its network, its trainer reference and its device.
-
     Returns:
         The metrics the validation logged, and the target network's outputs per batch.
     """
-    from lightning.pytorch import Trainer as _Trainer
-
     dataloaders = trainer.val_dataloaders
     if dataloaders is None:
         raise RuntimeError("There is no validation dataloader to measure the quantized model on.")
@@ -166,32 +233,16 @@ def validate_network(
         # The whole LightningModule is the target and is evaluated as it is: record its own (class) ``forward``,
         # bound now, because the instance's ``forward`` is about to be the recorder itself.
         network = type(pl_module).forward.__get__(pl_module)
-    recorder = _Recorder(network)
-    device = pl_module.device
-    inner = _Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=trainer.limit_val_batches,
+    recorder = Recorder(network, keep_outputs=True)
+    metrics = run_inner_loop(
+        trainer, pl_module, module_name, recorder, "validate", dataloaders, trainer.limit_val_batches
     )
-    was_training = pl_module.training
-    try:
-        with _swapped(pl_module, module_name, recorder), _local_metrics(pl_module):
-            results = inner.validate(pl_module, dataloaders=dataloaders, verbose=False)
-    finally:
-        pl_module.trainer = trainer
-        pl_module.to(device)
-        pl_module.train(was_training)
     if recorder.calls == 0:
         where = f"`{module_name}`" if module_name else "`forward`"
         raise RuntimeError(
             f"The validation loop never called {where}, so the quantized network was not evaluated. Pass the name of"
             " the submodule your `validation_step` calls as `module` (e.g. module='net')."
         )
-    metrics = {k: float(v) for k, v in results[0].items()} if results else {}
     return metrics, recorder.outputs
 
 

@@ -4,13 +4,9 @@ the most sensitive layers in float when the accuracy budget would not hold.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 import math
 import re
-import warnings
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -40,7 +36,7 @@ from lightning_compress.engine.validation import check_choice, check_positive_in
 PREFIX = f"{reporting.PREFIX}/ptq"
 STAGES = ("fit", "validate", "test")
 _HEADLINE_PREFIXES = ("int8_ms", "float_ms", "float_compiled_ms", "speedup")
-Call = tuple[tuple[Any, ...], dict[str, Any]]
+Call = _int8.Call
 
 
 class PostTrainingQuantCallback(Callback):
@@ -319,21 +315,21 @@ class PostTrainingQuantCallback(Callback):
     ) -> list[Call]:
         """Run the user's ``validation_step`` on calibration batches and record what the target network receives."""
         loader = self._calibration_loader(trainer, pl_module, stage)
-        recorder = _CallRecorder(float_net)
+        recorder = _int8.Recorder(float_net, keep_inputs=True)
         progress: list[Callback] = []
         # Only static quantization calibrates; the other modes need one batch (export example, per-layer SQNR).
         batches = self.calibration_batches if self.mode == "static" else 1
         if trainer.progress_bar_callback is not None:
             progress.append(_CalibrationProgress(min(batches, _length(loader) or batches)))
         # (A shuffled train loader is fine for calibration: the warning Lightning gives in a validation loop is off.)
-        _run_loop(trainer, pl_module, self.module, recorder, "validate", loader, batches, progress)
-        if not recorder.calls:
+        _int8.run_inner_loop(trainer, pl_module, self.module, recorder, "validate", loader, batches, progress)
+        if not recorder.inputs:
             where = f"`{self.module}`" if self.module else "`forward`"
             raise RuntimeError(
                 f"The calibration batches went through `validation_step` but it never called {where}. Pass the name "
                 "of the submodule your steps call as `module` (e.g. module='net')."
             )
-        return recorder.calls
+        return recorder.inputs
 
     def _calibration_loader(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> Any:
         wanted = self.calibration_data
@@ -461,15 +457,15 @@ class PostTrainingQuantCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, network: Any, stage: str
     ) -> tuple[dict[str, float], list[Tensor]]:
         """The user's validation (or test, under ``trainer.test``) loop with ``network`` as the target."""
-        loop = "test" if stage == "test" else "validate"
+        loop: Literal["validate", "test"] = "test" if stage == "test" else "validate"
         loader = trainer.test_dataloaders if loop == "test" else trainer.val_dataloaders
         if loader is None:
             if self.monitor:
                 raise RuntimeError(f"`monitor`={self.monitor!r} needs a {loop} dataloader to measure it on; none.")
             return {}, []
         limit = trainer.limit_test_batches if loop == "test" else trainer.limit_val_batches
-        recorder = _int8._Recorder(network)
-        metrics = _run_loop(trainer, pl_module, self.module, recorder, loop, loader, limit, [])
+        recorder = _int8.Recorder(network, keep_outputs=True)
+        metrics = _int8.run_inner_loop(trainer, pl_module, self.module, recorder, loop, loader, limit)
         return metrics, recorder.outputs
 
     def _check_monitor(self, metrics: dict[str, Any], stage: str) -> str:
@@ -553,21 +549,6 @@ def _as_item(call: Call) -> Any:
     return ModelCall(args, kwargs)
 
 
-class _CallRecorder(nn.Module):
-    """Calls ``network`` and keeps a CPU copy of the arguments of each call."""
-
-    network: Any
-
-    def __init__(self, network: Any) -> None:
-        super().__init__()
-        object.__setattr__(self, "network", network)  # not a submodule: the loop must not move or retrain it
-        self.calls: list[Call] = []
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls.append(_int8._detached_cpu((args, kwargs)))
-        return self.network(*args, **kwargs)
-
-
 class _CalibrationProgress(Callback):
     """A tqdm bar for the calibration loop (the inner loop's own progress bar is off)."""
 
@@ -590,64 +571,6 @@ class _CalibrationProgress(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _run_loop(
-    trainer: Trainer,
-    pl_module: LightningModule,
-    module_name: str | None,
-    network: nn.Module,
-    loop: str,
-    dataloaders: Any,
-    limit_batches: int | float,
-    callbacks: list[Callback],
-) -> dict[str, float]:
-    """Run the user's ``validation_step`` (or ``test_step``) in a CPU Trainer with ``network`` as the target.
-
-    The separate Trainer keeps the user's logging working and the outer Trainer's callbacks (checkpointing, early
-    stopping) unaware of the swapped network; the LightningModule's trainer, device and mode are restored.
-    """
-    from lightning.pytorch import Trainer as _Trainer
-
-    device, was_training = pl_module.device, pl_module.training
-    try:
-        with _quiet_inner_loop():
-            inner = _Trainer(
-                accelerator="cpu",
-                devices=1,
-                logger=False,
-                callbacks=callbacks,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                limit_val_batches=limit_batches,
-                limit_test_batches=limit_batches,
-            )
-            run = inner.test if loop == "test" else inner.validate
-            with _int8._swapped(pl_module, module_name, network):
-                results = run(pl_module, dataloaders=dataloaders, verbose=False)
-    finally:
-        pl_module.trainer = trainer
-        pl_module.to(device)
-        pl_module.train(was_training)
-    return {k: float(v) for k, v in results[0].items()} if results else {}
-
-
-@contextlib.contextmanager
-def _quiet_inner_loop() -> Iterator[None]:
-    """Silence what the inner CPU loop prints and warns that says nothing about the user's setup (accelerators found,
-    ``limit_*_batches`` echoes, few workers, a shuffled calibration loader)."""
-    info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    level = info.level
-    info.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=r".*GPU available but not used.*")
-            warnings.filterwarnings("ignore", message=r".*shuffling enabled.*")
-            yield
-    finally:
-        info.setLevel(level)
 
 
 def _first(loaders: Any) -> Any:
