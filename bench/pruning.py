@@ -508,6 +508,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--skip-accuracy", action="store_true", help="only the step-time phase (no markdown update)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1024 train / 1000 test images, 4 epochs")
     parser.add_argument("--json", type=Path, default=None, help="results file (default bench/pruning_results.json)")
+    parser.add_argument(
+        "--add-runs",
+        type=Path,
+        default=None,
+        help="an earlier results JSON (other seeds): its training runs join this run's, and its step times are"
+        " reused when --skip-timing is given (so seeds can be run in separate sessions)",
+    )
     parser.add_argument("--benchmarks-md", type=Path, default=None, help="markdown file to update (quick: none)")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -536,6 +543,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "benchmarks_md": str(args.benchmarks_md or ("" if quick else BENCHMARKS_MD)),
         "skip_timing": args.skip_timing,
         "skip_accuracy": args.skip_accuracy,
+        "add_runs": str(args.add_runs or ""),
     }
     return cfg
 
@@ -551,6 +559,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Phase 1: {len(jobs)} training runs, {cfg.epochs} epochs each, {cfg.jobs} at a time", flush=True)
     runs = run_parallel(run_accuracy, jobs, cfg.jobs)
     accuracy_seconds = time.perf_counter() - start
+    earlier: dict[str, Any] = json.loads(Path(cfg.extra["add_runs"]).read_text()) if cfg.extra["add_runs"] else {}
+    runs += [run for run in earlier.get("runs", []) if run not in runs]
+    if earlier:
+        cfg.seeds = sorted({run["seed"] for run in runs})
     summary = summarize_accuracy(runs)
     for run in runs:  # check that the converted per-epoch amounts reach the target instead of compounding
         if run["method"] == "modelpruning":
@@ -561,7 +573,9 @@ def main(argv: list[str] | None = None) -> None:
             )
 
     timing: dict[str, dict[str, Any]] = {}
-    if not cfg.extra["skip_timing"]:
+    if cfg.extra["skip_timing"]:
+        timing = earlier.get("step_time", {})
+    else:
         print(f"Phase 2: step times, {cfg.timing_rounds} rounds x {cfg.timing_steps} steps, 1 process", flush=True)
         for arch in cfg.models:
             timing[arch] = measure_step_times(cfg, arch)
@@ -587,7 +601,7 @@ def main(argv: list[str] | None = None) -> None:
     json_path = Path(cfg.extra["json"])
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"Wrote {json_path}")
-    if cfg.extra["skip_accuracy"] or cfg.extra["skip_timing"]:
+    if cfg.extra["skip_accuracy"] or not timing:
         print("A phase was skipped: BENCHMARKS.md left as it is.")
     elif cfg.extra["benchmarks_md"]:
         md_path = Path(cfg.extra["benchmarks_md"])
