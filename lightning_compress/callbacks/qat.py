@@ -253,7 +253,8 @@ class QATCallback(Callback):
     # ----------------------------------------------------------------------------------------------------------
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._catcher.attach(_int8.target_module(pl_module, self.module))
+        if self._catcher.args is None:  # until one batch is caught (the hot path does nothing more)
+            self._catcher.attach(_int8.target_module(pl_module, self.module))
         self._apply_schedule(trainer, pl_module)
 
     def _apply_schedule(self, trainer: Trainer, pl_module: LightningModule) -> None:
