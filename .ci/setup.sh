@@ -14,9 +14,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # Re-install when pyproject.toml changed since the last setup.
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
-  echo "[setup] installing torch==2.13.0 (CPU) first, then lightning_compress[dev]"
+  echo "[setup] installing torch==2.13.0 (CPU) first, then lightning_compress[dev,demo]"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.13.0
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev]"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev,demo]"
   touch "$STAMP"
 fi
 

@@ -61,7 +61,7 @@ from _common import (
 )
 
 from lightning_compress import IterativePruningCallback
-from lightning_compress.demo import FashionMNISTDataModule, ImageClassifier
+from lightning_compress.demos import FashionMNISTDataModule, ImageClassifier
 from lightning_compress.engine.schedules import sparsity_at_step
 
 METHODS = ("dense", "ours", "modelpruning")

@@ -67,7 +67,7 @@ from _common import (
 )
 
 from lightning_compress import PostTrainingQuantCallback, QATCallback
-from lightning_compress.demo import FashionMNISTDataModule, ImageClassifier
+from lightning_compress.demos import FashionMNISTDataModule, ImageClassifier
 from lightning_compress.engine.convert import compile_int8, load_int8, model_size_bytes
 from lightning_compress.engine.measure import compare_latency
 

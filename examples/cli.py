@@ -5,7 +5,7 @@ python examples/cli.py fit --config examples/prune_lenet.yaml
 
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_compress.demo import FashionMNISTDataModule, ImageClassifier
+from lightning_compress.demos import FashionMNISTDataModule, ImageClassifier
 
 
 def main() -> None:

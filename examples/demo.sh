@@ -6,4 +6,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/.ci/setup.sh"
 cd "$ROOT"
-exec python -m lightning_compress.demo.study "$@"
+exec python examples/study.py "$@"

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_compress import IterativePruningCallback
-from lightning_compress.demo import FashionMNISTDataModule, ImageClassifier
+from lightning_compress.demos import FashionMNISTDataModule, ImageClassifier
 
 
 def main() -> None:

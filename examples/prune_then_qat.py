@@ -18,7 +18,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_compress import IterativePruningCallback, QATCallback
-from lightning_compress.demo import FashionMNISTDataModule, ImageClassifier
+from lightning_compress.demos import FashionMNISTDataModule, ImageClassifier
 from lightning_compress.engine.convert import int8_weights
 
 

@@ -21,7 +21,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_compress import QATCallback
-from lightning_compress.demo import FashionMNISTDataModule, ImageClassifier
+from lightning_compress.demos import FashionMNISTDataModule, ImageClassifier
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ import tempfile
 import urllib.parse
 from pathlib import Path
 
-from lightning_compress.demo.study import DEFAULT_LOGDIR  # the demo study's log directory, "runs/demo"
-from lightning_compress.tensorboard_server import TensorBoardClient, running_tensorboard
+from study import DEFAULT_LOGDIR  # the demo study's log directory, "runs/demo"
+from tools.tensorboard_client import TensorBoardClient, running_tensorboard
 
 #: Tags shown in the scalars screenshot: the sparsity curves, the metric-vs-sparsity curve, accuracy and loss.
 DEFAULT_SCALARS_FILTER = r"^(compress/(sparsity|target_sparsity|[^/]+_vs_sparsity)|val_acc|train_loss)$"

@@ -1,9 +1,9 @@
 """LightningCLI can build the callbacks from YAML with `class_path` (all arguments are typed, no callables)."""
 
 import pytest
-from helpers import TinyClassifier
 from lightning.pytorch.cli import LightningCLI
 
+from helpers import TinyClassifier
 from lightning_compress import IterativePruningCallback
 
 CONFIG = """

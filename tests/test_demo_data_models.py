@@ -14,14 +14,14 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 
-from lightning_compress.demo.data import (
+from lightning_compress.demos.data import (
     DEFAULT_DIR,
     FILES,
     EpochSeededSampler,
     FashionMNISTDataModule,
     load_fashion_mnist,
 )
-from lightning_compress.demo.models import ImageClassifier, build_model
+from lightning_compress.demos.models import ImageClassifier, build_model
 
 HAS_FASHION = all((Path(DEFAULT_DIR) / name).is_file() for name in FILES)
 needs_fashion = pytest.mark.skipif(not HAS_FASHION, reason="needs `apt-get install -y dataset-fashion-mnist`")

@@ -3,11 +3,11 @@ import copy
 import lightning as L
 import pytest
 import torch
-from helpers import ResumableLoader, TinyClassifier, TinyNet, classification_data, loader, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from helpers import ResumableLoader, TinyClassifier, TinyNet, classification_data, loader, trainer
 from lightning_compress import IterativePruningCallback
 
 PRUNED = ["net.fc1.weight", "net.fc2.weight"]

@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from helpers import TinyClassifier, loader, trainer
 from lightning.pytorch.callbacks import Callback
 
+from helpers import TinyClassifier, loader, trainer
 from lightning_compress import IterativePruningCallback
 
 

@@ -9,11 +9,11 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TinyClassifier, classification_data
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers import TinyClassifier, classification_data
 from lightning_compress import PostTrainingQuantCallback
 from lightning_compress.engine.convert import Int8ConversionError, int8_weights, load_int8
 

@@ -12,15 +12,15 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ResumableLoader, TinyClassifier, classification_data, loader, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers import ResumableLoader, TinyClassifier, classification_data, loader, trainer
 from lightning_compress import IterativePruningCallback, QATCallback
-from lightning_compress.demo.models import ResidualCNN
+from lightning_compress.demos.models import ResidualCNN
 from lightning_compress.engine.convert import Int8ConversionError, int8_weights, load_int8
 from lightning_compress.engine.fake_quant import FakeQuantModule, fake_quant_modules, quant_state_keys
 

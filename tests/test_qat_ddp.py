@@ -4,9 +4,9 @@ different data (its own shard of the samples, and on rank 1 inputs scaled 5x).""
 import json
 
 import pytest
-from helpers import TinyClassifier, loader, trainer
 from lightning.pytorch.callbacks import Callback
 
+from helpers import TinyClassifier, loader, trainer
 from lightning_compress import QATCallback
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
-from lightning_compress.callbacks import _int8
-from lightning_compress.demo import FashionMNISTDataModule
+from lightning_compress.demos import FashionMNISTDataModule
+from lightning_compress.engine import measure as _int8
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

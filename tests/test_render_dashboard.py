@@ -9,10 +9,10 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from helpers import TinyClassifier, loader, trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib import image as mpimg
 
+from helpers import TinyClassifier, loader, trainer
 from lightning_compress import IterativePruningCallback
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "render_dashboard.py"

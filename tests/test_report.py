@@ -6,16 +6,17 @@ import json
 
 import pytest
 import torch
-from helpers import TinyClassifier, loader, trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
-from lightning_compress import IterativePruningCallback, PostTrainingQuantCallback, QATCallback, reporting
+from helpers import TinyClassifier, loader, trainer
+from lightning_compress import IterativePruningCallback, PostTrainingQuantCallback, QATCallback
+from lightning_compress.callbacks import _logging as reporting
+from lightning_compress.callbacks.report import NO_SETTINGS, CompressionReport, jsonable, summarize
 from lightning_compress.engine.convert import model_size_bytes
-from lightning_compress.report import NO_SETTINGS, CompressionReport, jsonable, summarize
-from lightning_compress.tensorboard_server import TensorBoardClient, running_tensorboard
+from tools.tensorboard_client import TensorBoardClient, running_tensorboard
 
 
 def _events(log_dir: str) -> EventAccumulator:

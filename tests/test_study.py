@@ -1,4 +1,4 @@
-"""The demo study (``python -m lightning_compress.demo.study``) on tiny subsets of the real Fashion-MNIST."""
+"""The demo study (``python examples/study.py``) on tiny subsets of the real Fashion-MNIST."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_compress.demo import study
-from lightning_compress.demo.data import DEFAULT_DIR
-from lightning_compress.demo.models import LeNet5
+import study
+from lightning_compress.demos.data import DEFAULT_DIR
+from lightning_compress.demos.models import LeNet5
 
 pytestmark = pytest.mark.skipif(
     not Path(DEFAULT_DIR, "train-images-idx3-ubyte.gz").is_file(),

@@ -17,13 +17,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import TinyClassifier, loader, trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib import image as mpimg
 
+from helpers import TinyClassifier, loader, trainer
 from lightning_compress import IterativePruningCallback, PostTrainingQuantCallback, QATCallback
-from lightning_compress.report import CompressionReport
-from lightning_compress.tensorboard_server import TensorBoardClient, running_tensorboard
+from lightning_compress.callbacks.report import CompressionReport
+from tools.tensorboard_client import TensorBoardClient, running_tensorboard
 
 RUN = "prune_qat/version_0"
 PTQ_RUN = "ptq/version_0"

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_compress import figures, reporting
+from lightning_compress.callbacks import _figures, _logging
 from lightning_compress.engine.masks import (
     CRITERIA,
     SCOPES,
@@ -29,7 +29,7 @@ from lightning_compress.engine.schedules import sparsity_at_step, validate_sched
 from lightning_compress.engine.selection import select_parameters
 from lightning_compress.engine.validation import check_choice, check_fraction, check_optional_step
 
-PREFIX = f"{reporting.PREFIX}/sparsity"
+PREFIX = f"{_logging.PREFIX}/sparsity"
 UPDATES_PER_RAMP = 100  # default number of mask updates when `update_every_n_steps` is None
 
 
@@ -156,7 +156,7 @@ class IterativePruningCallback(Callback):
     def dashboard_categories(self) -> dict[str, list[tuple[str, list[str]]]]:
         """Charts of this callback in the TensorBoard custom-scalars layout."""
         charts = [
-            ("sparsity: target vs measured", [rf"^{PREFIX}$", rf"^{reporting.PREFIX}/target_sparsity$"]),
+            ("sparsity: target vs measured", [rf"^{PREFIX}$", rf"^{_logging.PREFIX}/target_sparsity$"]),
             ("per-layer sparsity", [rf"^{PREFIX}/"]),
         ]
         if self.monitor:
@@ -181,7 +181,7 @@ class IterativePruningCallback(Callback):
             self._pending_state = None
         self._masks = {name: mask.to(self._weights[name].device) for name, mask in self._masks.items()}
         self._applier = MaskApplier(self._weights, self._masks)
-        reporting.write_dashboard_layout(trainer)
+        _logging.write_dashboard_layout(trainer)
         self._step(trainer)
 
     @override
@@ -207,10 +207,10 @@ class IterativePruningCallback(Callback):
         sparsity = measure_sparsity(self._weights).sparsity
         metric = float(trainer.callback_metrics[self.monitor])
         self._history.append((trainer.global_step, sparsity, metric))
-        reporting.log_scalars(trainer, {self._curve_tag(): metric}, step=round(1000 * sparsity))
-        curve = figures.metric_vs_sparsity({"this run": [(s, m) for _, s, m in self._history]}, metric=self.monitor)
-        reporting.log_figure(
-            trainer, f"{reporting.PREFIX}/pruning/{self.monitor}_vs_sparsity", curve, trainer.global_step
+        _logging.log_scalars(trainer, {self._curve_tag(): metric}, step=round(1000 * sparsity))
+        curve = _figures.metric_vs_sparsity({"this run": [(s, m) for _, s, m in self._history]}, metric=self.monitor)
+        _logging.log_figure(
+            trainer, f"{_logging.PREFIX}/pruning/{self.monitor}_vs_sparsity", curve, trainer.global_step
         )
 
     @override
@@ -223,7 +223,7 @@ class IterativePruningCallback(Callback):
             "dense_bytes": float(stats.dense_bytes()),
             "sparse_bytes": float(stats.sparse_bytes()),
         }
-        reporting.log_scalars(trainer, {f"{reporting.PREFIX}/final/{k}": v for k, v in final.items()}, step)
+        _logging.log_scalars(trainer, {f"{_logging.PREFIX}/final/{k}": v for k, v in final.items()}, step)
         per_layer = stats.per_tensor()
         self.results = {
             **final,
@@ -231,8 +231,8 @@ class IterativePruningCallback(Callback):
             "total_params": float(stats.total_numel),
             **{f"sparsity/{name}": value for name, value in per_layer.items()},
         }
-        figure = figures.per_layer_bars(per_layer, title="sparsity per layer", xlabel="sparsity", limit_one=True)
-        reporting.log_figure(trainer, f"{reporting.PREFIX}/pruning/per_layer_sparsity", figure, step)
+        figure = _figures.per_layer_bars(per_layer, title="sparsity per layer", xlabel="sparsity", limit_one=True)
+        _logging.log_figure(trainer, f"{_logging.PREFIX}/pruning/per_layer_sparsity", figure, step)
         rows = [
             (name, stats.numels[name], stats.numels[name] - stats.zeros[name], per_layer[name]) for name in per_layer
         ]
@@ -241,7 +241,7 @@ class IterativePruningCallback(Callback):
         size = (
             f"dense {stats.dense_bytes() / 1e6:.3f} MB, sparse (values + bitmask) {stats.sparse_bytes() / 1e6:.3f} MB"
         )
-        reporting.log_text(trainer, f"{reporting.PREFIX}/pruning/summary", f"{table}\n\n{size}", step)
+        _logging.log_text(trainer, f"{_logging.PREFIX}/pruning/summary", f"{table}\n\n{size}", step)
         if self.verbose:
             rank_zero_info(f"\nIterativePruningCallback summary (step {step}):\n{table}\n{size}")
 
@@ -325,9 +325,9 @@ class IterativePruningCallback(Callback):
 
     def _log_sparsity(self, trainer: Trainer, target: float) -> None:
         stats = measure_sparsity(self._weights)
-        metrics = {PREFIX: stats.sparsity, f"{reporting.PREFIX}/target_sparsity": target}
+        metrics = {PREFIX: stats.sparsity, f"{_logging.PREFIX}/target_sparsity": target}
         metrics.update({f"{PREFIX}/{name}": value for name, value in stats.per_tensor().items()})
-        reporting.log_scalars(trainer, metrics, step=trainer.global_step)
+        _logging.log_scalars(trainer, metrics, step=trainer.global_step)
 
     def _check_monitor(self, trainer: Trainer) -> None:
         if self.monitor and self.monitor not in trainer.callback_metrics:
@@ -337,7 +337,7 @@ class IterativePruningCallback(Callback):
             )
 
     def _curve_tag(self) -> str:
-        return f"{reporting.PREFIX}/{self.monitor}_vs_sparsity"
+        return f"{_logging.PREFIX}/{self.monitor}_vs_sparsity"
 
     def _restore(self, state: dict[str, Any]) -> None:
         """Rebuild masks and progress from a checkpoint, checking they fit the selected parameters."""

@@ -17,8 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_compress import reporting
-from lightning_compress.callbacks import _int8
+from lightning_compress.callbacks import _logging, _loops
 from lightning_compress.engine.convert import (
     DEFAULT_PERCENTILE,
     MODES,
@@ -27,16 +26,17 @@ from lightning_compress.engine.convert import (
     ModelCall,
     check_exportable,
     convert_to_int8,
+    save_and_size,
 )
 from lightning_compress.engine.fake_quant import QuantConfig, prepare_qat
-from lightning_compress.engine.measure import per_layer_sqnr
+from lightning_compress.engine.measure import batched_top1_agreement, latency_report, per_layer_sqnr
 from lightning_compress.engine.selection import compile_patterns, select_modules
 from lightning_compress.engine.validation import check_choice, check_positive_int
 
-PREFIX = f"{reporting.PREFIX}/ptq"
+PREFIX = f"{_logging.PREFIX}/ptq"
 STAGES = ("fit", "validate", "test")
 _HEADLINE_PREFIXES = ("int8_ms", "float_ms", "float_compiled_ms", "speedup")
-Call = _int8.Call
+Call = _loops.Call
 
 
 class PostTrainingQuantCallback(Callback):
@@ -178,7 +178,7 @@ class PostTrainingQuantCallback(Callback):
         self.results: dict[str, float | str] = {}
         #: One entry per conversion tried: ``{"float_layers": [...], "metric": float | None, "drop": float | None}``.
         self.attempts: list[dict[str, Any]] = []
-        self._catcher = _int8.InputCatcher()
+        self._catcher = _loops.InputCatcher()
         self._export_checked = False
         self._float_value = math.nan  # the float metric of the run in progress
         self._kept: dict[str, Any] = {}  # the attempt whose int8 model is kept
@@ -208,19 +208,19 @@ class PostTrainingQuantCallback(Callback):
     # ----------------------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        _int8.target_module(pl_module, self.module)  # a wrong `module` fails now, not after training
-        reporting.write_dashboard_layout(trainer)
+        _loops.target_module(pl_module, self.module)  # a wrong `module` fails now, not after training
+        _logging.write_dashboard_layout(trainer)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Fail before training, not after it, when the network cannot be exported.
         if "fit" in self.run_on and self.module is None and pl_module.example_input_array is not None:
-            self._check_exportable(pl_module, _int8.example_inputs(pl_module, None, self._catcher))
+            self._check_exportable(pl_module, _loops.example_inputs(pl_module, None, self._catcher))
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if "fit" in self.run_on and not self._export_checked:
-            self._catcher.attach(_int8.target_module(pl_module, self.module))
+            self._catcher.attach(_loops.target_module(pl_module, self.module))
 
     @override
     def on_train_batch_end(
@@ -232,7 +232,7 @@ class PostTrainingQuantCallback(Callback):
     def _check_exportable(self, pl_module: LightningModule, call: Call) -> None:
         self._export_checked = True
         self._catcher.detach()
-        check_exportable(_int8.target_module(pl_module, self.module), call[0], call[1])
+        check_exportable(_loops.target_module(pl_module, self.module), call[0], call[1])
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -261,7 +261,7 @@ class PostTrainingQuantCallback(Callback):
         """Calibrate, convert, measure (and fall back if needed), save and log. Called by the hooks."""
         if not trainer.is_global_zero:
             return
-        target = _int8.target_module(pl_module, self.module)
+        target = _loops.target_module(pl_module, self.module)
         # A float CPU copy is what gets calibrated, converted and timed; the LightningModule is only read.
         float_net = copy.deepcopy(target).cpu().eval()
         calls = self._calibration_calls(trainer, pl_module, float_net, stage)
@@ -285,25 +285,25 @@ class PostTrainingQuantCallback(Callback):
             )
         self.quantized_model = int8.program
 
-        path = _int8.artifact_path(trainer, self.save_path, "ptq_int8.pt2")
-        results.update(_int8.save_and_size(int8, float_net, path))
+        path = _loops.artifact_path(trainer, self.save_path, "ptq_int8.pt2")
+        results.update(save_and_size(int8, float_net, path))
         results["conversion_seconds"] = int8.timings.get("total", 0.0)
         results["quantized_layers"] = float(len([n for n in quantized if n not in int8.skipped]))
         if monitor is not None:
             results[f"float_{monitor}"] = float_metrics[monitor]
             results[f"int8_{monitor}"] = int8_metrics[monitor]
             results[f"{monitor}_drop"] = self._drop(float_metrics[monitor], int8_metrics[monitor])
-        agreement = _int8.agreement(float_outputs, int8_outputs)
+        agreement = batched_top1_agreement(float_outputs, int8_outputs)
         if agreement is not None:
             results["top1_agreement"] = agreement
         results["float_layers"] = ",".join(n for n in int8.skipped if n not in base_skip)
         results.update(self._attempt_results(monitor))
         if self.latency != "off":
-            sizes = self.latency_batch_sizes or sorted({1, _int8.validation_batch_size(trainer) or 64})
-            results.update(_int8.latency_report(float_net, int8, args, kwargs, sizes, self.latency))
+            sizes = self.latency_batch_sizes or sorted({1, _loops.validation_batch_size(trainer) or 64})
+            results.update(latency_report(float_net, int8, args, kwargs, sizes, self.latency))
         results["saved_to"] = str(path)
         for note in int8.notes:
-            _int8.warn_once(f"PostTrainingQuantCallback: {note}")
+            rank_zero_warn(f"PostTrainingQuantCallback: {note}")
         self.results = results
         self._log(trainer, monitor)
 
@@ -315,14 +315,14 @@ class PostTrainingQuantCallback(Callback):
     ) -> list[Call]:
         """Run the user's ``validation_step`` on calibration batches and record what the target network receives."""
         loader = self._calibration_loader(trainer, pl_module, stage)
-        recorder = _int8.Recorder(float_net, keep_inputs=True)
+        recorder = _loops.Recorder(float_net, keep_inputs=True)
         progress: list[Callback] = []
         # Only static quantization calibrates; the other modes need one batch (export example, per-layer SQNR).
         batches = self.calibration_batches if self.mode == "static" else 1
         if trainer.progress_bar_callback is not None:
             progress.append(_CalibrationProgress(min(batches, _length(loader) or batches)))
         # (A shuffled train loader is fine for calibration: the warning Lightning gives in a validation loop is off.)
-        _int8.run_inner_loop(trainer, pl_module, self.module, recorder, "validate", loader, batches, progress)
+        _loops.run_inner_loop(trainer, pl_module, self.module, recorder, "validate", loader, batches, progress)
         if not recorder.inputs:
             where = f"`{self.module}`" if self.module else "`forward`"
             raise RuntimeError(
@@ -464,8 +464,8 @@ class PostTrainingQuantCallback(Callback):
                 raise RuntimeError(f"`monitor`={self.monitor!r} needs a {loop} dataloader to measure it on; none.")
             return {}, []
         limit = trainer.limit_test_batches if loop == "test" else trainer.limit_val_batches
-        recorder = _int8.Recorder(network, keep_outputs=True)
-        metrics = _int8.run_inner_loop(trainer, pl_module, self.module, recorder, loop, loader, limit)
+        recorder = _loops.Recorder(network, keep_outputs=True)
+        metrics = _loops.run_inner_loop(trainer, pl_module, self.module, recorder, loop, loader, limit)
         return metrics, recorder.outputs
 
     def _check_monitor(self, metrics: dict[str, Any], stage: str) -> str:
@@ -510,25 +510,25 @@ class PostTrainingQuantCallback(Callback):
     def _log(self, trainer: Trainer, monitor: str | None) -> None:
         numbers = {k: v for k, v in self.results.items() if isinstance(v, (int, float)) and "attempt_" not in k}
         step = trainer.global_step
-        reporting.log_scalars(trainer, {f"{PREFIX}/{k}": v for k, v in numbers.items()}, step)
+        _logging.log_scalars(trainer, {f"{PREFIX}/{k}": v for k, v in numbers.items()}, step)
         if monitor is not None and self.max_accuracy_drop is not None:
             # One point per attempt, at step = number of layers kept in float: the accuracy/float-layers curve.
             for attempt in self.attempts:
                 if attempt["metric"] is not None:
                     point = {f"{PREFIX}/fallback/{monitor}": attempt["metric"]}
-                    reporting.log_scalars(trainer, point, len(attempt["float_layers"]))
+                    _logging.log_scalars(trainer, point, len(attempt["float_layers"]))
         sqnr = {k.removeprefix("sqnr/"): v for k, v in numbers.items() if k.startswith("sqnr/")}
-        _int8.log_layer_figure(trainer, f"{PREFIX}/per_layer_sqnr", sqnr, "SQNR (dB), higher is better")
+        _logging.log_layer_figure(trainer, f"{PREFIX}/per_layer_sqnr", sqnr, "SQNR (dB), higher is better")
         headline = {k: v for k, v in self.results.items() if "/" not in k or k.startswith(_HEADLINE_PREFIXES)}
         title = f"PTQ int8 model ({self.mode}, {int(float(self.results['quantized_layers']))} quantized layers)"
-        summary = _int8.markdown_summary(title, headline)
+        summary = _logging.markdown_summary(title, headline)
         if self.attempts and self.max_accuracy_drop is not None:
             lines = ["", "| attempt | float layers | " + (monitor or "metric") + " |", "|---:|---|---:|"]
             for i, attempt in enumerate(self.attempts):
                 metric = "n/a" if attempt["metric"] is None else f"{attempt['metric']:.4g}"
                 lines.append(f"| {i} | {', '.join(attempt['float_layers']) or 'none'} | {metric} |")
             summary += "\n".join(lines)
-        reporting.log_text(trainer, f"{PREFIX}/summary", summary, step)
+        _logging.log_text(trainer, f"{PREFIX}/summary", summary, step)
         if self.verbose:
             rank_zero_info(f"\n{summary}\n")
 

@@ -15,9 +15,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import reporting
-from lightning_compress.callbacks import _int8
-from lightning_compress.engine.convert import MODES, Int8Model, convert_to_int8
+from lightning_compress.callbacks import _logging, _loops
+from lightning_compress.engine.convert import MODES, Int8Model, convert_to_int8, save_and_size
 from lightning_compress.engine.fake_quant import (
     QuantConfig,
     activation_ranges,
@@ -31,10 +30,10 @@ from lightning_compress.engine.fake_quant import (
     sync_observers,
     weight_scales,
 )
-from lightning_compress.engine.measure import per_layer_sqnr, sqnr_db
+from lightning_compress.engine.measure import batched_top1_agreement, latency_report, per_layer_sqnr, sqnr_db
 from lightning_compress.engine.validation import check_choice, check_optional_step
 
-PREFIX = f"{reporting.PREFIX}/quant"
+PREFIX = f"{_logging.PREFIX}/quant"
 _HEADLINE_PREFIXES = ("int8_ms", "float_ms", "float_compiled_ms", "speedup")
 
 
@@ -142,7 +141,7 @@ class QATCallback(Callback):
         #: The numbers measured at fit end (also logged under ``compress/quant/``).
         self.results: dict[str, float] = {}
         self._applied: tuple[bool, bool, bool] | None = None  # (enabled, observers frozen, BN frozen) in force
-        self._catcher = _int8.InputCatcher()
+        self._catcher = _loops.InputCatcher()
         self._pending_quant_state: dict[str, torch.Tensor] = {}
 
     @property
@@ -169,7 +168,7 @@ class QATCallback(Callback):
     # ----------------------------------------------------------------------------------------------------------
     def prepare(self, pl_module: LightningModule) -> nn.Module:
         """Swap the target network's layers for fake-quant ones (idempotent) and return the target network."""
-        target = _int8.target_module(pl_module, self.module)
+        target = _loops.target_module(pl_module, self.module)
         prepare_qat(target, self.config, include=self.include, exclude=self.exclude)
         return target
 
@@ -218,7 +217,7 @@ class QATCallback(Callback):
                 f"{type(pl_module).__name__} does not define `validation_step`."
             )
         self._restore_quant_state(pl_module)
-        reporting.write_dashboard_layout(trainer)
+        _logging.write_dashboard_layout(trainer)
         self._applied = None
         self._apply_schedule(trainer, pl_module)
 
@@ -254,7 +253,7 @@ class QATCallback(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._catcher.args is None:  # until one batch is caught (the hot path does nothing more)
-            self._catcher.attach(_int8.target_module(pl_module, self.module))
+            self._catcher.attach(_loops.target_module(pl_module, self.module))
         self._apply_schedule(trainer, pl_module)
 
     def _apply_schedule(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -267,7 +266,7 @@ class QATCallback(Callback):
         )
         if wanted == self._applied:
             return
-        target = _int8.target_module(pl_module, self.module)
+        target = _loops.target_module(pl_module, self.module)
         set_fake_quant_enabled(target, wanted[0])
         if wanted[1]:
             sync_observers(target)
@@ -284,8 +283,8 @@ class QATCallback(Callback):
         sync_observers(pl_module)
         if not self.convert_on_fit_end or not trainer.is_global_zero:
             return
-        target = _int8.target_module(pl_module, self.module)
-        args, kwargs = _int8.example_inputs(pl_module, self.module, self._catcher)
+        target = _loops.target_module(pl_module, self.module)
+        args, kwargs = _loops.example_inputs(pl_module, self.module, self._catcher)
         was_training = target.training
         target.eval()
         try:
@@ -306,8 +305,8 @@ class QATCallback(Callback):
         kwargs: dict[str, Any],
     ) -> dict[str, float]:
         float_copy = strip_qat(copy.deepcopy(target)).eval()
-        path = _int8.artifact_path(trainer, self.save_path, "qat_int8.pt2")
-        results: dict[str, float] = dict(_int8.save_and_size(int8, float_copy, path))
+        path = _loops.artifact_path(trainer, self.save_path, "qat_int8.pt2")
+        results: dict[str, float] = dict(save_and_size(int8, float_copy, path))
         results["conversion_seconds"] = int8.timings.get("total", 0.0)
         with torch.no_grad():
             fake_out, int8_out = target(*args, **kwargs), int8.module()(*args, **kwargs)
@@ -320,18 +319,18 @@ class QATCallback(Callback):
         for name, scales in weight_scales(target).items():
             results[f"weight_scale/{name}"] = float(scales.mean())
         if self.monitor:
-            fake_metrics, fake_outputs = _int8.validate_network(trainer, pl_module, self.module, target)
-            int8_metrics, int8_outputs = _int8.validate_network(trainer, pl_module, self.module, int8.module())
+            fake_metrics, fake_outputs = _loops.validate_network(trainer, pl_module, self.module, target)
+            int8_metrics, int8_outputs = _loops.validate_network(trainer, pl_module, self.module, int8.module())
             self._check_monitor(fake_metrics)
             results[f"fake_quant_{self.monitor}"] = fake_metrics[self.monitor]
             results[f"int8_{self.monitor}"] = int8_metrics[self.monitor]
             results[f"{self.monitor}_drop"] = fake_metrics[self.monitor] - int8_metrics[self.monitor]
-            agreement = _int8.agreement(fake_outputs, int8_outputs)
+            agreement = batched_top1_agreement(fake_outputs, int8_outputs)
             if agreement is not None:
                 results["top1_agreement"] = agreement
         if self.latency != "off":
-            sizes = self.latency_batch_sizes or sorted({1, _int8.validation_batch_size(trainer) or 64})
-            results.update(_int8.latency_report(float_copy, int8, args, kwargs, sizes, self.latency))
+            sizes = self.latency_batch_sizes or sorted({1, _loops.validation_batch_size(trainer) or 64})
+            results.update(latency_report(float_copy, int8, args, kwargs, sizes, self.latency))
         results["saved_to"] = str(path)  # type: ignore[assignment]
         return results
 
@@ -342,12 +341,12 @@ class QATCallback(Callback):
 
     def _log(self, trainer: Trainer, target: nn.Module) -> None:
         numbers = {k: v for k, v in self.results.items() if isinstance(v, (int, float))}
-        reporting.log_scalars(trainer, {f"{PREFIX}/{k}": v for k, v in numbers.items()}, trainer.global_step)
+        _logging.log_scalars(trainer, {f"{PREFIX}/{k}": v for k, v in numbers.items()}, trainer.global_step)
         sqnr = {k.removeprefix("sqnr/"): v for k, v in numbers.items() if k.startswith("sqnr/")}
-        _int8.log_layer_figure(trainer, f"{PREFIX}/per_layer_sqnr", sqnr, "SQNR (dB), higher is better")
+        _logging.log_layer_figure(trainer, f"{PREFIX}/per_layer_sqnr", sqnr, "SQNR (dB), higher is better")
         headline = {k: v for k, v in self.results.items() if "/" not in k or k.startswith(_HEADLINE_PREFIXES)}
         title = f"QAT int8 model ({len(fake_quant_modules(target))} quantized layers)"
-        summary = _int8.markdown_summary(title, headline)
-        reporting.log_text(trainer, f"{PREFIX}/summary", summary, trainer.global_step)
+        summary = _logging.markdown_summary(title, headline)
+        _logging.log_text(trainer, f"{PREFIX}/summary", summary, trainer.global_step)
         if self.verbose:
             rank_zero_info(f"\n{summary}\n")

@@ -763,3 +763,11 @@ def compile_int8(program: torch.export.ExportedProgram | Int8Model, dynamic: boo
             return compiled(*args, **kwargs)
 
     return run
+
+
+def save_and_size(int8: Int8Model, float_model: nn.Module, path: Path) -> dict[str, float]:
+    """Save the int8 program, and compare its size on disk with the float model's serialized state_dict."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    int8_bytes = save_int8(int8, path)
+    float_bytes = model_size_bytes(float_model)
+    return {"float_bytes": float_bytes, "int8_bytes": int8_bytes, "size_ratio": int8_bytes / float_bytes}

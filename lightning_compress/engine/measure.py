@@ -7,6 +7,7 @@ with ``torch.set_num_threads`` fixed (and restored) so that numbers are comparab
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import statistics
 import time
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.engine.convert import Int8Model, compile_int8
 from lightning_compress.engine.fake_quant import FakeQuantModule, fake_quant_modules, fake_quantize_weight
 from lightning_compress.engine.validation import check_positive_int
 
@@ -255,3 +257,64 @@ def compare_latency(
             times_b.append(_timed(fn_b, inputs, kwargs))
     a, b = _summary(times_a), _summary(times_b)
     return {"a": a, "b": b, "ratio": b["median_ms"] / a["median_ms"], "speedup": a["median_ms"] / b["median_ms"]}
+
+
+def batched_top1_agreement(outputs_a: list[Tensor], outputs_b: list[Tensor]) -> float | None:
+    """Top-1 agreement of two runs over the same batches (``None`` when the outputs are not class scores)."""
+    if not outputs_a or len(outputs_a) != len(outputs_b) or outputs_a[0].dim() < 2:
+        return None
+    return top1_agreement(torch.cat(outputs_a), torch.cat(outputs_b))
+
+
+def _with_batch_size(tree: Any, batch_size: int) -> Any:
+    """Repeat/trim every tensor along dim 0 to ``batch_size``."""
+
+    def resize(t: Any) -> Any:
+        if not isinstance(t, Tensor) or t.dim() == 0:
+            return t
+        reps = -(-batch_size // t.shape[0])
+        return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size]
+
+    return torch.utils._pytree.tree_map(resize, tree)
+
+
+def latency_report(
+    float_model: nn.Module,
+    int8: Int8Model,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    batch_sizes: list[int],
+    mode: str,
+) -> dict[str, float]:
+    """Median CPU latency (ms, 1 thread, alternated, after warm-up) of float vs int8 at each batch size.
+
+    ``mode="compiled"`` compiles the int8 program with Inductor (where its int8 kernels are; an eager q/dq graph is
+    slower than float) and compares it with both eager and compiled float. ``mode="eager"`` compares eager runs.
+    """
+    float_model = copy.deepcopy(float_model).eval()
+    if mode == "compiled":
+        int8_fn: Any = compile_int8(int8, dynamic=False)
+        float_compiled: Any = torch.compile(float_model, dynamic=False)
+    else:
+        int8_fn = int8.module()
+    report: dict[str, float] = {}
+    for bs in batch_sizes:
+        batch_args, batch_kwargs = _with_batch_size(args, bs), _with_batch_size(kwargs, bs)
+        if not int8.dynamic_batch and bs != _batch_of(args):
+            continue
+        result = compare_latency(float_model, int8_fn, batch_args, kwargs=batch_kwargs, warmup=3, repeats=15)
+        report[f"float_ms/batch_{bs}"] = result["a"]["median_ms"]
+        report[f"int8_ms/batch_{bs}"] = result["b"]["median_ms"]
+        report[f"speedup/batch_{bs}"] = result["speedup"]
+        if mode == "compiled":
+            compiled = compare_latency(float_compiled, int8_fn, batch_args, kwargs=batch_kwargs, warmup=3, repeats=15)
+            report[f"float_compiled_ms/batch_{bs}"] = compiled["a"]["median_ms"]
+            report[f"speedup_vs_compiled_float/batch_{bs}"] = compiled["speedup"]
+    return report
+
+
+def _batch_of(args: tuple[Any, ...]) -> int:
+    for arg in args:
+        if isinstance(arg, Tensor) and arg.dim() > 0:
+            return int(arg.shape[0])
+    return 1

@@ -1,8 +1,8 @@
 """The demo study: LeNet-5 on Fashion-MNIST, dense vs pruned vs pruned + QAT vs PTQ, compared in one table.
 
-    python -m lightning_compress.demo.study                  # the full study (a few minutes on 2 CPU cores)
-    python -m lightning_compress.demo.study --quick          # small subsets, 1 epoch: a smoke test
-    python -m lightning_compress.demo.study --studies dense prune --epochs 8 --logdir runs/mine
+    python examples/study.py                  # the full study (a few minutes on 2 CPU cores)
+    python examples/study.py --quick          # small subsets, 1 epoch: a smoke test
+    python examples/study.py --studies dense prune --epochs 8 --logdir runs/mine
 
 Every study trains (or, for ``ptq``, quantizes) LeNet-5 from the same seed with the same data order, and is its own
 TensorBoard run under one log directory (``<logdir>/<study>/version_N``) with a :class:`CompressionReport`:
@@ -44,14 +44,15 @@ from rich.console import Console
 from rich.table import Table
 from typing_extensions import override
 
-from lightning_compress import IterativePruningCallback, QATCallback, figures
-from lightning_compress.demo.data import FashionMNISTDataModule
-from lightning_compress.demo.models import ImageClassifier, LeNet5
+from lightning_compress import IterativePruningCallback, QATCallback
+from lightning_compress.callbacks import _figures as figures
+from lightning_compress.callbacks.report import CompressionReport, jsonable
+from lightning_compress.demos.data import FashionMNISTDataModule
+from lightning_compress.demos.models import ImageClassifier, LeNet5
 from lightning_compress.engine.convert import compile_int8, int8_weights, load_int8
 from lightning_compress.engine.masks import measure_sparsity
 from lightning_compress.engine.measure import compare_latency, measure_latency
 from lightning_compress.engine.selection import select_parameters
-from lightning_compress.report import CompressionReport, jsonable
 
 STUDIES = ("dense", "prune", "prune_qat", "ptq")
 DEFAULT_LOGDIR = "runs/demo"
@@ -432,7 +433,7 @@ def _write_study_run(runs: list[StudyRun], logdir: Path, markdown: str) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_compress.demo.study",
+        prog="examples/study.py",
         description="Train LeNet-5 on Fashion-MNIST dense, pruned, pruned+QAT and PTQ, and compare them.",
     )
     parser.add_argument("--quick", action="store_true", help="small subsets and 1 epoch: a smoke test (~1 minute)")

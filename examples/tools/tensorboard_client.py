@@ -3,7 +3,7 @@
 Used by the tests (what the callbacks write must really appear in TensorBoard, not only in the event files) and by
 ``examples/render_dashboard.py`` (screenshots of the dashboard). Only the standard library is needed::
 
-    from lightning_compress.tensorboard_server import TensorBoardClient, running_tensorboard
+    from tools.tensorboard_client import TensorBoardClient, running_tensorboard
 
     with running_tensorboard("lightning_logs") as url:
         client = TensorBoardClient(url)

@@ -8,11 +8,14 @@ objects (figures, markdown text, the custom-scalars layout, hparams) go to each 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from lightning_compress.callbacks import _figures
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -160,3 +163,20 @@ def log_hparams(trainer: pl.Trainer, params: Mapping[str, Any], metrics: Mapping
             logger.experiment.flush()
         else:
             logger.log_hyperparams(clean)
+
+
+def log_layer_figure(trainer: pl.Trainer, tag: str, values: dict[str, float], xlabel: str) -> None:
+    """Per-layer bar chart (e.g. SQNR) into TensorBoard (only finite values: an exact layer has an infinite SQNR)."""
+    values = {name: value for name, value in values.items() if math.isfinite(value)}
+    if values and tensorboard_writers(trainer):
+        figure = _figures.per_layer_bars(values, title=tag.rsplit("/", 1)[-1].replace("_", " "), xlabel=xlabel)
+        log_figure(trainer, tag, figure, trainer.global_step)
+
+
+def markdown_summary(title: str, numbers: Mapping[str, float | str]) -> str:
+    """A two-column markdown table of a report."""
+    lines = [f"**{title}**", "", "| measure | value |", "|---|---:|"]
+    for key, value in numbers.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        lines.append(f"| {key} | {shown} |")
+    return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Real data and small models for demos, tests and benchmarks: Fashion-MNIST (offline) and MLP/LeNet-5/ResNet."""
 
-from lightning_compress.demo.data import FashionMNISTDataModule, load_fashion_mnist
-from lightning_compress.demo.models import MLP, ImageClassifier, LeNet5, ResidualCNN, build_model
+from lightning_compress.demos.data import FashionMNISTDataModule, load_fashion_mnist
+from lightning_compress.demos.models import MLP, ImageClassifier, LeNet5, ResidualCNN, build_model
 
 __all__ = [
     "MLP",

@@ -33,8 +33,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import reporting
-from lightning_compress.callbacks import _int8
+from lightning_compress.callbacks import _logging, _loops
 from lightning_compress.callbacks.pruning import IterativePruningCallback
 from lightning_compress.callbacks.ptq import PostTrainingQuantCallback
 from lightning_compress.callbacks.qat import QATCallback
@@ -43,7 +42,7 @@ from lightning_compress.engine.masks import measure_sparsity
 from lightning_compress.engine.measure import measure_latency
 from lightning_compress.engine.selection import select_parameters
 
-PREFIX = f"{reporting.PREFIX}/report"
+PREFIX = f"{_logging.PREFIX}/report"
 #: Batch sizes timed by default (the demo's table: single requests and a batch).
 DEFAULT_LATENCY_BATCH_SIZES = (1, 64)
 #: The settings every report declares, with their value when the technique is not used: all runs share these
@@ -308,7 +307,7 @@ class CompressionReport(Callback):
             charts.append(
                 (
                     f"{self.monitor} vs sparsity, all runs (x axis: sparsity in per mille)",
-                    [rf"^{reporting.PREFIX}/{m}_vs_sparsity$", rf"^{PREFIX}/{m}_vs_sparsity$"],
+                    [rf"^{_logging.PREFIX}/{m}_vs_sparsity$", rf"^{PREFIX}/{m}_vs_sparsity$"],
                 )
             )
             charts.append((f"{self.monitor}: before vs after compression", [rf"^{PREFIX}/{m}(_before)?$"]))
@@ -332,10 +331,10 @@ class CompressionReport(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.settings = compression_settings(find_callbacks(getattr(trainer, "callbacks", [])))
-        reporting.write_dashboard_layout(trainer)
+        _logging.write_dashboard_layout(trainer)
         if self.hparams:
             # Before Lightning's own hparams session (written after on_fit_start), so TensorBoard keeps this one.
-            reporting.start_hparams_session(trainer, self.settings, self.hparam_metric_tags())
+            _logging.start_hparams_session(trainer, self.settings, self.hparam_metric_tags())
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -384,7 +383,7 @@ class CompressionReport(Callback):
 
     def _measure(self, pl_module: LightningModule, pruning_cb: Any, quant: Mapping[str, Any]) -> dict[str, float]:
         """What the callbacks did not measure: sparsity, float size and float latency of the deployed network."""
-        target = _int8.target_module(pl_module, self.module)
+        target = _loops.target_module(pl_module, self.module)
         measured: dict[str, float] = {}
         if pruning_cb is None or not pruning_cb.results:
             try:
@@ -407,17 +406,17 @@ class CompressionReport(Callback):
         step = trainer.global_step
         numbers = {f"{PREFIX}/{k}": v for k, v in self.results.items()}
         if self.hparams:
-            reporting.log_hparams(trainer, self.settings, numbers, step)
+            _logging.log_hparams(trainer, self.settings, numbers, step)
         else:
-            reporting.log_scalars(trainer, numbers, step)
+            _logging.log_scalars(trainer, numbers, step)
         if self.monitor and self.monitor in self.results and "sparsity" in self.results:
             point = {f"{PREFIX}/{self.monitor}_vs_sparsity": self.results[self.monitor]}
-            reporting.log_scalars(trainer, point, step=round(1000 * self.results["sparsity"]))
+            _logging.log_scalars(trainer, point, step=round(1000 * self.results["sparsity"]))
 
-        path = _int8.artifact_path(trainer, None, "compression_report.json")
+        path = _loops.artifact_path(trainer, None, "compression_report.json")
         run = _run_name(trainer, path.parent)
         summary = markdown_report(f"Compression report: {run}", self.settings, self.results, self.monitor)
-        reporting.log_text(trainer, f"{PREFIX}/summary", summary, step)
+        _logging.log_text(trainer, f"{PREFIX}/summary", summary, step)
         path.parent.mkdir(parents=True, exist_ok=True)
         document = {"run": run, "monitor": self.monitor, "settings": self.settings, "results": self.results}
         path.write_text(json.dumps(jsonable(document), indent=2) + "\n")

@@ -5,23 +5,16 @@ validation (or test) loop with a replacement network, time it, and log the resul
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
-
-from lightning_compress import figures, reporting
-from lightning_compress.engine.convert import Int8Model, compile_int8, model_size_bytes, save_int8
-from lightning_compress.engine.measure import compare_latency, top1_agreement
 
 #: The positional and keyword arguments of one call of a network.
 Call = tuple[tuple[Any, ...], dict[str, Any]]
@@ -246,67 +239,6 @@ def validate_network(
     return metrics, recorder.outputs
 
 
-def agreement(outputs_a: list[Tensor], outputs_b: list[Tensor]) -> float | None:
-    """Top-1 agreement of two runs over the same batches (``None`` when the outputs are not class scores)."""
-    if not outputs_a or len(outputs_a) != len(outputs_b) or outputs_a[0].dim() < 2:
-        return None
-    return top1_agreement(torch.cat(outputs_a), torch.cat(outputs_b))
-
-
-def _with_batch_size(tree: Any, batch_size: int) -> Any:
-    """Repeat/trim every tensor along dim 0 to ``batch_size``."""
-
-    def resize(t: Any) -> Any:
-        if not isinstance(t, Tensor) or t.dim() == 0:
-            return t
-        reps = -(-batch_size // t.shape[0])
-        return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size]
-
-    return torch.utils._pytree.tree_map(resize, tree)
-
-
-def latency_report(
-    float_model: nn.Module,
-    int8: Int8Model,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    batch_sizes: list[int],
-    mode: str,
-) -> dict[str, float]:
-    """Median CPU latency (ms, 1 thread, alternated, after warm-up) of float vs int8 at each batch size.
-
-    ``mode="compiled"`` compiles the int8 program with Inductor (where its int8 kernels are; an eager q/dq graph is
-    slower than float) and compares it with both eager and compiled float. ``mode="eager"`` compares eager runs.
-    """
-    float_model = copy.deepcopy(float_model).eval()
-    if mode == "compiled":
-        int8_fn: Any = compile_int8(int8, dynamic=False)
-        float_compiled: Any = torch.compile(float_model, dynamic=False)
-    else:
-        int8_fn = int8.module()
-    report: dict[str, float] = {}
-    for bs in batch_sizes:
-        batch_args, batch_kwargs = _with_batch_size(args, bs), _with_batch_size(kwargs, bs)
-        if not int8.dynamic_batch and bs != _batch_of(args):
-            continue
-        result = compare_latency(float_model, int8_fn, batch_args, kwargs=batch_kwargs, warmup=3, repeats=15)
-        report[f"float_ms/batch_{bs}"] = result["a"]["median_ms"]
-        report[f"int8_ms/batch_{bs}"] = result["b"]["median_ms"]
-        report[f"speedup/batch_{bs}"] = result["speedup"]
-        if mode == "compiled":
-            compiled = compare_latency(float_compiled, int8_fn, batch_args, kwargs=batch_kwargs, warmup=3, repeats=15)
-            report[f"float_compiled_ms/batch_{bs}"] = compiled["a"]["median_ms"]
-            report[f"speedup_vs_compiled_float/batch_{bs}"] = compiled["speedup"]
-    return report
-
-
-def _batch_of(args: tuple[Any, ...]) -> int:
-    for arg in args:
-        if isinstance(arg, Tensor) and arg.dim() > 0:
-            return int(arg.shape[0])
-    return 1
-
-
 def validation_batch_size(trainer: Trainer) -> int | None:
     """The batch size of the first validation dataloader, when it has one."""
     loaders = trainer.val_dataloaders
@@ -320,32 +252,3 @@ def artifact_path(trainer: Trainer, given: str | None, filename: str) -> Path:
         return Path(given)
     log_dir = next((lg.log_dir for lg in trainer.loggers if getattr(lg, "log_dir", None)), None)
     return Path(log_dir or trainer.default_root_dir) / filename
-
-
-def save_and_size(int8: Int8Model, float_model: nn.Module, path: Path) -> dict[str, float]:
-    """Save the int8 program, and compare its size on disk with the float model's serialized state_dict."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    int8_bytes = save_int8(int8, path)
-    float_bytes = model_size_bytes(float_model)
-    return {"float_bytes": float_bytes, "int8_bytes": int8_bytes, "size_ratio": int8_bytes / float_bytes}
-
-
-def log_layer_figure(trainer: Trainer, tag: str, values: dict[str, float], xlabel: str) -> None:
-    """Per-layer bar chart (e.g. SQNR) into TensorBoard (only finite values: an exact layer has an infinite SQNR)."""
-    values = {name: value for name, value in values.items() if math.isfinite(value)}
-    if values and reporting.tensorboard_writers(trainer):
-        figure = figures.per_layer_bars(values, title=tag.rsplit("/", 1)[-1].replace("_", " "), xlabel=xlabel)
-        reporting.log_figure(trainer, tag, figure, trainer.global_step)
-
-
-def warn_once(message: str) -> None:
-    rank_zero_warn(message)
-
-
-def markdown_summary(title: str, numbers: Mapping[str, float | str]) -> str:
-    """A two-column markdown table of a report."""
-    lines = [f"**{title}**", "", "| measure | value |", "|---|---:|"]
-    for key, value in numbers.items():
-        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-        lines.append(f"| {key} | {shown} |")
-    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Tools used by the examples and the tests (not part of the library)."""
