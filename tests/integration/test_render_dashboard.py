@@ -15,7 +15,7 @@ from matplotlib import image as mpimg
 from helpers import TinyClassifier, loader, trainer
 from lightning_compress import IterativePruningCallback
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "render_dashboard.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "render_dashboard.py"
 
 
 def _load_script():

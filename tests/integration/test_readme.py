@@ -23,7 +23,7 @@ import pytest
 from lightning_compress.demos import FashionMNISTDataModule
 from lightning_compress.engine import measure as _int8
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>[^`\n]*)$")
 

@@ -21,7 +21,7 @@ from lightning_compress import PostTrainingQuantCallback  # noqa: E402
 
 
 def _example_module():
-    path = Path(__file__).parents[1] / "examples" / "ptq_minilm.py"
+    path = Path(__file__).parents[2] / "examples" / "ptq_minilm.py"
     spec = importlib.util.spec_from_file_location("ptq_minilm", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
