@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything the demo and the tests need, on a fresh machine, idempotently:
-#   a virtual environment in .venv, torch==2.13.0 (CPU) installed first, this package with its dev extras,
-#   and the Fashion-MNIST Debian package (real offline data).
+#   a virtual environment in .venv, torch==2.13.0 (CPU) installed first, this package with its dev, demo and docs
+#   extras, and the Fashion-MNIST Debian package (real offline data).
 # Sourced by examples/demo.sh, tests/run.sh and .ci/run.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,9 +14,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # Re-install when pyproject.toml changed since the last setup.
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
-  echo "[setup] installing torch==2.13.0 (CPU) first, then lightning_compress[dev,demo]"
+  echo "[setup] installing torch==2.13.0 (CPU) first, then lightning_compress[dev,demo,docs]"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.13.0
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev,demo]"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev,demo,docs]"
   touch "$STAMP"
 fi
 

@@ -20,7 +20,7 @@ Two phases:
    ModelPruning (its ``weight_orig * weight_mask`` forward pre-hooks installed at the target) train short fits in
    alternating order for several rounds; a timing callback records every step and the medians are compared.
 
-Results go to ``bench/pruning_results.json`` and the "pruning" section of ``BENCHMARKS.md``.
+Results go to ``bench/pruning_results.json`` and the "pruning" section of ``docs/benchmarks.md``.
 
 Usage::
 
@@ -602,7 +602,7 @@ def main(argv: list[str] | None = None) -> None:
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"Wrote {json_path}")
     if cfg.extra["skip_accuracy"] or not timing:
-        print("A phase was skipped: BENCHMARKS.md left as it is.")
+        print("A phase was skipped: docs/benchmarks.md left as it is.")
     elif cfg.extra["benchmarks_md"]:
         md_path = Path(cfg.extra["benchmarks_md"])
         write_benchmarks_section("pruning", benchmarks_section(cfg, env, summary, timing), md_path)

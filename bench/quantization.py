@@ -25,7 +25,7 @@ Three phases:
    run eagerly and compiled with Inductor (``compile_int8``: the real int8 kernels), at batch 1 and 64, each pair
    alternated by ``engine.measure.compare_latency`` after warm-up; medians and their ratios.
 
-Results go to ``bench/quantization_results.json`` and the "quantization" section of ``BENCHMARKS.md``; the MiniLM
+Results go to ``bench/quantization_results.json`` and the "quantization" section of ``docs/benchmarks.md``; the MiniLM
 numbers of ``bench/minilm_results.json`` (written by ``examples/``'s PTQ MiniLM example) are folded in when present.
 
 Usage::
@@ -793,7 +793,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--resume-workdir", action="store_true", help="reuse the training runs already in --workdir (after a crash)"
     )
     parser.add_argument(
-        "--render-only", action="store_true", help="only rewrite the BENCHMARKS.md section from --json (e.g. MiniLM)"
+        "--render-only", action="store_true", help="only rewrite the docs/benchmarks.md section from --json (MiniLM)"
     )
     parser.add_argument("--note", default="", help="a sentence about this run's conditions, put into the markdown")
     parser.add_argument("--json", type=Path, default=None, help="results file (default: bench/)")

@@ -1,5 +1,10 @@
 """The README's promises: every ```python block runs as-is, and every relative link and image exists.
 
+The machinery here (block parser, small-run fixture, link checker) also serves the docs pages
+(``tests/integration/test_docs.py``). A block that cannot run in a test (e.g. it needs a full training run) is
+preceded, on the line above its opening fence, by the comment ``<!-- test: skip (the reason) -->``; it is reported
+as skipped with that reason.
+
 Each python block is executed on its own, in a fresh namespace (a reader copies one block, not the file), in a
 temporary working directory. To keep this fast the data and the training are made small, not skipped:
 ``FashionMNISTDataModule`` is limited to a few hundred images, every ``Trainer`` to 2 epochs of 4 batches
@@ -14,6 +19,7 @@ import inspect
 import re
 import textwrap
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +32,8 @@ from lightning_compress.engine import measure as _int8
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>[^`\n]*)$")
+SKIP = re.compile(r"^\s*<!--\s*test:\s*skip\b\s*(?P<reason>.*?)\s*-->\s*$")
+PYTHON = ("python", "py", "python3")
 
 # What the README blocks get instead of the full data and training length.
 SMALL_DATA = {"train_subset": 512, "test_subset": 256, "val_size": 256}
@@ -35,12 +43,13 @@ MAX_EPOCHS = 2
 
 @dataclass(frozen=True)
 class Block:
-    """A fenced code block of the README."""
+    """A fenced code block of a markdown page."""
 
     language: str
     line: int  # 1-based line of the opening fence
     end: int  # 1-based line of the closing fence
     code: str
+    skip: str | None = None  # the reason of a `<!-- test: skip ... -->` comment right above the fence
 
     @property
     def first_line(self) -> str:
@@ -68,13 +77,32 @@ def code_blocks(text: str) -> list[Block]:
             body.append(lines[i])
             i += 1
         language = opening["info"].strip().split(" ")[0].lower() if opening["info"].strip() else ""
-        blocks.append(Block(language, start + 1, i + 1, textwrap.dedent("\n".join(body))))
+        marker = SKIP.match(lines[start - 1]) if start > 0 else None
+        skip = (marker["reason"].strip("() ") or "marked skip") if marker else None
+        blocks.append(Block(language, start + 1, i + 1, textwrap.dedent("\n".join(body)), skip))
         i += 1
     return blocks
 
 
-def python_blocks() -> list[Block]:
-    return [b for b in code_blocks(README.read_text()) if b.language in ("python", "py", "python3")]
+def python_blocks(page: Path = README) -> list[Block]:
+    return [b for b in code_blocks(page.read_text()) if b.language in PYTHON]
+
+
+def run_block(block: Block, page: Path) -> None:
+    """Execute one python block in a fresh namespace; a failure names the page, the line and the block."""
+    if block.skip:
+        pytest.skip(f"{page.name}:{block.line}: {block.skip}")
+    name = page.relative_to(ROOT).as_posix()
+    # Padded with blank lines so that line numbers in tracebacks are the page's own.
+    code = compile("\n" * block.line + block.code, str(page), "exec")
+    try:
+        exec(code, {"__name__": "__docs__"})
+    except Exception as error:
+        # Name the block and show the failing line of the page, not just this test's frame.
+        raise AssertionError(
+            f"The ```python block at {name} line {block.line} (starting `{block.first_line}`) failed:\n"
+            f"{''.join(traceback.format_exception(error)[-6:])}"
+        ) from error
 
 
 def test_readme_has_python_blocks():
@@ -121,16 +149,12 @@ def small_runs(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("block", python_blocks(), ids=lambda b: f"README.md:{b.line}")
 def test_python_block_runs(block, small_runs):
-    # Padded with blank lines so that line numbers in tracebacks are README.md's own.
-    code = compile("\n" * block.line + block.code, str(README), "exec")
-    try:
-        exec(code, {"__name__": "__readme__"})
-    except Exception as error:
-        # Name the block and show the failing README line, not just this test's frame.
-        raise AssertionError(
-            f"The ```python block at README.md line {block.line} (starting `{block.first_line}`) failed:\n"
-            f"{''.join(traceback.format_exception(error)[-6:])}"
-        ) from error
+    run_block(block, README)
+
+
+def test_skip_marker_is_parsed():
+    text = "<!-- test: skip (a full training run) -->\n```python\nfit()\n```\n\n```python\nok()\n```\n"
+    assert [b.skip for b in code_blocks(text)] == ["a full training run", None]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -142,7 +166,7 @@ INLINE_CODE = re.compile(r"(`+)(?:(?!\1).)+?\1")
 
 
 def _prose(text: str) -> str:
-    """The README without its fenced code blocks and inline code (links there are examples, not links)."""
+    """A markdown text without its fenced code blocks and inline code (links there are examples, not links)."""
     lines = text.splitlines()
     for block in code_blocks(text):
         for index in range(block.line - 1, min(block.end, len(lines))):
@@ -166,17 +190,31 @@ def test_link_parser_finds_links():
     assert _targets(sample) == ["docs/x.md", "docs/y.png", "https://e.org", "docs/z.png"]
 
 
-def test_relative_links_and_images_exist():
-    text = README.read_text()
-    anchors = {_anchor(m[1]) for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*\s*$", _prose(text), re.MULTILINE)}
+def headings(text: str) -> list[str]:
+    """The ATX headings of a markdown text (outside code)."""
+    return [m[1] for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*\s*$", _prose(text), re.MULTILINE)]
+
+
+def broken_links(page: Path, anchor: Callable[[str], str] = _anchor) -> list[str]:
+    """Relative links and images of ``page`` that do not resolve: a missing file, a file outside the repository, or
+    a ``#fragment`` that is no heading of the page (or of the markdown page linked), with ``anchor`` giving a
+    heading's anchor (GitHub's by default)."""
+    text = page.read_text()
     broken = []
     for target in _targets(text):
         if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):  # https:, mailto: ...
             continue
         path, _, fragment = target.partition("#")
-        if not path:
-            if fragment not in anchors:
-                broken.append(f"{target} (no such heading)")
-        elif not (README.parent / path).exists():
+        linked = (page.parent / path).resolve() if path else page
+        if path and not linked.is_relative_to(ROOT):
+            broken.append(f"{target} (outside the repository)")
+        elif not linked.exists():
             broken.append(f"{target} (no such file)")
+        elif fragment and linked.suffix == ".md" and fragment not in {anchor(h) for h in headings(linked.read_text())}:
+            broken.append(f"{target} (no such heading)")
+    return broken
+
+
+def test_relative_links_and_images_exist():
+    broken = broken_links(README)
     assert not broken, f"README.md has broken relative links: {broken}"
