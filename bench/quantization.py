@@ -68,7 +68,7 @@ from _common import (
 
 from lightning_compress import PostTrainingQuantCallback, QATCallback
 from lightning_compress.demos import FashionMNISTDataModule, ImageClassifier
-from lightning_compress.engine.convert import compile_int8, load_int8, model_size_bytes
+from lightning_compress.engine.convert import compile_int8, load_quantized, model_size_bytes
 from lightning_compress.engine.measure import compare_latency
 
 MODEL_LABELS = {"lenet5": "LeNet-5", "resnet": "ResidualCNN"}
@@ -423,9 +423,8 @@ def measure_latency(cfg: Config, runs: list[dict[str, Any]], arch: str) -> dict[
     result: dict[str, Any] = {}
     kw = {"warmup": cfg.latency_warmup, "repeats": cfg.latency_repeats, "threads": 1}
     for label, path in latency_variants(cfg, runs, arch).items():
-        program = load_int8(path)
-        int8_eager = program.module()
-        int8_compiled = compile_int8(program, dynamic=False)
+        int8_eager = load_quantized(path)
+        int8_compiled = compile_int8(int8_eager.program, dynamic=False)
         per_batch: dict[str, Any] = {}
         for bs in cfg.latency_batch_sizes:
             x = images[:bs].contiguous()

@@ -48,7 +48,7 @@ def main() -> None:
     trainer = L.Trainer(max_epochs=epochs, callbacks=[pruning, qat], logger=logger, accelerator="cpu")
     trainer.fit(ImageClassifier(arch="lenet5"), datamodule=data)
 
-    int8 = int8_weights(qat.quantized_model)
+    int8 = int8_weights(qat.quantized_program)
     zeros = sum(int((w == 0).sum()) for w in int8.values())
     total = sum(w.numel() for w in int8.values())
     r = qat.results

@@ -162,11 +162,11 @@ def main() -> None:
 
     # Latency of the sentence encoder (tokens → embedding), fp32 vs the int8 encoder, 1 thread: eager, and with
     # --compiled also both compiled with Inductor (the int8 program's int8 kernels exist only there).
-    int8_model = with_encoder(encoder, ptq.quantized_model.module())
+    int8_model = with_encoder(encoder, ptq.quantized_model)
     latency = time_pair(model, int8_model, ids, mask, (1, args.batch_size), "eager")
     if args.compiled:
         compiled_float = with_encoder(encoder, torch.compile(encoder, dynamic=False))
-        compiled_int8 = with_encoder(encoder, compile_int8(ptq.quantized_model, dynamic=False))
+        compiled_int8 = with_encoder(encoder, compile_int8(ptq.quantized_program, dynamic=False))
         latency.update(time_pair(compiled_float, compiled_int8, ids, mask, (1, args.batch_size), "compiled"))
 
     int8_embeddings = embed(int8_model, plain)

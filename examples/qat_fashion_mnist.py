@@ -65,7 +65,7 @@ def main() -> None:
     )
     for key in sorted(k for k in r if k.startswith(("speedup", "int8_ms", "float_ms"))):
         print(f"  {key}: {r[key]:.3f}")
-    print(f"  int8 program: {r['saved_to']}  (load it with lightning_compress.engine.convert.load_int8)")
+    print(f"  int8 program: {r['saved_to']}  (load it with lightning_compress.load_quantized)")
     print(f"\nTensorBoard logs: {logger.log_dir}\nOpen them with:  tensorboard --logdir {args.logdir}/qat")
 
 

@@ -49,7 +49,7 @@ from lightning_compress.callbacks import _figures as figures
 from lightning_compress.callbacks.report import CompressionReport, jsonable
 from lightning_compress.demos.data import FashionMNISTDataModule
 from lightning_compress.demos.models import ImageClassifier, LeNet5
-from lightning_compress.engine.convert import compile_int8, int8_weights, load_int8
+from lightning_compress.engine.convert import compile_int8, int8_weights, load_quantized
 from lightning_compress.engine.masks import measure_sparsity
 from lightning_compress.engine.measure import compare_latency, measure_latency
 from lightning_compress.engine.selection import select_parameters
@@ -263,13 +263,13 @@ def _load(run: StudyRun) -> tuple[Callable[..., Any], Callable[..., Any], dict[s
         net.eval()
         stats = measure_sparsity(select_parameters(net, None, None))
         return net, net, {"weights": float(stats.total_numel), "nonzero_weights": float(stats.nonzero)}
-    program = load_int8(run.artifact)
-    weights = int8_weights(program).values()
+    int8 = load_quantized(run.artifact)
+    weights = int8_weights(int8.program).values()
     counts = {
         "weights": float(sum(w.numel() for w in weights)),
         "nonzero_weights": float(sum(int(w.count_nonzero()) for w in weights)),
     }
-    return program.module(), compile_int8(program, dynamic=False), counts
+    return int8, compile_int8(int8.program, dynamic=False), counts
 
 
 @torch.no_grad()

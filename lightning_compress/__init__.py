@@ -2,6 +2,13 @@
 
 from lightning_compress.callbacks import IterativePruningCallback, PostTrainingQuantCallback, QATCallback
 from lightning_compress.callbacks.report import CompressionReport
+from lightning_compress.engine.convert import load_quantized
 
-__all__ = ["CompressionReport", "IterativePruningCallback", "PostTrainingQuantCallback", "QATCallback"]
+__all__ = [
+    "CompressionReport",
+    "IterativePruningCallback",
+    "PostTrainingQuantCallback",
+    "QATCallback",
+    "load_quantized",
+]
 __version__ = "0.1.0"

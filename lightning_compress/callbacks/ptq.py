@@ -24,6 +24,7 @@ from lightning_compress.engine.convert import (
     OBSERVERS,
     Int8Model,
     ModelCall,
+    QuantizedModule,
     check_exportable,
     convert_to_int8,
     save_and_size,
@@ -52,8 +53,10 @@ class PostTrainingQuantCallback(Callback):
        with Lightning's batch transfer hooks), and the arguments the target network receives are recorded. So the
        network is calibrated on exactly what your step feeds it, whatever the batch format.
     2. **Conversion of a copy** through torchao's pt2e flow (:func:`~lightning_compress.engine.convert
-       .convert_to_int8`): the LightningModule is not modified. The int8 ``torch.export`` program is
-       :attr:`quantized_model`, saved with ``torch.export.save`` (default ``<log_dir>/ptq_int8.pt2``).
+       .convert_to_int8`): the LightningModule is not modified. The int8 network is :attr:`quantized_model`, an
+       ``nn.Module`` called exactly like the target network (the ``torch.export`` program is
+       :attr:`quantized_program`), saved with ``torch.export.save`` (default ``<log_dir>/ptq_int8.pt2``; reload it
+       with :func:`lightning_compress.load_quantized`).
     3. **Measurement** with your validation logic (your ``validation_step``, or ``test_step`` when run on
        ``trainer.test``) with the float and then the int8 network in place: the ``monitor`` metric and its drop,
        top-1 agreement, per-layer SQNR, size and CPU latency. Logged under ``compress/ptq/`` with a per-layer SQNR
@@ -172,8 +175,11 @@ class PostTrainingQuantCallback(Callback):
         self.quantize_embeddings = quantize_embeddings
         self.verbose = verbose
 
-        #: The int8 program of the last run (rank zero), ``None`` before.
-        self.quantized_model: torch.export.ExportedProgram | None = None
+        #: The int8 network of the last run (rank zero), called like the target network; ``None`` before.
+        self.quantized_model: QuantizedModule | None = None
+        #: The same int8 network as a ``torch.export.ExportedProgram`` (for :func:`~lightning_compress.engine.convert
+        #: .compile_int8`, :func:`~lightning_compress.engine.convert.int8_weights`), ``None`` before.
+        self.quantized_program: torch.export.ExportedProgram | None = None
         #: The numbers of the last run (also logged under ``compress/ptq/``).
         self.results: dict[str, float | str] = {}
         #: One entry per conversion tried: ``{"float_layers": [...], "metric": float | None, "drop": float | None}``.
@@ -283,7 +289,8 @@ class PostTrainingQuantCallback(Callback):
             int8, int8_metrics, int8_outputs = self._fall_back(
                 trainer, pl_module, stage, float_net, calls, base_skip, sqnr, float_metrics, monitor
             )
-        self.quantized_model = int8.program
+        self.quantized_program = int8.program
+        self.quantized_model = int8.module()
 
         path = _loops.artifact_path(trainer, self.save_path, "ptq_int8.pt2")
         results.update(save_and_size(int8, float_net, path))

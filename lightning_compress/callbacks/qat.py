@@ -16,7 +16,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.callbacks import _logging, _loops
-from lightning_compress.engine.convert import MODES, Int8Model, convert_to_int8, save_and_size
+from lightning_compress.engine.convert import MODES, Int8Model, QuantizedModule, convert_to_int8, save_and_size
 from lightning_compress.engine.fake_quant import (
     QuantConfig,
     activation_ranges,
@@ -48,7 +48,9 @@ class QATCallback(Callback):
 
     At fit end a **copy** is converted to a real int8 program through torchao's pt2e flow (the LightningModule stays
     as it is, so ``trainer.test(ckpt_path=...)``, a second ``fit`` and ``load_from_checkpoint`` keep working). The
-    program is saved with ``torch.export.save`` and exposed as :attr:`quantized_model`; then the user's own
+    program is saved with ``torch.export.save`` (reload it with :func:`lightning_compress.load_quantized`) and exposed
+    as :attr:`quantized_model`, an ``nn.Module`` called exactly like the target network (the program itself is
+    :attr:`quantized_program`); then the user's own
     validation runs with the int8 network in place to measure the metric drop.
 
     Checkpoints: the observer state is moved from the checkpoint's model ``state_dict`` into this callback's state,
@@ -60,7 +62,7 @@ class QATCallback(Callback):
 
         trainer = Trainer(callbacks=[QATCallback(module="net", monitor="val_acc")], max_epochs=10)
         trainer.fit(model, datamodule=data)
-        trainer.callbacks[0].quantized_model  # an int8 torch.export program
+        int8_net = trainer.callbacks[0].quantized_model  # an nn.Module: int8_net(x) like model.net(x)
 
     Args:
         start: When fake quantization starts (in ``schedule_unit``s); before it the model trains in float.
@@ -136,8 +138,11 @@ class QATCallback(Callback):
         self.latency_batch_sizes = latency_batch_sizes
         self.verbose = verbose
 
-        #: The int8 program produced at fit end (rank zero), ``None`` before.
-        self.quantized_model: torch.export.ExportedProgram | None = None
+        #: The int8 network produced at fit end (rank zero), called like the target network; ``None`` before.
+        self.quantized_model: QuantizedModule | None = None
+        #: The same int8 network as a ``torch.export.ExportedProgram`` (for :func:`~lightning_compress.engine.convert
+        #: .compile_int8`, :func:`~lightning_compress.engine.convert.int8_weights`), ``None`` before.
+        self.quantized_program: torch.export.ExportedProgram | None = None
         #: The numbers measured at fit end (also logged under ``compress/quant/``).
         self.results: dict[str, float] = {}
         self._applied: tuple[bool, bool, bool] | None = None  # (enabled, observers frozen, BN frozen) in force
@@ -289,7 +294,8 @@ class QATCallback(Callback):
         target.eval()
         try:
             int8 = convert_to_int8(target, args, kwargs, mode=self.mode)
-            self.quantized_model = int8.program
+            self.quantized_program = int8.program
+            self.quantized_model = int8.module()
             self.results = self._measure(trainer, pl_module, target, int8, args, kwargs)
         finally:
             target.train(was_training)

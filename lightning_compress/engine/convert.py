@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import json
 import os
 import time
 import warnings
@@ -54,11 +55,13 @@ __all__ = [
     "Int8Embedding",
     "Int8Model",
     "ModelCall",
+    "QuantizedModule",
     "check_exportable",
     "compile_int8",
     "convert_to_int8",
     "int8_weights",
     "load_int8",
+    "load_quantized",
     "model_size_bytes",
     "save_int8",
 ]
@@ -123,14 +126,136 @@ class Int8Model:
     calibration_batches: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    signature: tuple[ArgSpec, ...] | None = None
 
-    def module(self) -> nn.Module:
-        """The program as an eager ``nn.Module`` (slow q/dq reference computation; see :func:`compile_int8`)."""
-        return self.program.module()
+    def module(self) -> QuantizedModule:
+        """The program as an eager :class:`QuantizedModule`, called like the float network (slow q/dq reference
+        computation; see :func:`compile_int8`)."""
+        return QuantizedModule(self.program, self.signature)
 
     def size_bytes(self) -> int:
         """Size of the saved artifact, in bytes."""
         return model_size_bytes(self.program)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The int8 program called like the network it came from
+# --------------------------------------------------------------------------------------------------------------------
+
+#: Name of the artifact member that stores the call signature of the converted network.
+SIGNATURE_FILE = "lightning_compress/signature.json"
+_DEFAULT_TYPES = (type(None), bool, int, float, str)
+
+
+class ArgSpec(NamedTuple):
+    """One parameter of the converted network's ``forward``, as stored with the int8 artifact.
+
+    Attributes:
+        name: The parameter name.
+        keyword_only: Whether it can only be passed by keyword.
+        has_default: Whether it has a default that could be stored (``None``, a bool, number or string).
+        default: That default (``None`` when there is none).
+    """
+
+    name: str
+    keyword_only: bool = False
+    has_default: bool = False
+    default: Any = None
+
+
+def call_signature(model: nn.Module) -> tuple[ArgSpec, ...] | None:
+    """The parameters of ``model.forward`` (``None`` when it takes ``*args``/``**kwargs``: calls pass through)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    specs = []
+    for p in parameters:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            return None
+        storable = p.default is not p.empty and isinstance(p.default, _DEFAULT_TYPES)
+        specs.append(ArgSpec(p.name, p.kind == p.KEYWORD_ONLY, storable, p.default if storable else None))
+    return tuple(specs)
+
+
+def _in_structure(program: torch.export.ExportedProgram) -> tuple[int, tuple[str, ...]]:
+    """How many positional arguments, and which keyword arguments, the program was exported with."""
+    spec = program.call_spec.in_spec
+    children = spec.children() if hasattr(spec, "children") else spec.children_specs
+    args_spec, kwargs_spec = children
+    return int(args_spec.num_children), tuple(kwargs_spec.context or ())
+
+
+class QuantizedModule(nn.Module):
+    """An int8 ``ExportedProgram`` as an ``nn.Module`` called exactly like the network it was converted from.
+
+    ``program.module()`` only accepts the call structure of the export example (the same arguments positional, the
+    same ones by keyword); this module binds any call of the original ``forward`` signature (positional or keyword,
+    defaults filled in) to that structure. Arguments that were constants at export time (e.g. ``scale=2.0``) must
+    keep their exported value. ``train()``/``eval()`` only set the flag: the int8 graph always computes inference.
+
+    Args:
+        program: The int8 program (from :func:`convert_to_int8` or :func:`load_int8`).
+        signature: The parameters of the original ``forward`` (:func:`call_signature`); ``None``: calls are passed
+            to the program as they are.
+
+    Attributes:
+        program: The ``ExportedProgram``.
+        graph: ``program.module()``, the eager q/dq graph.
+    """
+
+    graph: nn.Module
+
+    def __init__(self, program: torch.export.ExportedProgram, signature: Sequence[ArgSpec] | None = None) -> None:
+        super().__init__()
+        self.program = program
+        self.graph = program.module()
+        self.signature = None if signature is None else tuple(ArgSpec(*spec) for spec in signature)
+        self._positional, self._keywords = _in_structure(program)
+        self.training = False
+
+    def train(self, mode: bool = True) -> QuantizedModule:
+        """Set the ``training`` flag only (the exported graph has no train mode)."""
+        self.training = mode
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        call_args, call_kwargs = self._bind(args, kwargs)
+        return self.graph(*call_args, **call_kwargs)
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if self.signature is None:
+            return args, kwargs
+        specs = {spec.name: spec for spec in self.signature}
+        positional = [spec.name for spec in self.signature if not spec.keyword_only]
+        if len(args) > len(positional):
+            raise TypeError(f"forward() takes {len(positional)} positional arguments but {len(args)} were given.")
+        given = dict(zip(positional, args, strict=False))
+        for name, value in kwargs.items():
+            if name not in specs:
+                raise TypeError(f"forward() got an unexpected keyword argument {name!r}.")
+            if name in given:
+                raise TypeError(f"forward() got multiple values for argument {name!r}.")
+            given[name] = value
+
+        def take(name: str) -> Any:
+            if name in given:
+                return given.pop(name)
+            spec = specs.get(name)
+            if spec is None or not spec.has_default:
+                raise TypeError(f"forward() is missing the argument {name!r} (the int8 program was exported with it).")
+            return spec.default
+
+        call_args = tuple(take(name) for name in positional[: self._positional])
+        call_kwargs = {name: take(name) for name in self._keywords}
+        for name, value in given.items():  # passed now, absent from the export example: only its default works
+            spec = specs[name]
+            if not (spec.has_default and type(value) is type(spec.default) and value == spec.default):
+                raise TypeError(
+                    f"The int8 program was exported without the argument {name!r}; it can only take its default "
+                    f"({spec.default!r}), got {value!r}. Convert with an example call that passes it."
+                )
+        return call_args, call_kwargs
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -658,6 +783,7 @@ def convert_to_int8(
         ) from err
     timings["total"] = time.perf_counter() - t_start
     return Int8Model(
+        signature=call_signature(model),
         program=program,
         mode=mode,
         dynamic_batch=dynamic_shapes is not None,
@@ -700,18 +826,48 @@ def _program_of(obj: torch.export.ExportedProgram | Int8Model) -> torch.export.E
 
 
 def save_int8(program: torch.export.ExportedProgram | Int8Model, path: str | os.PathLike[str]) -> int:
-    """Save the int8 program with ``torch.export.save`` (conventionally ``*.pt2``); returns the file size in bytes."""
+    """Save the int8 program with ``torch.export.save`` (conventionally ``*.pt2``); returns the file size in bytes.
+
+    An :class:`Int8Model` also stores the call signature of the converted network (for :func:`load_quantized`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(_program_of(program), path)
+    signature = program.signature if isinstance(program, Int8Model) else None
+    extra = {SIGNATURE_FILE: json.dumps([spec._asdict() for spec in signature])} if signature is not None else None
+    torch.export.save(_program_of(program), path, extra_files=extra)
     return path.stat().st_size
 
 
-def load_int8(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
-    """Load a program saved by :func:`save_int8` (run it with ``.module()`` or :func:`compile_int8`)."""
+def _load(path: str | os.PathLike[str]) -> tuple[torch.export.ExportedProgram, tuple[ArgSpec, ...] | None]:
     _import_torchao()  # registers the quantized_decomposed ops the graph calls
+    extra = {SIGNATURE_FILE: ""}
+    program = torch.export.load(Path(path), extra_files=extra)
+    stored = extra.get(SIGNATURE_FILE)
+    signature = tuple(ArgSpec(**spec) for spec in json.loads(stored)) if stored else None
+    return program, signature
 
-    return torch.export.load(Path(path))
+
+def load_int8(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
+    """Load the ``ExportedProgram`` saved by :func:`save_int8` (for :func:`compile_int8` or :func:`int8_weights`;
+    to run it, :func:`load_quantized` gives a module called like the original network)."""
+    return _load(path)[0]
+
+
+def load_quantized(path: str | os.PathLike[str]) -> QuantizedModule:
+    """Load a saved int8 artifact (``.pt2``) as a module called exactly like the network it was converted from.
+
+    Example::
+
+        int8 = load_quantized("lightning_logs/version_0/qat_int8.pt2")
+        logits = int8(images)  # same arguments as the float network's forward
+
+    Args:
+        path: A file written by :func:`save_int8` (the QAT and PTQ callbacks write one at fit end).
+
+    Returns:
+        A :class:`QuantizedModule` (eager int8 reference computation; :func:`compile_int8` for speed).
+    """
+    return QuantizedModule(*_load(path))
 
 
 def model_size_bytes(obj: nn.Module | torch.export.ExportedProgram | Int8Model | str | os.PathLike[str]) -> int:

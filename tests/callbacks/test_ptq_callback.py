@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import TinyClassifier, classification_data
-from lightning_compress import PostTrainingQuantCallback
-from lightning_compress.engine.convert import Int8ConversionError, int8_weights, load_int8
+from lightning_compress import PostTrainingQuantCallback, load_quantized
+from lightning_compress.engine.convert import Int8ConversionError, int8_weights
 
 # --------------------------------------------------------------------------------------------------------------------
 # Models and data
@@ -194,11 +194,14 @@ def test_static_cnn_at_fit_end_leaves_module_unchanged_saves_and_logs(tmp_path) 
     path = results["saved_to"]
     assert path == str(tmp_path / "tb" / "version_0" / "ptq_int8.pt2")
     x = next(iter(image_loader(seed=2)))[0]
-    loaded = load_int8(path)
-    torch.testing.assert_close(loaded.module()(x), ptq.quantized_model.module()(x))
+    loaded = load_quantized(path)
+    assert isinstance(ptq.quantized_model, nn.Module) and isinstance(loaded, nn.Module)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ptq.quantized_model(x))
+        torch.testing.assert_close(loaded(x=x), ptq.quantized_model(x))  # keyword, like the float network
     with torch.no_grad():
         float_out = model.net(x)
-    assert (loaded.module()(x).argmax(1) == float_out.argmax(1)).float().mean() >= 0.8
+    assert (loaded(x).argmax(1) == float_out.argmax(1)).float().mean() >= 0.8
 
     events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
@@ -231,7 +234,7 @@ def test_dynamic_transformer_block_standalone_validate_then_test(tmp_path) -> No
     x = next(iter(sequence_loader(seed=2)))[0]
     with torch.no_grad():
         ref = model.net(x)
-        out = ptq.quantized_model.module()(x)
+        out = ptq.quantized_model(x)
     assert F.cosine_similarity(ref, out, dim=-1).mean() > 0.99
 
     # trainer.test measures with the test loop: `val_acc` is read as its test counterpart `test_acc`.
@@ -259,7 +262,7 @@ def test_pruned_linear_model_keeps_zeros_and_is_four_times_smaller(tmp_path, mod
     with pytest.warns(UserWarning, match="calibrating on the val dataloader"):
         trainer.validate(model, vector_loader(), verbose=False)
     assert ptq.results["size_ratio"] < 0.35
-    weights = sorted(int8_weights(ptq.quantized_model).values(), key=lambda t: t.numel())
+    weights = sorted(int8_weights(ptq.quantized_program).values(), key=lambda t: t.numel())
     floats = sorted((net[i].weight for i in (0, 2, 4)), key=lambda t: t.numel())
     assert len(weights) == 3
     for q, w in zip(weights, floats, strict=True):
@@ -458,9 +461,13 @@ def test_calibration_records_what_the_step_passes_to_the_network(tmp_path) -> No
     assert ptq.results["top1_agreement"] >= 0.95
     x = data.tensors[0][:8]
     with torch.no_grad():
-        torch.testing.assert_close(
-            ptq.quantized_model.module()(x, mask=torch.ones(8, 64)), model.net(x), atol=0.1, rtol=0.1
-        )
+        torch.testing.assert_close(ptq.quantized_model(x, mask=torch.ones(8, 64)), model.net(x), atol=0.1, rtol=0.1)
+        # called like the float network: the same arguments by position or by keyword, and its default
+        by_keyword = ptq.quantized_model(x, mask=torch.ones(8, 64))
+        torch.testing.assert_close(ptq.quantized_model(x, torch.ones(8, 64)), by_keyword)
+        torch.testing.assert_close(ptq.quantized_model(mask=torch.ones(8, 64), x=x), by_keyword)
+        loaded = load_quantized(ptq.results["saved_to"])
+        torch.testing.assert_close(loaded(x, torch.ones(8, 64)), by_keyword)
 
 
 def test_yaml_class_path(tmp_path) -> None:

@@ -19,9 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import ResumableLoader, TinyClassifier, classification_data, loader, trainer
-from lightning_compress import IterativePruningCallback, QATCallback
+from lightning_compress import IterativePruningCallback, QATCallback, load_quantized
 from lightning_compress.demos.models import ResidualCNN
-from lightning_compress.engine.convert import Int8ConversionError, int8_weights, load_int8
+from lightning_compress.engine.convert import Int8ConversionError, int8_weights
 from lightning_compress.engine.fake_quant import FakeQuantModule, fake_quant_modules, quant_state_keys
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -177,7 +177,11 @@ def test_multi_input_keyword_forward_and_int8_matches_fake_quant(tmp_path):
     module.eval()
     with torch.no_grad():
         fake = module.net(x, side, scale=2.0)
-        int8 = callback.quantized_model.module()(x, side, scale=2.0)
+        int8 = callback.quantized_model(x, side, scale=2.0)
+        # called exactly like the float network: positional or keyword, and from the saved artifact
+        assert torch.equal(callback.quantized_model(x, side=side, scale=2.0), int8)
+        assert torch.equal(callback.quantized_model(side=side, x=x, scale=2.0), int8)
+        assert torch.equal(load_quantized(tmp_path / "int8.pt2")(x, side, scale=2.0), int8)
     assert int8.shape == (5, 4)
     assert torch.allclose(int8, fake, atol=0.05 * fake.abs().max().item())
     results = callback.results
@@ -227,11 +231,11 @@ def test_demo_transformer_int8(tmp_path):
     module.eval()
     with torch.no_grad():
         fake = module.model(inputs, target)
-        int8 = callback.quantized_model.module()(inputs[:5], target[:5])
+        int8 = callback.quantized_model(inputs[:5], target[:5])
     assert int8.shape == (5 * 8, 50)
     assert callback.results["top1_agreement"] >= 0.95
     assert callback.results["int8_val_nll"] == pytest.approx(callback.results["fake_quant_val_nll"], rel=0.05)
-    assert int8_weights(callback.quantized_model)
+    assert int8_weights(callback.quantized_program)
     assert torch.isfinite(fake).all()
 
 
@@ -241,12 +245,12 @@ def test_residual_cnn_with_batchnorm(tmp_path):
     callback = QATCallback(module="net", monitor="val_acc", latency="off", freeze_bn_at=4)
     trainer(tmp_path, [callback], max_epochs=2).fit(module, image_loader(), image_loader(48))
     assert len(fake_quant_modules(module.net)) == 10  # stem, 2 convs per block, 2 shortcut convs, the head
-    assert len(int8_weights(callback.quantized_model)) == len(fake_quant_modules(module.net))
+    assert len(int8_weights(callback.quantized_program)) == len(fake_quant_modules(module.net))
     assert callback.results["top1_agreement"] >= 0.95
     module.eval()
     x = next(iter(image_loader()))[0]
     with torch.no_grad():
-        fake, int8 = module(x), callback.quantized_model.module()(x)
+        fake, int8 = module(x), callback.quantized_model(x)
     assert (fake.argmax(1) == int8.argmax(1)).float().mean() >= 0.9
 
 
@@ -289,7 +293,7 @@ def test_pruning_and_qat_in_one_trainer_give_sparse_int8(tmp_path, qat_first):
     weights = {"fc1": model.net.fc1.weight.detach(), "fc2": model.net.fc2.weight.detach()}
     pruned = sum(int((w == 0).sum()) for w in weights.values())
     assert pruned == round(0.8 * 1280)
-    int8 = int8_weights(qat.quantized_model)
+    int8 = int8_weights(qat.quantized_program)
     assert len(int8) == 2
     zero_int8 = sum(int((q == 0).sum()) for q in int8.values())
     assert zero_int8 >= pruned  # every pruned weight is a zero int8 weight (rounding may add a few more)
@@ -310,7 +314,7 @@ def test_test_ckpt_path_second_fit_and_load_from_checkpoint_after_qat(tmp_path):
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
     fit = trainer(tmp_path, [callback, saver], max_epochs=2, enable_checkpointing=True)
     fit.fit(model, loader(), loader(64))
-    first_program = callback.quantized_model
+    first_program = callback.quantized_program
     assert fake_quant_modules(model.net), "the LightningModule stays the fake-quant training model"
     in_memory = fit.validate(model, loader(64), verbose=False)[0]["val_acc"]
 
@@ -322,7 +326,7 @@ def test_test_ckpt_path_second_fit_and_load_from_checkpoint_after_qat(tmp_path):
     second = trainer(tmp_path, [callback], max_epochs=1)
     second.fit(model, loader(), loader(64))
     assert second.global_step == 8
-    assert callback.quantized_model is not first_program
+    assert callback.quantized_program is not first_program
     assert all(isinstance(m, FakeQuantModule) for m in fake_quant_modules(model.net).values())
 
     # Lightning's own loader, strict, into the plain class: no fake-quant keys in the model state
@@ -505,10 +509,11 @@ def test_artifact_in_logger_dir_load_round_trip_tensorboard_and_eager_latency(tm
 
     path = callback.results["saved_to"]
     assert path == f"{logger.log_dir}/qat_int8.pt2"
-    loaded = load_int8(path)
+    loaded = load_quantized(path)
     x = torch.randn(7, 16)
     with torch.no_grad():
-        assert torch.equal(loaded.module()(x), callback.quantized_model.module()(x))
+        assert torch.equal(loaded(x), callback.quantized_model(x))
+    assert {type(m).__name__ for m in callback.quantized_model.modules()} >= {"QuantizedModule"}
     results = callback.results
     assert results["int8_bytes"] > 0 and results["size_ratio"] == results["int8_bytes"] / results["float_bytes"]
     for size in (1, 8):

@@ -15,10 +15,12 @@ from torch import Tensor, nn
 from lightning_compress.engine.convert import (
     Int8ConversionError,
     Int8Model,
+    QuantizedModule,
     compile_int8,
     convert_to_int8,
     int8_weights,
     load_int8,
+    load_quantized,
     model_size_bytes,
     save_int8,
 )
@@ -218,6 +220,35 @@ def test_save_load_round_trip(tmp_path, trained_qat_mlp) -> None:
     assert size == path.stat().st_size == model_size_bytes(path)
     loaded = load_int8(path)
     assert torch.equal(_outputs(loaded.module(), x), _outputs(result, x))
+
+
+def test_quantized_module_is_called_like_the_float_network(tmp_path) -> None:
+    """``forward(x, y, *, scale=1.0, mask=None)``: the int8 module takes any call the float network takes."""
+    torch.manual_seed(0)
+    model = TwoInputNet().eval()
+    x, y, mask = torch.randn(8, 8), torch.randn(8, 4), torch.rand(8, 16)
+    result = convert_to_int8(model, (x,), {"y": y, "mask": mask})  # y by keyword in the export example
+    int8 = result.module()
+    assert isinstance(int8, QuantizedModule) and isinstance(int8, nn.Module)
+    with torch.no_grad():
+        reference = int8(x, y, mask=mask)
+        assert torch.equal(int8(x, y=y, mask=mask), reference)
+        assert torch.equal(int8(mask=mask, y=y, x=x), reference)
+        assert torch.equal(int8(x, y, scale=1.0, mask=mask), reference)  # the default, passed explicitly
+        assert sqnr_db(model(x, y, mask=mask), reference) > 20
+        save_int8(result, tmp_path / "int8.pt2")
+        loaded = load_quantized(tmp_path / "int8.pt2")
+        assert torch.equal(loaded(x, y, mask=mask), reference)
+        assert torch.equal(loaded(x, y=y, mask=mask), reference)
+    assert int8.eval() is int8 and not int8.training  # train()/eval() only set the flag
+    with pytest.raises(RuntimeError, match=r"'mask' to be a tensor"):  # its default, None, was not exported
+        int8(x, y)
+    with pytest.raises(TypeError, match=r"missing the argument 'y'"):
+        int8(x, mask=mask)
+    with pytest.raises(TypeError, match=r"without the argument 'scale'.*got 2.0"):
+        int8(x, y, scale=2.0, mask=mask)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'z'"):
+        int8(x, y, mask=mask, z=1)
 
 
 def test_artifact_is_about_4x_smaller_than_fp32() -> None:
