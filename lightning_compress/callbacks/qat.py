@@ -19,7 +19,7 @@ from lightning_compress.callbacks import _logging, _loops
 from lightning_compress.engine.convert import MODES, Int8Model, QuantizedModule, convert_to_int8, save_and_size
 from lightning_compress.engine.fake_quant import (
     QuantConfig,
-    activation_ranges,
+    activation_qparams,
     fake_quant_modules,
     freeze_batchnorm_stats,
     freeze_observers,
@@ -320,8 +320,8 @@ class QATCallback(Callback):
             results["int8_vs_fake_quant_sqnr_db"] = sqnr_db(fake_out, int8_out)
         for name, value in per_layer_sqnr(None, target, args, kwargs).items():
             results[f"sqnr/{name}"] = value
-        for name, (low, high) in activation_ranges(target).items():
-            results[f"activation_scale/{name}"] = (high - low) / 255.0
+        for name, (scale, _) in activation_qparams(target).items():
+            results[f"activation_scale/{name}"] = scale
         for name, scales in weight_scales(target).items():
             results[f"weight_scale/{name}"] = float(scales.mean())
         if self.monitor:

@@ -46,6 +46,7 @@ __all__ = [
     "FakeQuantLinear",
     "FakeQuantModule",
     "QuantConfig",
+    "activation_qparams",
     "activation_ranges",
     "fake_quant_modules",
     "fake_quantize_weight",
@@ -660,6 +661,31 @@ def freeze_batchnorm_stats(model: nn.Module, frozen: bool = True) -> list[str]:
 def activation_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
     """The current ``(min, max)`` input range of each fake-quant module whose observer has seen data."""
     return {name: (float(obs.min_val), float(obs.max_val)) for name, obs in _observers(model) if obs.is_initialized}
+
+
+def activation_qparams(model: nn.Module) -> dict[str, tuple[float, int]]:
+    """The uint8 ``(scale, zero_point)`` each fake-quant module applies to its input now, by module name.
+
+    These are the values the fake-quant op uses (and the int8 conversion carries over): the observed range widened
+    to include 0, divided into 255 steps (``scale >= 2**-12``). Modules whose observer has seen no data are left
+    out.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 2))
+        >>> _ = prepare_qat(model)
+        >>> model[0].observer.set_range(0.5, 3.0)  # a range that excludes 0 is widened to [0, 3]
+        >>> scale, zero_point = activation_qparams(model)["0"]
+        >>> round(scale * 255, 6), zero_point
+        (3.0, 0)
+    """
+    out = {}
+    for name, obs in _observers(model):
+        if obs.is_initialized:
+            scale, zero_point = obs.qparams()
+            out[name] = (float(scale), int(zero_point))
+    return out
 
 
 def weight_scales(model: nn.Module) -> dict[str, Tensor]:

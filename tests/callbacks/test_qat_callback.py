@@ -522,6 +522,9 @@ def test_artifact_in_logger_dir_load_round_trip_tensorboard_and_eager_latency(tm
             results[f"float_ms/batch_{size}"] / results[f"int8_ms/batch_{size}"], rel=1e-6
         )
     assert not any(k.startswith("float_compiled_ms") for k in results)  # only with latency="compiled"
+    for name in ("fc1", "fc2"):  # the logged activation scale is the one the fake-quant op uses
+        scale, _ = model.net.get_submodule(name).observer.qparams()
+        assert results[f"activation_scale/{name}"] == pytest.approx(float(scale), rel=1e-6)
 
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
@@ -545,6 +548,8 @@ def test_artifact_in_logger_dir_load_round_trip_tensorboard_and_eager_latency(tm
     }
     assert expected <= scalars
     assert events.Scalars("compress/quant/int8_val_acc")[-1].value == pytest.approx(results["int8_val_acc"])
+    logged_scale = events.Scalars("compress/quant/activation_scale/fc2")[-1].value
+    assert logged_scale == pytest.approx(float(model.net.fc2.observer.qparams()[0]), rel=1e-6)
     assert "compress/quant/per_layer_sqnr" in events.Tags()["images"]
     tensors = events.Tags()["tensors"]
     assert "compress/quant/summary/text_summary" in tensors

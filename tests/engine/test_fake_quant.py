@@ -20,6 +20,7 @@ from lightning_compress.engine.fake_quant import (
     FakeQuantLinear,
     FakeQuantModule,
     QuantConfig,
+    activation_qparams,
     activation_ranges,
     fake_quant_modules,
     fake_quantize_weight,
@@ -570,3 +571,24 @@ def test_sync_observers_across_two_processes(tmp_path) -> None:
     x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
     assert ranges0["0"] == pytest.approx((float(x.min() * 2), float(x.max() * 2)))  # MIN/MAX over ranks
     assert float(mass0) == pytest.approx(1.0)
+
+
+def test_activation_qparams_are_the_ones_the_fake_quant_op_uses() -> None:
+    """The range is widened to include 0 before it is split into 255 steps: (high - low) / 255 is not the scale."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    prepare_qat(model)
+    model[0].observer.set_range(-1.0, 3.0)
+    model[2].observer.set_range(0.5, 3.0)  # e.g. a ReLU output that never reached 0 in the observed batches
+    qparams = activation_qparams(model)
+    assert set(qparams) == {"0", "2"}
+    assert qparams["2"][0] == pytest.approx(3.0 / 255) and qparams["2"][0] != pytest.approx(2.5 / 255)
+    x = torch.rand(16, 8) * 4.0 - 0.5
+    model.eval()
+    for name, layer in (("0", model[0]), ("2", model[2])):
+        scale, zero_point = qparams[name]
+        inputs = x[:, : layer.in_features]
+        expected = torch.fake_quantize_per_tensor_affine(inputs, scale, zero_point, 0, 255)
+        assert torch.equal(layer.quantize_input(inputs), expected)
+    fresh = nn.Sequential(nn.Linear(4, 2))
+    prepare_qat(fresh)
+    assert activation_qparams(fresh) == {}  # no data seen yet: no scale
