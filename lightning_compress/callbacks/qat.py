@@ -21,17 +21,15 @@ from lightning_compress.engine.fake_quant import (
     QuantConfig,
     activation_qparams,
     fake_quant_modules,
-    freeze_batchnorm_stats,
-    freeze_observers,
     prepare_qat,
     quant_state_keys,
-    set_fake_quant_enabled,
     strip_qat,
     sync_observers,
     weight_scales,
 )
 from lightning_compress.engine.measure import batched_top1_agreement, latency_report, per_layer_sqnr, sqnr_db
-from lightning_compress.engine.validation import check_choice, check_optional_step
+from lightning_compress.engine.qat import SCHEDULE_UNITS, QATPhase, QATSchedule, apply_phase
+from lightning_compress.engine.validation import check_choice
 
 PREFIX = f"{_logging.PREFIX}/quant"
 _HEADLINE_PREFIXES = ("int8_ms", "float_ms", "float_compiled_ms", "speedup")
@@ -106,15 +104,6 @@ class QATCallback(Callback):
         latency_batch_sizes: list[int] | None = None,
         verbose: bool = True,
     ) -> None:
-        check_choice("schedule_unit", schedule_unit, ("step", "epoch"))
-        check_optional_step("start", start)
-        check_optional_step("freeze_observers_at", freeze_observers_at)
-        check_optional_step("freeze_bn_at", freeze_bn_at)
-        if freeze_observers_at is not None and freeze_observers_at < start:
-            raise ValueError(
-                f"`freeze_observers_at` must be >= `start` ({start}) so the observers see data first,"
-                f" got {freeze_observers_at}."
-            )
         check_choice("mode", mode, MODES[:2])
         check_choice("latency", latency, ("compiled", "eager", "off"))
         for size in latency_batch_sizes or []:
@@ -123,10 +112,9 @@ class QATCallback(Callback):
         self.config = QuantConfig(
             weight_bits=weight_bits, activation_observer=activation_observer, averaging_constant=averaging_constant
         )
-        self.start = start
-        self.freeze_observers_at = freeze_observers_at
-        self.freeze_bn_at = freeze_bn_at
-        self.schedule_unit = schedule_unit
+        #: When fake quantization starts and observers / BatchNorm freeze (in ``schedule_unit``s).
+        self.schedule = QATSchedule(start, freeze_observers_at, freeze_bn_at)
+        self.schedule_unit = check_choice("schedule_unit", schedule_unit, SCHEDULE_UNITS)
         self.module = module
         self.include = include
         self.exclude = exclude
@@ -145,7 +133,7 @@ class QATCallback(Callback):
         self.quantized_program: torch.export.ExportedProgram | None = None
         #: The numbers measured at fit end (also logged under ``compress/quant/``).
         self.results: dict[str, float] = {}
-        self._applied: tuple[bool, bool, bool] | None = None  # (enabled, observers frozen, BN frozen) in force
+        self._phase: QATPhase | None = None  # the phase in force
         self._catcher = _loops.InputCatcher()
         self._pending_quant_state: dict[str, torch.Tensor] = {}
 
@@ -223,7 +211,7 @@ class QATCallback(Callback):
             )
         self._restore_quant_state(pl_module)
         _logging.write_dashboard_layout(trainer)
-        self._applied = None
+        self._phase = None
         self._apply_schedule(trainer, pl_module)
 
     @override
@@ -262,22 +250,12 @@ class QATCallback(Callback):
         self._apply_schedule(trainer, pl_module)
 
     def _apply_schedule(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Turn fake quantization on and freeze observers / BatchNorm when the schedule says so (state changes only)."""
+        """Put the target network in the schedule's phase for now (only when the phase changes)."""
         now = trainer.global_step if self.schedule_unit == "step" else trainer.current_epoch
-        wanted = (
-            now >= self.start,
-            self.freeze_observers_at is not None and now >= self.freeze_observers_at,
-            self.freeze_bn_at is not None and now >= self.freeze_bn_at,
-        )
-        if wanted == self._applied:
-            return
-        target = _loops.target_module(pl_module, self.module)
-        set_fake_quant_enabled(target, wanted[0])
-        if wanted[1]:
-            sync_observers(target)
-        freeze_observers(target, wanted[1])
-        freeze_batchnorm_stats(target, wanted[2])
-        self._applied = wanted
+        phase = self.schedule.phase(now)
+        if phase != self._phase:
+            apply_phase(_loops.target_module(pl_module, self.module), phase)
+            self._phase = phase
 
     # ----------------------------------------------------------------------------------------------------------
     # Fit end: a real int8 model from a copy, measured
