@@ -1,0 +1,143 @@
+"""GradualPruner on plain modules: the schedule, exact sparsity, masks that only grow, state round trip with
+integrity checks, NaN detection, rewinding."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.engine.config import PruningConfig
+from lightning_compress.engine.pruner import GradualPruner
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def _weights(net: nn.Sequential) -> dict[str, nn.Parameter]:
+    return {"0.weight": net[0].weight, "2.weight": net[2].weight}
+
+
+def _train_steps(net, pruner, steps, first=0):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    opt.register_step_post_hook(lambda *_: pruner.apply())
+    for step in range(first, first + steps):
+        loss = net(torch.randn(16, 8)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        pruner.mask_gradients()
+        opt.step()
+        pruner.step(step + 1)
+    return opt
+
+
+def test_needs_a_resolved_config():
+    with pytest.raises(ValueError, match=r"needs a resolved config"):
+        GradualPruner({}, PruningConfig())
+
+
+def test_reaches_exact_target_and_masks_only_grow():
+    net = _net()
+    pruner = GradualPruner(_weights(net), PruningConfig(target_sparsity=0.75, end_step=20).resolve(None))
+    history = []
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for step in range(30):
+        net(torch.randn(4, 8)).sum().backward()
+        pruner.mask_gradients()
+        opt.step()
+        pruner.apply()
+        if pruner.step(step + 1):
+            history.append({n: m.clone() for n, m in pruner.masks.items()})
+    total = sum(w.numel() for w in _weights(net).values())
+    assert pruner.stats().total_zeros == round(0.75 * total)
+    assert pruner.report().target_reached
+    for earlier, later in itertools.pairwise(history):
+        assert all(bool((~earlier[n] & later[n]).sum() == 0) for n in earlier)  # nothing pruned is revived
+
+
+def test_report_says_when_the_target_was_not_reached():
+    net = _net()
+    pruner = GradualPruner(_weights(net), PruningConfig(target_sparsity=0.8, end_step=100).resolve(None))
+    pruner.step(30)
+    report = pruner.report()
+    assert not report.target_reached and 0 < report.applied_target < 0.8
+    assert report.to_metrics("final/")["final/target_reached"] == 0.0
+
+
+def test_state_round_trip_continues_identically():
+    config = PruningConfig(target_sparsity=0.6, start_step=2, end_step=12, update_every_n_steps=2).resolve(None)
+    torch.manual_seed(1)
+    net_a = _net()
+    pruner_a = GradualPruner(_weights(net_a), config)
+    torch.manual_seed(2)
+    _train_steps(net_a, pruner_a, 5)
+    state = pruner_a.state_dict()
+    net_b = _net()
+    net_b.load_state_dict(net_a.state_dict())
+    pruner_b = GradualPruner(_weights(net_b), config)
+    pruner_b.load_state_dict(state)
+    assert pruner_b.last_step == 5 and pruner_b.current_target == pruner_a.current_target
+    assert all(torch.equal(pruner_a.masks[n], pruner_b.masks[n]) for n in pruner_a.masks)
+    for net, pruner in ((net_a, pruner_a), (net_b, pruner_b)):
+        torch.manual_seed(3)
+        net.zero_grad()
+        _train_steps(net, pruner, 10, first=5)
+    assert all(torch.equal(pruner_a.masks[n], pruner_b.masks[n]) for n in pruner_a.masks)
+
+
+def _saved_state():
+    net = _net()
+    pruner = GradualPruner(_weights(net), PruningConfig(target_sparsity=0.5, end_step=1).resolve(None))
+    pruner.step(1)
+    return net, pruner.state_dict()
+
+
+def test_load_rejects_truncated_masks():
+    net, state = _saved_state()
+    state["masks"]["0.weight"] = state["masks"]["0.weight"][:-3]
+    with pytest.raises(ValueError, match=r"takes 32 bytes, got 29: the checkpoint's mask is truncated"):
+        GradualPruner(_weights(net), PruningConfig(end_step=1).resolve(None)).load_state_dict(state)
+
+
+def test_load_rejects_masks_whose_pruned_weights_are_not_zero():
+    net, state = _saved_state()
+    state["masks"]["0.weight"] = ~state["masks"]["0.weight"]  # an inverted mask
+    with pytest.raises(ValueError, match=r"prunes \d+ weights that are not zero"):
+        GradualPruner(_weights(net), PruningConfig(end_step=1).resolve(None)).load_state_dict(state)
+
+
+def test_load_rejects_other_shapes_and_unknown_names():
+    net, state = _saved_state()
+    other = nn.Linear(8, 16)
+    with pytest.raises(ValueError, match=r"has shape \[32, 8\], the parameter has \[16, 8\]"):
+        GradualPruner(
+            {"0.weight": other.weight, "2.weight": net[2].weight}, PruningConfig(end_step=1).resolve(None)
+        ).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"masks for \['2.weight'\]"):
+        GradualPruner({"0.weight": net[0].weight}, PruningConfig(end_step=1).resolve(None)).load_state_dict(state)
+
+
+def test_nan_weight_is_reported_with_its_name_and_step():
+    net = _net()
+    pruner = GradualPruner(_weights(net), PruningConfig(target_sparsity=0.5, end_step=4).resolve(None))
+    with torch.no_grad():
+        net[2].weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"1 entries of '2.weight' are NaN or Inf at step 4"):
+        pruner.step(4)
+
+
+def test_rewinding_resets_survivors_to_the_snapshot():
+    net = _net()
+    config = PruningConfig(target_sparsity=0.5, start_step=2, end_step=3, rewind_to_step=0).resolve(None)
+    pruner = GradualPruner(_weights(net), config)
+    pruner.step(0)
+    snapshot = {n: w.detach().clone() for n, w in _weights(net).items()}
+    with torch.no_grad():
+        for w in _weights(net).values():
+            w.add_(1.0)
+    pruner.step(3)
+    for name, weight in _weights(net).items():
+        kept = pruner.masks[name]
+        assert torch.equal(weight[kept], snapshot[name][kept]) and bool((weight[~kept] == 0).all())
