@@ -2,7 +2,9 @@
 
 * Sphinx roles (``:func:`prepare_qat```, ``:mod:`~lightning_compress.engine.convert```) become inline code
   (`prepare_qat`, `convert`), as Sphinx would display them;
-* ``Example::`` followed by an indented block becomes a bold title and a fenced ``python`` block.
+* ``Example::`` followed by an indented block becomes a bold title and a fenced ``python`` block;
+* a Google ``Example:`` section becomes ``Examples:``, which griffe parses as doctest code (it takes the singular
+  title for an admonition of markdown text, where doctest output such as ``[(True, False)]`` reads as a link).
 
 Only the rendered text changes; the package source is left as it is. Loaded by ``mkdocs.yml``
 (``plugins.mkdocstrings.handlers.python.options.extensions``).
@@ -21,6 +23,7 @@ LITERAL_BLOCK = re.compile(
     r"^(?P<indent>[ ]*)(?P<title>[A-Z]\w*(?: \w+)*)::[ ]*\n(?P<body>(?:[ ]*\n|(?P=indent)[ ]+\S.*(?:\n|$))+)",
     re.MULTILINE,
 )
+EXAMPLE_SECTION = re.compile(r"^(?P<indent>[ ]*)Example:[ ]*$", re.MULTILINE)
 
 
 def _role(match: re.Match[str]) -> str:
@@ -38,8 +41,10 @@ def _literal_block(match: re.Match[str]) -> str:
 
 
 def rewrite(text: str) -> str:
-    """The docstring ``text`` with Sphinx roles as inline code and ``Title::`` literal blocks as fenced code."""
-    return LITERAL_BLOCK.sub(_literal_block, ROLE.sub(_role, text))
+    """The docstring ``text`` with Sphinx roles as inline code, ``Title::`` literal blocks as fenced code and
+    ``Example:`` sections as ``Examples:``."""
+    text = LITERAL_BLOCK.sub(_literal_block, ROLE.sub(_role, text))
+    return EXAMPLE_SECTION.sub(r"\g<indent>Examples:", text)
 
 
 class RstMarkup(griffe.Extension):
