@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -18,10 +18,17 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress.callbacks import _logging, _loops
-from lightning_compress.engine.convert import (
+from lightning_compress.engine.config import (
+    DEFAULT_OBSERVER,
     DEFAULT_PERCENTILE,
-    MODES,
-    OBSERVERS,
+    LATENCY_MODES,
+    ConversionConfig,
+    LatencyMode,
+    Observer,
+    QuantConfig,
+    QuantMode,
+)
+from lightning_compress.engine.convert import (
     Int8Model,
     ModelCall,
     QuantizedModule,
@@ -29,13 +36,19 @@ from lightning_compress.engine.convert import (
     convert_to_int8,
     save_and_size,
 )
-from lightning_compress.engine.fake_quant import QuantConfig, prepare_qat
+from lightning_compress.engine.fake_quant import prepare_qat
 from lightning_compress.engine.measure import batched_top1_agreement, latency_report, per_layer_sqnr
 from lightning_compress.engine.selection import compile_patterns, select_modules
-from lightning_compress.engine.validation import check_choice, check_positive_int
+from lightning_compress.engine.validation import check_batch_sizes, check_choice, check_positive_int
 
 PREFIX = f"{_logging.PREFIX}/ptq"
-STAGES = ("fit", "validate", "test")
+#: When the callback runs: at the end of ``fit``, or of a standalone ``validate``/``test``.
+Stage = Literal["fit", "validate", "test"]
+STAGES: tuple[str, ...] = get_args(Stage)
+#: The dataloader calibration batches come from.
+CalibrationData = Literal["train", "val"]
+#: Whether a higher (``"max"``) or lower (``"min"``) ``monitor`` value is better.
+MonitorMode = Literal["max", "min"]
 _HEADLINE_PREFIXES = ("int8_ms", "float_ms", "float_compiled_ms", "speedup")
 Call = _loops.Call
 
@@ -113,32 +126,37 @@ class PostTrainingQuantCallback(Callback):
 
     def __init__(
         self,
-        mode: Literal["static", "dynamic", "weight_only"] = "static",
+        mode: QuantMode = "static",
         calibration_batches: int = 32,
-        observer: Literal["minmax", "moving_average", "histogram", "histogram_l2"] = "histogram",
-        calibration_data: Literal["train", "val"] = "train",
+        observer: Observer = DEFAULT_OBSERVER,
+        calibration_data: CalibrationData = "train",
         module: str | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         monitor: str | None = None,
-        monitor_mode: Literal["max", "min"] = "max",
+        monitor_mode: MonitorMode = "max",
         max_accuracy_drop: float | None = None,
         max_float_layers: int | None = None,
-        run_on: list[Literal["fit", "validate", "test"]] | None = None,
+        run_on: list[Stage] | None = None,
         save_path: str | None = None,
-        latency: Literal["compiled", "eager", "off"] = "compiled",
+        latency: LatencyMode = "compiled",
         latency_batch_sizes: list[int] | None = None,
         percentile: float = DEFAULT_PERCENTILE,
         quantize_embeddings: bool = False,
         verbose: bool = True,
     ) -> None:
-        self.mode = check_choice("mode", mode, MODES)
-        self.calibration_batches = check_positive_int("calibration_batches", calibration_batches)
-        self.observer = check_choice("observer", observer, OBSERVERS)
-        self.calibration_data = check_choice("calibration_data", calibration_data, ("train", "val"))
+        #: How the int8 model is built (validated here, so bad values fail at construction).
+        self.conversion = ConversionConfig(
+            mode=mode,
+            observer=observer,
+            percentile=percentile,
+            calibration_batches=calibration_batches,
+            quantize_embeddings=quantize_embeddings,
+        )
+        self.calibration_data = check_choice("calibration_data", calibration_data, get_args(CalibrationData))
         compile_patterns("include", include)
         compile_patterns("exclude", exclude)
-        self.monitor_mode = check_choice("monitor_mode", monitor_mode, ("max", "min"))
+        self.monitor_mode = check_choice("monitor_mode", monitor_mode, get_args(MonitorMode))
         if max_accuracy_drop is not None:
             if isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, (int, float)):
                 raise ValueError(f"`max_accuracy_drop` must be a number of points >= 0, got {max_accuracy_drop!r}.")
@@ -154,12 +172,8 @@ class PostTrainingQuantCallback(Callback):
         stages: list[str] = list(STAGES) if run_on is None else [run_on] if isinstance(run_on, str) else list(run_on)
         if not stages or any(s not in STAGES for s in stages):
             raise ValueError(f"`run_on` must be a non-empty list of {', '.join(map(repr, STAGES))}, got {run_on!r}.")
-        self.latency = check_choice("latency", latency, ("compiled", "eager", "off"))
-        for size in latency_batch_sizes or []:
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(f"`latency_batch_sizes` must hold positive integers, got {latency_batch_sizes!r}.")
-        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 50.0 < percentile <= 100.0:
-            raise ValueError(f"`percentile` must be in (50, 100], got {percentile!r}.")
+        self.latency = check_choice("latency", latency, LATENCY_MODES)
+        self.latency_batch_sizes = check_batch_sizes("latency_batch_sizes", latency_batch_sizes)
         self.module = module
         self.include = include
         self.exclude = exclude
@@ -168,11 +182,6 @@ class PostTrainingQuantCallback(Callback):
         self.max_float_layers = max_float_layers
         self.run_on = stages
         self.save_path = save_path
-        self.latency_batch_sizes = latency_batch_sizes
-        self.percentile = float(percentile)
-        if not isinstance(quantize_embeddings, bool):
-            raise ValueError(f"`quantize_embeddings` must be True or False, got {quantize_embeddings!r}.")
-        self.quantize_embeddings = quantize_embeddings
         self.verbose = verbose
 
         #: The int8 network of the last run (rank zero), called like the target network; ``None`` before.
@@ -190,9 +199,40 @@ class PostTrainingQuantCallback(Callback):
         self._kept: dict[str, Any] = {}  # the attempt whose int8 model is kept
 
     @property
+    def mode(self) -> str:
+        """The conversion mode: ``"static"``, ``"dynamic"`` or ``"weight_only"``."""
+        return self.conversion.mode
+
+    @property
+    def observer(self) -> str:
+        """The calibration observer of static quantization."""
+        return self.conversion.observer
+
+    @property
+    def calibration_batches(self) -> int:
+        """The largest number of calibration batches."""
+        return self.conversion.calibration_batches
+
+    @property
+    def percentile(self) -> float:
+        """The range kept by the ``"histogram"`` observer, in percent."""
+        return self.conversion.percentile
+
+    @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(module=self.module, mode=self.mode)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": {
+                **self.conversion.to_dict(),
+                "module": self.module,
+                "monitor": self.monitor,
+                "max_accuracy_drop": self.max_accuracy_drop,
+            }
+        }
 
     def dashboard_categories(self) -> dict[str, list[tuple[str, list[str]]]]:
         """Charts of this callback in the TensorBoard custom-scalars layout."""
@@ -407,15 +447,7 @@ class PostTrainingQuantCallback(Callback):
         args, kwargs = calls[0]
         calibration = [_as_item(call) for call in calls] if self.mode == "static" else None
         int8 = convert_to_int8(
-            float_net,
-            args,
-            kwargs,
-            mode=self.mode,
-            calibration_data=calibration,
-            skip=base_skip + float_layers,
-            observer=self.observer,
-            percentile=self.percentile,
-            quantize_embeddings=self.quantize_embeddings,
+            float_net, args, kwargs, calibration_data=calibration, skip=base_skip + float_layers, config=self.conversion
         )
         metrics, outputs = self._evaluate(trainer, pl_module, int8.module(), stage)
         metric = metrics.get(monitor) if monitor else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -16,9 +16,18 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.callbacks import _logging, _loops
-from lightning_compress.engine.convert import MODES, Int8Model, QuantizedModule, convert_to_int8, save_and_size
-from lightning_compress.engine.fake_quant import (
+from lightning_compress.engine.config import (
+    LATENCY_MODES,
+    QAT_MODES,
+    ActivationObserverKind,
+    ConversionConfig,
+    LatencyMode,
+    QATMode,
     QuantConfig,
+    WeightBits,
+)
+from lightning_compress.engine.convert import Int8Model, QuantizedModule, convert_to_int8, save_and_size
+from lightning_compress.engine.fake_quant import (
     activation_qparams,
     fake_quant_modules,
     prepare_qat,
@@ -28,8 +37,8 @@ from lightning_compress.engine.fake_quant import (
     weight_scales,
 )
 from lightning_compress.engine.measure import batched_top1_agreement, latency_report, per_layer_sqnr, sqnr_db
-from lightning_compress.engine.qat import SCHEDULE_UNITS, QATPhase, QATSchedule, apply_phase
-from lightning_compress.engine.validation import check_choice
+from lightning_compress.engine.qat import SCHEDULE_UNITS, QATPhase, QATSchedule, ScheduleUnit, apply_phase
+from lightning_compress.engine.validation import check_batch_sizes, check_choice
 
 PREFIX = f"{_logging.PREFIX}/quant"
 _HEADLINE_PREFIXES = ("int8_ms", "float_ms", "float_compiled_ms", "speedup")
@@ -89,26 +98,22 @@ class QATCallback(Callback):
         start: int = 0,
         freeze_observers_at: int | None = None,
         freeze_bn_at: int | None = None,
-        schedule_unit: Literal["step", "epoch"] = "step",
+        schedule_unit: ScheduleUnit = "step",
         module: str | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
-        weight_bits: Literal[4, 8] = 8,
-        activation_observer: Literal["moving_average", "minmax", "histogram"] = "moving_average",
+        weight_bits: WeightBits = 8,
+        activation_observer: ActivationObserverKind = "moving_average",
         averaging_constant: float = 0.01,
         convert_on_fit_end: bool = True,
-        mode: Literal["static", "dynamic"] = "static",
+        mode: QATMode = "static",
         save_path: str | None = None,
         monitor: str | None = None,
-        latency: Literal["compiled", "eager", "off"] = "compiled",
+        latency: LatencyMode = "compiled",
         latency_batch_sizes: list[int] | None = None,
         verbose: bool = True,
     ) -> None:
-        check_choice("mode", mode, MODES[:2])
-        check_choice("latency", latency, ("compiled", "eager", "off"))
-        for size in latency_batch_sizes or []:
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(f"`latency_batch_sizes` must hold positive integers, got {latency_batch_sizes!r}.")
+        #: What the fake-quant layers simulate.
         self.config = QuantConfig(
             weight_bits=weight_bits, activation_observer=activation_observer, averaging_constant=averaging_constant
         )
@@ -119,11 +124,13 @@ class QATCallback(Callback):
         self.include = include
         self.exclude = exclude
         self.convert_on_fit_end = convert_on_fit_end
-        self.mode = mode
+        check_choice("mode", mode, QAT_MODES)  # QAT simulates int8 activations: no "weight_only"
+        #: How the int8 model is built at fit end.
+        self.conversion = ConversionConfig(mode=mode)
         self.save_path = save_path
         self.monitor = monitor
-        self.latency = latency
-        self.latency_batch_sizes = latency_batch_sizes
+        self.latency = check_choice("latency", latency, LATENCY_MODES)
+        self.latency_batch_sizes = check_batch_sizes("latency_batch_sizes", latency_batch_sizes)
         self.verbose = verbose
 
         #: The int8 network produced at fit end (rank zero), called like the target network; ``None`` before.
@@ -136,6 +143,11 @@ class QATCallback(Callback):
         self._phase: QATPhase | None = None  # the phase in force
         self._catcher = _loops.InputCatcher()
         self._pending_quant_state: dict[str, torch.Tensor] = {}
+
+    @property
+    def mode(self) -> str:
+        """The conversion mode (``"static"`` or ``"dynamic"``)."""
+        return self.conversion.mode
 
     @property
     @override
@@ -195,7 +207,11 @@ class QATCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"config": {**vars(self.config), "module": self.module}}
+        return {
+            "config": {**self.config.to_dict(), "module": self.module},
+            "schedule": {**self.schedule.to_dict(), "unit": self.schedule_unit},
+            "conversion": self.conversion.to_dict(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -271,7 +287,7 @@ class QATCallback(Callback):
         was_training = target.training
         target.eval()
         try:
-            int8 = convert_to_int8(target, args, kwargs, mode=self.mode)
+            int8 = convert_to_int8(target, args, kwargs, config=self.conversion)
             self.quantized_program = int8.program
             self.quantized_model = int8.module()
             self.results = self._measure(trainer, pl_module, target, int8, args, kwargs)

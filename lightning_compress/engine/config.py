@@ -8,6 +8,289 @@ for the resume check).
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from lightning_compress.engine.validation import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_optional_step,
+    check_percentile,
+    check_positive_int,
+    check_weight,
+)
+
 # --- pruning (PruningConfig) ---
 
+#: How the target sparsity moves from ``initial_sparsity`` to ``target_sparsity`` (see :mod:`.schedules`).
+Schedule = Literal["cubic", "linear", "exponential", "constant"]
+#: ``"global"``: one ranking across all selected tensors; ``"local"``: each tensor on its own.
+Scope = Literal["global", "local"]
+#: ``"unstructured"``: single weights; ``"channel"``: whole output channels.
+Structure = Literal["unstructured", "channel"]
+#: What ranks the weights: their magnitude, or a seeded random score.
+Criterion = Literal["magnitude", "random"]
+
+#: Mask updates over the ramp when ``update_every_n_steps`` is ``None``.
+UPDATES_PER_RAMP = 100
+
+
+def _patterns(name: str, value: Any) -> tuple[str, ...] | None:
+    """``include``/``exclude`` as a tuple of valid regular expressions (``None`` stays ``None``)."""
+    from lightning_compress.engine.selection import compile_patterns
+
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"`{name}` must be a list of regular expressions (strings) or None, got {value!r}.")
+    compile_patterns(name, list(value))
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """Everything that defines a gradual pruning run, validated once.
+
+    The arguments are those of :class:`~lightning_compress.IterativePruningCallback` (documented there), except
+    ``monitor`` and ``verbose``, which are about reporting, not pruning. ``end_step=None`` and
+    ``update_every_n_steps=None`` are resolved from the length of training with :meth:`resolve`.
+
+    Example:
+        >>> config = PruningConfig(target_sparsity=0.8).resolve(total_steps=1000)
+        >>> config.end_step, config.update_every_n_steps
+        (750, 7)
+        >>> PruningConfig(target_sparsity=1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: `target_sparsity` must be in [0, 1), got 1.5.
+    """
+
+    target_sparsity: float = 0.9
+    schedule: Schedule = "cubic"
+    initial_sparsity: float = 0.0
+    start_step: int = 0
+    end_step: int | None = None
+    update_every_n_steps: int | None = None
+    scope: Scope = "global"
+    structure: Structure = "unstructured"
+    criterion: Criterion = "magnitude"
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    end_fraction: float = 0.75
+    rewind_to_step: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("schedule", self.schedule, get_args(Schedule))
+        check_choice("scope", self.scope, get_args(Scope))
+        check_choice("structure", self.structure, get_args(Structure))
+        check_choice("criterion", self.criterion, get_args(Criterion))
+        target = check_fraction("target_sparsity", self.target_sparsity)
+        initial = check_fraction("initial_sparsity", self.initial_sparsity)
+        if initial > target:
+            raise ValueError(f"`initial_sparsity` must be <= `target_sparsity` ({target}), got {initial}.")
+        check_positive_int("start_step", self.start_step, allow_zero=True)
+        if self.end_step is not None:
+            check_positive_int("end_step", self.end_step, allow_zero=True)
+            if self.end_step <= self.start_step:
+                raise ValueError(
+                    f"`end_step` must be greater than `start_step` ({self.start_step}), got {self.end_step}."
+                )
+        if self.update_every_n_steps is not None:
+            check_positive_int("update_every_n_steps", self.update_every_n_steps)
+        end_fraction = check_fraction("end_fraction", self.end_fraction, include_one=True)
+        if end_fraction == 0.0:
+            raise ValueError("`end_fraction` must be in (0, 1], got 0.0.")
+        check_optional_step("rewind_to_step", self.rewind_to_step)
+        if self.rewind_to_step is not None and self.rewind_to_step > self.start_step:
+            raise ValueError(
+                f"`rewind_to_step` must be <= `start_step` ({self.start_step}) so the snapshot is taken before"
+                f" pruning, got {self.rewind_to_step}."
+            )
+        check_positive_int("seed", self.seed, allow_zero=True)
+        object.__setattr__(self, "target_sparsity", target)
+        object.__setattr__(self, "initial_sparsity", initial)
+        object.__setattr__(self, "end_fraction", end_fraction)
+        object.__setattr__(self, "include", _patterns("include", self.include))
+        object.__setattr__(self, "exclude", _patterns("exclude", self.exclude))
+
+    @property
+    def is_resolved(self) -> bool:
+        """Whether ``end_step`` and ``update_every_n_steps`` are fixed numbers."""
+        return self.end_step is not None and self.update_every_n_steps is not None
+
+    def resolve(self, total_steps: float | None) -> PruningConfig:
+        """Fix ``end_step`` and ``update_every_n_steps`` from the length of training when they were left open.
+
+        Args:
+            total_steps: Optimizer steps of the whole training (``trainer.estimated_stepping_batches``); only
+                needed when ``end_step`` is ``None``.
+
+        Returns:
+            A config with both fixed: ``end_step = start_step + end_fraction * (total_steps - start_step)`` and about
+            100 mask updates over the ramp.
+
+        Raises:
+            ValueError: If ``end_step`` is ``None`` and ``total_steps`` is unknown or infinite.
+        """
+        end_step = self.end_step
+        if end_step is None:
+            if total_steps is None or not math.isfinite(total_steps):
+                raise ValueError(
+                    "`end_step`=None needs a finite training length to derive it from: set `end_step`, or the"
+                    " Trainer's `max_steps`/`max_epochs`."
+                )
+            end_step = self.start_step + max(1, round(self.end_fraction * (int(total_steps) - self.start_step)))
+        frequency = self.update_every_n_steps or max(1, (end_step - self.start_step) // UPDATES_PER_RAMP)
+        return dataclasses.replace(self, end_step=end_step, update_every_n_steps=frequency)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain values (lists for patterns), e.g. for a checkpoint."""
+        return {
+            field.name: list(value) if isinstance(value, tuple) else value
+            for field in dataclasses.fields(self)
+            for value in [getattr(self, field.name)]
+        }
+
+
 # --- quantization (QuantConfig, ConversionConfig) ---
+
+#: Weight bits simulated by QAT: 8 (int8, [-128, 127]) or 4 ([-8, 7]; the converted model stores them as int8).
+WeightBits = Literal[4, 8]
+#: How a QAT fake-quant layer tracks its input range (see :class:`QuantConfig`).
+ActivationObserverKind = Literal["minmax", "moving_average", "histogram"]
+#: How static calibration of the int8 conversion sets the activation ranges (see :class:`ConversionConfig`).
+Observer = Literal[ActivationObserverKind, "histogram_l2"]
+#: ``"static"``: int8 weights and activations (calibrated ranges); ``"dynamic"``: int8 weights, activations
+#: quantized at run time with their own range (Linear-heavy models); ``"weight_only"``: int8 weights, float compute.
+QuantMode = Literal["static", "dynamic", "weight_only"]
+#: The conversion modes the QAT callback offers (QAT simulates int8 activations, so no ``"weight_only"``).
+QATMode = Literal["static", "dynamic"]
+#: How the callbacks time float vs int8: compiled with Inductor, eager, or not at all.
+LatencyMode = Literal["compiled", "eager", "off"]
+
+WEIGHT_BITS: tuple[int, ...] = get_args(WeightBits)
+ACTIVATION_OBSERVERS: tuple[str, ...] = get_args(ActivationObserverKind)
+OBSERVERS: tuple[str, ...] = get_args(Observer)
+QUANT_MODES: tuple[str, ...] = get_args(QuantMode)
+QAT_MODES: tuple[str, ...] = get_args(QATMode)
+LATENCY_MODES: tuple[str, ...] = get_args(LatencyMode)
+
+#: ``(quant_min, quant_max)`` of the weights per number of bits (per-output-channel symmetric).
+WEIGHT_RANGES: dict[int, tuple[int, int]] = {8: (-128, 127), 4: (-8, 7)}
+#: Default ``percentile`` of the ``"histogram"`` observers (values kept on each side, in percent).
+DEFAULT_PERCENTILE = 99.99
+#: The one default calibration observer, of :func:`~lightning_compress.engine.convert.convert_to_int8` and of
+#: ``PostTrainingQuantCallback``: a histogram clipped at ``percentile`` on each side. Rare outliers do not stretch
+#: the range (torchao's ``"histogram_l2"`` keeps an isolated outlier and wastes the uint8 grid on it: 10+ dB less
+#: output SQNR in ``tests/engine/test_ptq_engine.py``), and it is the same rule as the QAT ``"histogram"`` observer.
+DEFAULT_OBSERVER: Observer = "histogram"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What the QAT fake-quant modules simulate. Plain fields, so it can be written in LightningCLI YAML.
+
+    Args:
+        weight_bits: 8 (int8, [-128, 127], what the int8 conversion produces) or 4 ([-8, 7]; converted models still
+            store int8). Per-output-channel symmetric.
+        activation_observer: How the input range of each quantized layer is tracked while training:
+            ``"minmax"`` (running min/max), ``"moving_average"`` (exponential moving average of each batch's
+            min/max, torch's default for QAT) or ``"histogram"`` (running histogram of 2048 bins over the range
+            seen so far, clipped at the ``percentile`` on each side; robust to outliers).
+        averaging_constant: Weight of the newest batch, in (0, 1], for ``"moving_average"`` (the min/max) and
+            ``"histogram"`` (the normalized histogram).
+        quantize_activations: Also fake-quantize the inputs of each layer (uint8, per-tensor affine). ``False``
+            simulates weight-only quantization.
+        percentile: For ``"histogram"``: the range kept, in percent of the values on each side, in (50, 100].
+
+    Raises:
+        ValueError: If a value is outside what is allowed (the message names the argument and the choices).
+
+    Example:
+        >>> QuantConfig(weight_bits=4).weight_range
+        (-8, 7)
+        >>> QuantConfig().to_dict()["activation_observer"]
+        'moving_average'
+    """
+
+    weight_bits: WeightBits = 8
+    activation_observer: ActivationObserverKind = "moving_average"
+    averaging_constant: float = 0.01
+    quantize_activations: bool = True
+    percentile: float = DEFAULT_PERCENTILE
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weight_bits, bool) or self.weight_bits not in WEIGHT_BITS:
+            allowed = ", ".join(map(str, WEIGHT_BITS))
+            raise ValueError(f"`weight_bits` must be one of {allowed}, got {self.weight_bits!r}.")
+        check_choice("activation_observer", self.activation_observer, ACTIVATION_OBSERVERS)
+        object.__setattr__(self, "averaging_constant", check_weight("averaging_constant", self.averaging_constant))
+        check_bool("quantize_activations", self.quantize_activations)
+        object.__setattr__(self, "percentile", check_percentile("percentile", self.percentile))
+
+    @property
+    def weight_range(self) -> tuple[int, int]:
+        """``(quant_min, quant_max)`` of the weights."""
+        return WEIGHT_RANGES[self.weight_bits]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain values."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ConversionConfig:
+    """How :func:`~lightning_compress.engine.convert.convert_to_int8` builds the int8 model. Validated once.
+
+    Args:
+        mode: ``"static"`` (int8 weights per channel + uint8 activations per tensor, calibrated), ``"dynamic"``
+            (activation ranges computed at run time; for Linear-heavy models and transformers) or ``"weight_only"``
+            (int8 weights, float activations: size only).
+        observer: For ``"static"``: how calibration sets the activation ranges not carried over from QAT:
+            ``"histogram"`` (the default, :data:`DEFAULT_OBSERVER`: a histogram of everything seen, clipped at
+            ``percentile`` on each side), ``"minmax"`` (every value seen), ``"moving_average"`` (moving average of
+            each batch's min/max, constant 0.01) or ``"histogram_l2"`` (torchao's x86 default, an L2 error search
+            that keeps isolated large outliers).
+        percentile: For ``observer="histogram"``: the range kept, in percent of the values on each side, in
+            (50, 100].
+        calibration_batches: At most this many items of ``calibration_data`` are run through the observers.
+        quantize_embeddings: Also store ``nn.Embedding`` tables (not skipped) as int8, per-row symmetric, and
+            dequantize only the rows looked up (weight-only, in every mode). pt2e leaves embeddings in float; in
+            transformers they are often the largest tensors (a third to a half of a small BERT).
+        dynamic_batch: Export with a dynamic batch dimension (falls back to static shapes, with a note, when the
+            model cannot have one).
+
+    Raises:
+        ValueError: If a value is outside what is allowed (the message names the argument and the choices).
+
+    Example:
+        >>> ConversionConfig(mode="dynamic").to_dict()["mode"]
+        'dynamic'
+        >>> ConversionConfig(percentile=30)
+        Traceback (most recent call last):
+        ...
+        ValueError: `percentile` must be in (50, 100], got 30.
+    """
+
+    mode: QuantMode = "static"
+    observer: Observer = DEFAULT_OBSERVER
+    percentile: float = DEFAULT_PERCENTILE
+    calibration_batches: int = 32
+    quantize_embeddings: bool = False
+    dynamic_batch: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("mode", self.mode, QUANT_MODES)
+        check_choice("observer", self.observer, OBSERVERS)
+        object.__setattr__(self, "percentile", check_percentile("percentile", self.percentile))
+        check_positive_int("calibration_batches", self.calibration_batches)
+        check_bool("quantize_embeddings", self.quantize_embeddings)
+        check_bool("dynamic_batch", self.dynamic_batch)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain values."""
+        return dataclasses.asdict(self)

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import itertools
 import json
 import os
 import time
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from lightning_compress.engine.config import DEFAULT_PERCENTILE, ConversionConfig
 from lightning_compress.engine.fake_quant import (
     ACTIVATION_EPS,
     activation_ranges,
@@ -45,12 +47,8 @@ from lightning_compress.engine.fake_quant import (
     strip_qat,
     weight_qparams,
 )
-from lightning_compress.engine.validation import check_choice
 
 __all__ = [
-    "DEFAULT_PERCENTILE",
-    "MODES",
-    "OBSERVERS",
     "Int8ConversionError",
     "Int8Embedding",
     "Int8Model",
@@ -65,18 +63,6 @@ __all__ = [
     "model_size_bytes",
     "save_int8",
 ]
-
-#: ``"static"``: int8 weights and activations (calibrated ranges); ``"dynamic"``: int8 weights, activations
-#: quantized at run time with their own range (Linear-heavy models); ``"weight_only"``: int8 weights, float compute.
-MODES = ("static", "dynamic", "weight_only")
-#: Activation observers of ``"static"`` calibration: ``"minmax"`` (running min/max of everything seen),
-#: ``"moving_average"`` (exponential moving average of each batch's min/max, constant 0.01), ``"histogram"`` (a
-#: histogram of everything seen, clipped at the ``percentile`` on each side: rare outliers do not stretch the
-#: range; the same rule as the QAT ``"histogram"`` observer) and ``"histogram_l2"`` (torchao's ``HistogramObserver``,
-#: the x86 default, whose range minimizes the L2 quantization error: it keeps isolated large outliers).
-OBSERVERS = ("minmax", "moving_average", "histogram", "histogram_l2")
-#: Default ``percentile`` of the ``"histogram"`` observer (values kept on each side, in percent).
-DEFAULT_PERCENTILE = 99.99
 
 _QUANTIZED_OPS = {
     "aten.linear.default",
@@ -526,9 +512,7 @@ def _calibrated_observers(prepared: torch.fx.GraphModule) -> list[str]:
     return names
 
 
-def _quantizer(
-    mode: str, skip: Sequence[str], observer: str = "histogram_l2", percentile: float = DEFAULT_PERCENTILE
-) -> Any:
+def _quantizer(mode: str, skip: Sequence[str], observer: str, percentile: float) -> Any:
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e import observer as obs
     from torchao.quantization.pt2e.quantizer import QuantizationConfig
@@ -610,13 +594,10 @@ def convert_to_int8(
     model: nn.Module,
     example_inputs: tuple[Any, ...] | Tensor,
     example_kwargs: dict[str, Any] | None = None,
-    mode: str = "static",
     calibration_data: Iterable[Any] | None = None,
     skip: Sequence[str] = (),
-    dynamic_batch: bool = True,
-    observer: str = "histogram_l2",
-    percentile: float = DEFAULT_PERCENTILE,
-    quantize_embeddings: bool = False,
+    config: ConversionConfig | None = None,
+    **settings: Any,
 ) -> Int8Model:
     """Build an int8 ``ExportedProgram`` from a copy of ``model`` (which is left untouched).
 
@@ -629,25 +610,15 @@ def convert_to_int8(
         example_inputs: Positional arguments of ``forward`` (a single Tensor is accepted too). Use a batch of at
             least 2 so the batch dimension can stay dynamic.
         example_kwargs: Keyword arguments of ``forward``.
-        mode: ``"static"`` (int8 weights per channel + uint8 activations per tensor, calibrated),
-            ``"dynamic"`` (activation ranges computed at run time; for Linear-heavy models) or ``"weight_only"``
-            (int8 weights, float activations).
         calibration_data: For ``"static"``: an iterable of model inputs (a Tensor, a tuple of positional
             arguments, a dict of keyword arguments or a :class:`ModelCall` with both, per item) used to calibrate
-            the activation ranges not taken over from fake-quant observers. When ``None``, ``example_inputs`` is the
-            only calibration batch (noted).
+            the activation ranges not taken over from fake-quant observers (at most ``calibration_batches`` items).
+            When ``None``, ``example_inputs`` is the only calibration batch (noted).
         skip: Module names kept in float (with everything inside them), e.g. for accuracy-aware fallback.
-        dynamic_batch: Export with a dynamic batch dimension (falls back to static shapes, with a note, when the
-            model cannot have one).
-        observer: For ``"static"``: how calibration sets the activation ranges, one of :data:`OBSERVERS`
-            (``"histogram_l2"``, the default, is torchao's x86 default, an L2 error search; ``"histogram"`` clips
-            the rarest values at ``percentile``; ``"minmax"`` keeps every value seen; ``"moving_average"`` averages
-            each batch's min/max). Ranges carried from fake-quant observers are kept.
-        percentile: For ``observer="histogram"``: the range kept, in percent of the values on each side, in
-            (50, 100].
-        quantize_embeddings: Also store ``nn.Embedding`` tables (not in ``skip``) as int8, per-row symmetric, and
-            dequantize only the rows looked up (weight-only, in every mode). pt2e leaves embeddings in float, and
-            in transformers they are often the largest tensors (a third to a half of a small BERT).
+        config: How to convert (mode, observer, percentile, calibration batches, embeddings, dynamic batch); see
+            :class:`~lightning_compress.engine.config.ConversionConfig`. Default: ``ConversionConfig()`` (static).
+        **settings: Fields of :class:`~lightning_compress.engine.config.ConversionConfig` that replace those of
+            ``config``, e.g. ``mode="dynamic"`` or ``observer="minmax"``.
 
     Returns:
         An :class:`Int8Model` with the ``program`` and what happened (timings, notes, carried ranges).
@@ -657,10 +628,8 @@ def convert_to_int8(
         Int8ConversionError: If torch.export cannot capture the model (the message quotes the export error and says
             what to change), or the pt2e conversion fails.
     """
-    check_choice("mode", mode, MODES)
-    check_choice("observer", observer, OBSERVERS)
-    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 50.0 < percentile <= 100.0:
-        raise ValueError(f"`percentile` must be in (50, 100], got {percentile!r}.")
+    config = ConversionConfig(**settings) if config is None else dataclasses.replace(config, **settings)
+    mode = config.mode
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, tuple):
@@ -708,13 +677,13 @@ def convert_to_int8(
     float_model.eval()
     for p in float_model.parameters():
         p.requires_grad_(False)
-    if quantize_embeddings:
+    if config.quantize_embeddings:
         embeddings = _quantize_embeddings(float_model, skip_all)
         if embeddings:
             notes.append(f"Embedding tables stored as int8 (per row): {', '.join(embeddings)}.")
 
     t = time.perf_counter()
-    exported, dynamic_shapes = _export(float_model, args, kwargs, dynamic_batch, notes)
+    exported, dynamic_shapes = _export(float_model, args, kwargs, config.dynamic_batch, notes)
     timings["export"] = time.perf_counter() - t
 
     _import_torchao()
@@ -725,7 +694,7 @@ def convert_to_int8(
         with warnings.catch_warnings():
             # X86InductorQuantizer warns for every pooling op whose input it leaves in float; nothing to act on.
             warnings.filterwarnings("ignore", message=r".*is not quantized, skip annotate.*")
-            prepared = prepare_pt2e(exported.module(), _quantizer(mode, skip_all, observer, float(percentile)))
+            prepared = prepare_pt2e(exported.module(), _quantizer(mode, skip_all, config.observer, config.percentile))
         timings["prepare"] = time.perf_counter() - t
         carried = _carry_ranges(prepared, ranges) if mode == "static" and ranges else {}
 
@@ -734,7 +703,7 @@ def convert_to_int8(
         with torch.no_grad():
             prepared(*args, **kwargs)  # also observes the weights
             if mode == "static" and calibration_data is not None:
-                for item in calibration_data:
+                for item in itertools.islice(calibration_data, config.calibration_batches):
                     item_args, item_kwargs = _to_cpu(_as_call(item))
                     try:
                         prepared(*item_args, **item_kwargs)

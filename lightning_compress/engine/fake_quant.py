@@ -27,13 +27,13 @@ layer holds fake-quant modules its inference fast path (which would read the flo
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.engine.config import ACTIVATION_OBSERVERS, WEIGHT_RANGES, QuantConfig
 from lightning_compress.engine.selection import select_modules
 from lightning_compress.engine.validation import check_choice
 
@@ -45,7 +45,6 @@ __all__ = [
     "FakeQuantConv3d",
     "FakeQuantLinear",
     "FakeQuantModule",
-    "QuantConfig",
     "activation_qparams",
     "activation_ranges",
     "fake_quant_modules",
@@ -70,55 +69,6 @@ ACTIVATION_QMIN, ACTIVATION_QMAX = 0, 255
 #: Number of bins of the ``"histogram"`` observer.
 HISTOGRAM_BINS = 2048
 
-_WEIGHT_RANGES = {8: (-128, 127), 4: (-8, 7)}
-_OBSERVERS = ("minmax", "moving_average", "histogram")
-
-
-@dataclass
-class QuantConfig:
-    """What the fake-quant modules simulate. Plain fields, so it can be written in LightningCLI YAML.
-
-    Args:
-        weight_bits: 8 (int8, [-128, 127], what the int8 conversion produces) or 4 ([-8, 7]; converted models still
-            store int8). Per-output-channel symmetric.
-        activation_observer: How the input range of each quantized layer is tracked while training:
-            ``"minmax"`` (running min/max), ``"moving_average"`` (exponential moving average of each batch's
-            min/max, torch's default for QAT) or ``"histogram"`` (running histogram of 2048 bins over the range
-            seen so far, clipped at the ``percentile`` on each side; robust to outliers).
-        averaging_constant: Weight of the newest batch, in (0, 1], for ``"moving_average"`` (the min/max) and
-            ``"histogram"`` (the normalized histogram).
-        quantize_activations: Also fake-quantize the inputs of each layer (uint8, per-tensor affine). ``False``
-            simulates weight-only quantization.
-        percentile: For ``"histogram"``: the range kept, in percent of the values on each side, in (50, 100].
-    """
-
-    weight_bits: int = 8
-    activation_observer: str = "moving_average"
-    averaging_constant: float = 0.01
-    quantize_activations: bool = True
-    percentile: float = 99.99
-
-    def __post_init__(self) -> None:
-        if isinstance(self.weight_bits, bool) or self.weight_bits not in _WEIGHT_RANGES:
-            raise ValueError(f"`weight_bits` must be one of 4, 8, got {self.weight_bits!r}.")
-        check_choice("activation_observer", self.activation_observer, _OBSERVERS)
-        constant = self.averaging_constant
-        if isinstance(constant, bool) or not isinstance(constant, (int, float)) or not 0.0 < constant <= 1.0:
-            raise ValueError(f"`averaging_constant` must be in (0, 1], got {constant!r}.")
-        self.averaging_constant = float(constant)
-        if not isinstance(self.quantize_activations, bool):
-            raise ValueError(f"`quantize_activations` must be True or False, got {self.quantize_activations!r}.")
-        pct = self.percentile
-        if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 50.0 < pct <= 100.0:
-            raise ValueError(f"`percentile` must be in (50, 100], got {pct!r}.")
-        self.percentile = float(pct)
-
-    @property
-    def weight_range(self) -> tuple[int, int]:
-        """``(quant_min, quant_max)`` of the weights."""
-        return _WEIGHT_RANGES[self.weight_bits]
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Quantization math (shared with convert/measure)
 # --------------------------------------------------------------------------------------------------------------------
@@ -134,7 +84,7 @@ def weight_qparams(weight: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
     Returns:
         ``scale`` (float32, one per output channel) and ``zero_point`` (int32 zeros).
     """
-    qmin, qmax = _WEIGHT_RANGES[bits]
+    qmin, qmax = WEIGHT_RANGES[bits]
     w = weight.detach()
     amax = w.abs().amax(dim=tuple(range(1, w.ndim))) if w.ndim > 1 else w.abs()
     scale = torch.clamp(amax.float() / ((qmax - qmin) / 2), min=ACTIVATION_EPS)
@@ -160,7 +110,7 @@ class _WeightFakeQuant(torch.autograd.Function):
 
 def fake_quantize_weight(weight: Tensor, bits: int = 8) -> Tensor:
     """Round ``weight`` to its per-channel symmetric grid (straight-through gradient). Zeros stay zeros."""
-    qmin, qmax = _WEIGHT_RANGES[bits]
+    qmin, qmax = WEIGHT_RANGES[bits]
     scale, zero_point = weight_qparams(weight, bits)
     out = _WeightFakeQuant.apply(weight, scale, zero_point, qmin, qmax)
     assert isinstance(out, Tensor)
@@ -215,7 +165,7 @@ class ActivationObserver(nn.Module):
 
     def __init__(self, kind: str = "moving_average", averaging_constant: float = 0.01, percentile: float = 99.99):
         super().__init__()
-        self.kind = check_choice("activation_observer", kind, _OBSERVERS)
+        self.kind = check_choice("activation_observer", kind, ACTIVATION_OBSERVERS)
         self.averaging_constant = float(averaging_constant)
         self.percentile = float(percentile)
         self.register_buffer("min_val", torch.tensor(float("inf")))
@@ -706,7 +656,7 @@ def quant_state_keys(state_dict: Mapping[str, Any]) -> list[str]:
 
 def quant_config_dict(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The :class:`QuantConfig` of each fake-quant module, as plain dicts (for logging/hparams)."""
-    return {name: asdict(m.quant_config) for name, m in fake_quant_modules(model).items()}
+    return {name: m.quant_config.to_dict() for name, m in fake_quant_modules(model).items()}
 
 
 def sync_observers(model: nn.Module, group: Any = None) -> None:

@@ -42,3 +42,42 @@ def check_optional_step(name: str, value: Any) -> int | None:
     if value is None:
         return None
     return check_positive_int(name, value, allow_zero=True)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Check that ``value`` is a real ``bool`` (``"no"`` or ``0`` are refused, not read as truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+    return value
+
+
+def check_optional_str(name: str, value: Any) -> str | None:
+    """Check an optional non-empty string (e.g. a metric or module name)."""
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"`{name}` must be a non-empty string or None, got {value!r}.")
+    return value
+
+
+def check_weight(name: str, value: Any) -> float:
+    """Check a weight in (0, 1] (e.g. the share of the newest batch in a moving average)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"`{name}` must be in (0, 1], got {value!r}.")
+    return float(value)
+
+
+def check_percentile(name: str, value: Any) -> float:
+    """Check a clipping percentile in (50, 100] (the share of values kept on each side of a range, in percent)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 50.0 < value <= 100.0:
+        raise ValueError(f"`{name}` must be in (50, 100], got {value!r}.")
+    return float(value)
+
+
+def check_batch_sizes(name: str, value: Any) -> list[int] | None:
+    """Check an optional list of batch sizes (positive integers); ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"`{name}` must be a list of positive integers or None, got {value!r}.")
+    if any(isinstance(size, bool) or not isinstance(size, int) or size < 1 for size in value):
+        raise ValueError(f"`{name}` must hold positive integers, got {value!r}.")
+    return list(value)

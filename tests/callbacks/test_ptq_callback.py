@@ -497,3 +497,12 @@ trainer:
     (ptq,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, PostTrainingQuantCallback)]
     assert (ptq.mode, ptq.observer, ptq.calibration_batches, ptq.module) == ("static", "moving_average", 8, "net")
     assert ptq.max_accuracy_drop == 0.5 and ptq.run_on == ["fit", "test"] and ptq.exclude == ["fc2"]
+
+
+def test_state_dict_holds_the_config_as_plain_values() -> None:
+    ptq = PostTrainingQuantCallback(module="net", mode="dynamic", calibration_batches=4, monitor="val_acc")
+    config = ptq.state_dict()["config"]
+    assert config["mode"] == "dynamic" and config["calibration_batches"] == 4 and config["observer"] == "histogram"
+    assert config["module"] == "net" and config["monitor"] == "val_acc"
+    assert all(isinstance(v, (type(None), bool, int, float, str)) for v in config.values())
+    assert (ptq.mode, ptq.observer, ptq.calibration_batches) == ("dynamic", "histogram", 4)

@@ -624,3 +624,13 @@ def test_copy_of_prepared_module_is_independent(tmp_path):
     clone = copy.deepcopy(model)
     assert clone.net.fc1.weight is not model.net.fc1.weight
     assert _states_equal(_observer_state(clone), _observer_state(model))
+
+
+def test_state_dict_holds_the_config_as_plain_values():
+    callback = QATCallback(module="net", start=2, freeze_bn_at=5, weight_bits=4, mode="dynamic")
+    state = callback.state_dict()
+    assert state["config"]["weight_bits"] == 4 and state["config"]["module"] == "net"
+    assert state["schedule"] == {"start": 2, "freeze_observers_at": None, "freeze_bn_at": 5, "unit": "step"}
+    assert state["conversion"]["mode"] == "dynamic" and callback.mode == "dynamic"
+    plain = (type(None), bool, int, float, str)
+    assert all(isinstance(v, plain) for part in state.values() for v in part.values())

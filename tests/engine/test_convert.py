@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 
@@ -12,6 +13,13 @@ import torch.nn.functional as F
 from test_fake_quant import LeNet5, ResidualCNN, TinyTransformer, TwoInputNet, mlp, train_steps
 from torch import Tensor, nn
 
+from lightning_compress.engine.config import (
+    DEFAULT_OBSERVER,
+    OBSERVERS,
+    QUANT_MODES,
+    ConversionConfig,
+    QuantConfig,
+)
 from lightning_compress.engine.convert import (
     Int8ConversionError,
     Int8Model,
@@ -25,7 +33,6 @@ from lightning_compress.engine.convert import (
     save_int8,
 )
 from lightning_compress.engine.fake_quant import (
-    QuantConfig,
     activation_ranges,
     fake_quant_modules,
     freeze_observers,
@@ -383,3 +390,54 @@ def test_compile_int8_matches_eager_program(model_fn) -> None:
     out = compiled(x)
     assert sqnr_db(_outputs(result, x), out) > 40
     assert sqnr_db(_outputs(copy.deepcopy(model), x), out) > 25
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ConversionConfig: validated once, plain values, one default observer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mode": "int4"}, r"`mode` must be one of 'static', 'dynamic', 'weight_only', got 'int4'\."),
+        ({"observer": "kl"}, r"`observer` must be one of 'minmax', 'moving_average', 'histogram', 'histogram_l2', got"),
+        ({"percentile": 50}, r"`percentile` must be in \(50, 100\], got 50\."),
+        ({"percentile": True}, r"`percentile` must be in \(50, 100\], got True\."),
+        ({"calibration_batches": 0}, r"`calibration_batches` must be a positive integer, got 0\."),
+        ({"quantize_embeddings": 1}, r"`quantize_embeddings` must be True or False, got 1\."),
+        ({"dynamic_batch": "no"}, r"`dynamic_batch` must be True or False, got 'no'\."),
+    ],
+)
+def test_conversion_config_validation(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ConversionConfig(**kwargs)
+    with pytest.raises(ValueError, match=match):  # the same check when convert_to_int8 builds it from settings
+        convert_to_int8(mlp(), (torch.randn(4, 16),), **kwargs)
+
+
+def test_conversion_config_is_frozen_plain_and_has_one_default_observer() -> None:
+    config = ConversionConfig(mode="dynamic", percentile=99)
+    assert QUANT_MODES == ("static", "dynamic", "weight_only") and "histogram_l2" in OBSERVERS
+    assert config.observer == DEFAULT_OBSERVER == "histogram"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.mode = "static"  # type: ignore[misc]
+    plain = config.to_dict()
+    assert plain == {
+        "mode": "dynamic",
+        "observer": "histogram",
+        "percentile": 99.0,
+        "calibration_batches": 32,
+        "quantize_embeddings": False,
+        "dynamic_batch": True,
+    }
+    assert ConversionConfig(**plain) == config
+
+
+def test_settings_override_the_config_and_calibration_is_capped() -> None:
+    model = mlp().eval()
+    batches = [torch.randn(8, 16) for _ in range(5)]
+    config = ConversionConfig(calibration_batches=2)
+    result = convert_to_int8(model, (batches[0],), calibration_data=batches, config=config, observer="minmax")
+    assert result.calibration_batches == 2
+    assert convert_to_int8(model, (batches[0],), config=config, mode="dynamic").mode == "dynamic"

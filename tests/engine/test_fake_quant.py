@@ -6,6 +6,7 @@ The small models defined here are reused by test_convert.py and test_measure.py.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 
@@ -14,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.engine.config import QuantConfig
 from lightning_compress.engine.fake_quant import (
     ActivationObserver,
     FakeQuantConv2d,
     FakeQuantLinear,
     FakeQuantModule,
-    QuantConfig,
     activation_qparams,
     activation_ranges,
     fake_quant_modules,
@@ -150,6 +151,21 @@ def test_config_defaults_and_ranges() -> None:
     assert (cfg.weight_bits, cfg.activation_observer, cfg.quantize_activations) == (8, "moving_average", True)
     assert cfg.weight_range == (-128, 127)
     assert QuantConfig(weight_bits=4).weight_range == (-8, 7)
+
+
+def test_config_is_frozen_and_plain() -> None:
+    cfg = QuantConfig(averaging_constant=1, percentile=99)
+    assert isinstance(cfg.averaging_constant, float) and isinstance(cfg.percentile, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.weight_bits = 4  # type: ignore[misc]
+    assert cfg.to_dict() == {
+        "weight_bits": 8,
+        "activation_observer": "moving_average",
+        "averaging_constant": 1.0,
+        "quantize_activations": True,
+        "percentile": 99.0,
+    }
+    assert QuantConfig(**cfg.to_dict()) == cfg
 
 
 def test_prepare_rejects_bad_config_and_selection() -> None:

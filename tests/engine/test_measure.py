@@ -10,7 +10,8 @@ import torch
 from test_fake_quant import LeNet5, TwoInputNet, mlp, train_steps
 from torch import nn
 
-from lightning_compress.engine.fake_quant import QuantConfig, activation_ranges, prepare_qat, strip_qat
+from lightning_compress.engine.config import QuantConfig
+from lightning_compress.engine.fake_quant import activation_ranges, prepare_qat, strip_qat
 from lightning_compress.engine.measure import (
     compare_latency,
     measure_latency,
