@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -24,14 +24,6 @@ if TYPE_CHECKING:
 
 #: Every key this package logs starts with this prefix, so its charts group together in TensorBoard.
 PREFIX = "compress"
-
-
-class HasDashboard(Protocol):
-    """A callback that contributes categories to the TensorBoard custom-scalars layout."""
-
-    def dashboard_categories(self) -> dict[str, list[tuple[str, list[str]]]]:
-        """Return ``{category title: [(chart title, [tag regex, ...]), ...]}``."""
-        ...
 
 
 def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
@@ -62,9 +54,11 @@ def log_text(trainer: pl.Trainer, tag: str, markdown: str, step: int) -> None:
         writer.add_text(tag, markdown, global_step=step)
 
 
-# TensorBoard keeps only the first custom-scalars layout written to a run, so one layout gathering the categories
-# of every callback of the trainer is written once per log directory.
-_layout_written: set[str] = set()
+# TensorBoard keeps only the first custom-scalars layout (and the first hparams session) written to a run, so each is
+# written once per writer. The mark lives on the writer itself: a new logger (new run) starts unmarked, and nothing is
+# kept process-wide.
+_LAYOUT_MARK = "_lightning_compress_layout_written"
+_HPARAMS_MARK = "_lightning_compress_hparams_started"
 # Categories appear in this order whatever the order of the callbacks: pruning, quantization (QAT, PTQ), report.
 _CATEGORY_ORDER = ("prun", "quantiz", "report")
 
@@ -99,7 +93,7 @@ def write_dashboard_layout(trainer: pl.Trainer, callbacks: Iterable[Any] | None 
     Call it from any hook once the Trainer holds its callbacks (``setup``, ``on_fit_start`` ...): the first call per
     log directory writes the layout of all of them; later calls do nothing.
     """
-    writers = [w for w in tensorboard_writers(trainer) if w.log_dir not in _layout_written]
+    writers = [w for w in tensorboard_writers(trainer) if not getattr(w, _LAYOUT_MARK, False)]
     if not writers:
         return
     layout = dashboard_layout(callbacks if callbacks is not None else getattr(trainer, "callbacks", []))
@@ -108,14 +102,13 @@ def write_dashboard_layout(trainer: pl.Trainer, callbacks: Iterable[Any] | None 
     for writer in writers:
         writer.add_custom_scalars(layout)
         writer.flush()
-        _layout_written.add(writer.log_dir)
+        setattr(writer, _LAYOUT_MARK, True)
 
 
 # The HParams plugin keeps the *first* experiment and session-start summaries of a run (TensorBoard stores the first
 # metadata per tag). Lightning's ``TensorBoardLogger`` writes its own (the module's hparams and a placeholder
 # ``hp_metric`` = -1) after the callbacks' ``setup`` when ``default_hp_metric=True``, so the compression settings are
 # declared in ``setup`` (:func:`start_hparams_session`) and their metric values logged at the end (:func:`log_hparams`).
-_hparams_started: set[str] = set()
 
 
 def _clean_params(params: Mapping[str, Any]) -> dict[str, int | float | str | bool]:
@@ -133,14 +126,14 @@ def start_hparams_session(trainer: pl.Trainer, params: Mapping[str, Any], metric
     from torch.utils.tensorboard.summary import hparams
 
     for writer in tensorboard_writers(trainer):
-        if writer.log_dir in _hparams_started:
+        if getattr(writer, _HPARAMS_MARK, False):
             continue
         experiment, session_start, _ = hparams(_clean_params(params), {tag: 0.0 for tag in metric_tags})
         file_writer = writer._get_file_writer()
         file_writer.add_summary(experiment)
         file_writer.add_summary(session_start)
         writer.flush()
-        _hparams_started.add(writer.log_dir)
+        setattr(writer, _HPARAMS_MARK, True)
 
 
 @rank_zero_only

@@ -2,35 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any, Literal
+from typing import Any
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch import Tensor
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_compress.callbacks import _figures, _logging
-from lightning_compress.engine.masks import (
-    CRITERIA,
-    SCOPES,
-    STRUCTURES,
-    MaskApplier,
-    compute_masks,
-    measure_sparsity,
-    pack_mask,
-    unpack_mask,
-)
-from lightning_compress.engine.schedules import sparsity_at_step, validate_schedule
+from lightning_compress.engine.config import Criterion, PruningConfig, Schedule, Scope, Structure
+from lightning_compress.engine.pruner import GradualPruner
 from lightning_compress.engine.selection import select_parameters
-from lightning_compress.engine.validation import check_choice, check_fraction, check_optional_step
+from lightning_compress.engine.validation import check_bool, check_optional_str
 
 PREFIX = f"{_logging.PREFIX}/sparsity"
-UPDATES_PER_RAMP = 100  # default number of mask updates when `update_every_n_steps` is None
 
 
 class IterativePruningCallback(Callback):
@@ -83,14 +72,14 @@ class IterativePruningCallback(Callback):
     def __init__(
         self,
         target_sparsity: float = 0.9,
-        schedule: Literal["cubic", "linear", "exponential", "constant"] = "cubic",
+        schedule: Schedule = "cubic",
         initial_sparsity: float = 0.0,
         start_step: int = 0,
         end_step: int | None = None,
         update_every_n_steps: int | None = None,
-        scope: Literal["global", "local"] = "global",
-        structure: Literal["unstructured", "channel"] = "unstructured",
-        criterion: Literal["magnitude", "random"] = "magnitude",
+        scope: Scope = "global",
+        structure: Structure = "unstructured",
+        criterion: Criterion = "magnitude",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         end_fraction: float = 0.75,
@@ -99,49 +88,49 @@ class IterativePruningCallback(Callback):
         seed: int = 0,
         verbose: bool = True,
     ) -> None:
-        validate_schedule(schedule, initial_sparsity, target_sparsity, start_step, end_step, update_every_n_steps)
-        check_choice("scope", scope, SCOPES)
-        check_choice("structure", structure, STRUCTURES)
-        check_choice("criterion", criterion, CRITERIA)
-        check_fraction("end_fraction", end_fraction, include_one=True)
-        if end_fraction == 0.0:
-            raise ValueError("`end_fraction` must be in (0, 1], got 0.0.")
-        check_optional_step("rewind_to_step", rewind_to_step)
-        if rewind_to_step is not None and rewind_to_step > start_step:
-            raise ValueError(
-                f"`rewind_to_step` must be <= `start_step` ({start_step}) so the snapshot is taken before pruning,"
-                f" got {rewind_to_step}."
-            )
-        self.target_sparsity = float(target_sparsity)
-        self.schedule = schedule
-        self.initial_sparsity = float(initial_sparsity)
-        self.start_step = start_step
-        self.end_step = end_step
-        self.update_every_n_steps = update_every_n_steps
-        self.scope = scope
-        self.structure = structure
-        self.criterion = criterion
-        self.include = include
-        self.exclude = exclude
-        self.end_fraction = end_fraction
-        self.monitor = monitor
-        self.rewind_to_step = rewind_to_step
-        self.seed = seed
-        self.verbose = verbose
-
-        self._weights: dict[str, torch.nn.Parameter] = {}
-        self._masks: dict[str, Tensor] = {}
-        self._applier = MaskApplier({}, {})  # the masks in the form the per-step hooks use
-        self._current_target = 0.0  # target the masks were last computed for
-        self._last_step = -1  # global_step at which masks were last re-applied
-        self._history: list[tuple[int, float, float]] = []  # (step, sparsity, monitored metric) per validation
-        self._rewind_snapshot: dict[str, Tensor] = {}
-        self._pending_state: dict[str, Any] | None = None
-        self._resolved_end_step = end_step
-        self._resolved_frequency = update_every_n_steps
+        #: The validated settings (``end_step``/``update_every_n_steps`` as given; resolved at fit start).
+        self.config = PruningConfig(
+            target_sparsity=target_sparsity,
+            schedule=schedule,
+            initial_sparsity=initial_sparsity,
+            start_step=start_step,
+            end_step=end_step,
+            update_every_n_steps=update_every_n_steps,
+            scope=scope,
+            structure=structure,
+            criterion=criterion,
+            include=include,  # type: ignore[arg-type]  # validated and stored as a tuple
+            exclude=exclude,  # type: ignore[arg-type]
+            end_fraction=end_fraction,
+            rewind_to_step=rewind_to_step,
+            seed=seed,
+        )
+        self.monitor = check_optional_str("monitor", monitor)
+        self.verbose = check_bool("verbose", verbose)
+        #: The pruner of the current fit (``None`` before ``on_fit_start``).
+        self.pruner: GradualPruner | None = None
         #: The summary measured at fit end (also logged under ``compress/final/``): ``sparsity``, ``target_sparsity``,
-        #: ``nonzero_params``, ``total_params``, ``dense_bytes``, ``sparse_bytes`` and ``sparsity/<parameter>``.
+        #: ``target_reached``, ``nonzero_params``, ``total_params``, ``dense_bytes``, ``sparse_bytes`` and
+        #: ``sparsity/<parameter>``.
         self.results: dict[str, float] = {}
+        self._history: list[tuple[int, float, float]] = []  # (step, sparsity, monitored metric) per validation
+        self._pending_state: dict[str, Any] | None = None
+        self._hooks: list[Any] = []
+
+    def __getattr__(self, name: str) -> Any:
+        # The settings read as attributes, as before the config existed (``callback.target_sparsity``).
+        config = self.__dict__.get("config")
+        if config is not None and name in PruningConfig.__dataclass_fields__:
+            value = getattr(config, name)
+            return list(value) if isinstance(value, tuple) else value
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in PruningConfig.__dataclass_fields__ and "config" in self.__dict__:
+            raise AttributeError(
+                f"`{name}` is a setting of the frozen `config`: create a new {type(self).__name__} to change it."
+            )
+        super().__setattr__(name, value)
 
     @property
     @override
@@ -164,35 +153,60 @@ class IterativePruningCallback(Callback):
             charts.append(curve)
         return {"pruning": charts}
 
+    def compression_results(self) -> dict[str, float]:
+        """What :class:`~lightning_compress.CompressionReport` reads: :attr:`results`."""
+        return dict(self.results)
+
     # ----------------------------------------------------------------------------------------------------------
     # Lightning hooks
     # ----------------------------------------------------------------------------------------------------------
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == TrainerFn.FITTING:  # a reused callback object starts afresh, unless a checkpoint restores it
+            self.pruner, self.results, self._history, self._pending_state = None, {}, [], None
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        _check_state_key(checkpoint, type(self).__name__, self.state_key)
+
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._weights = select_parameters(pl_module, self.include, self.exclude)
         if self.monitor and not is_overridden("validation_step", pl_module):
             raise ValueError(
                 f"`monitor`={self.monitor!r} needs a validation loop, but "
                 f"{type(pl_module).__name__} does not define `validation_step`."
             )
-        self._resolve_steps(trainer)
+        select_parameters(pl_module, self.config.include, self.config.exclude)  # fail before the sanity check
         if self._pending_state is not None:
-            self._restore(self._pending_state)
-            self._pending_state = None
-        self._masks = {name: mask.to(self._weights[name].device) for name, mask in self._masks.items()}
-        self._applier = MaskApplier(self._weights, self._masks)
+            _check_same_config(self._pending_state.get("config"), self.config.to_dict())
         _logging.write_dashboard_layout(trainer)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Here, not in on_fit_start: the length of training is known without setting up the train dataloader
+        # early, which would perturb a dataloader that resumes mid-epoch.
+        weights = select_parameters(pl_module, self.config.include, self.config.exclude)
+        total_steps = trainer.estimated_stepping_batches
+        self.pruner = GradualPruner(weights, self.config.resolve(total_steps))
+        if self._pending_state is not None:
+            self.pruner.load_state_dict(self._pending_state)
+            self._history = [(int(s), float(sp), float(m)) for s, sp, m in self._pending_state.get("history", [])]
+            self._pending_state = None
+        _warn_if_ramp_outlasts_training(self.pruner.config, total_steps)
+        # Pruned weights are re-zeroed right after every optimizer step, automatic or manual optimization alike.
+        self._hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
         self._step(trainer)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        self._applier.mask_gradients()
+        if self.pruner is not None:
+            self.pruner.mask_gradients()
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step != self._last_step:  # an optimizer step happened
+        if self.pruner is not None and trainer.global_step != self.pruner.last_step:  # an optimizer step happened
             self._step(trainer)
 
     @override
@@ -203,8 +217,9 @@ class IterativePruningCallback(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.monitor or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
+        assert self.pruner is not None
         self._check_monitor(trainer)
-        sparsity = measure_sparsity(self._weights).sparsity
+        sparsity = self.pruner.stats().sparsity
         metric = float(trainer.callback_metrics[self.monitor])
         self._history.append((trainer.global_step, sparsity, metric))
         _logging.log_scalars(trainer, {self._curve_tag(): metric}, step=round(1000 * sparsity))
@@ -215,119 +230,69 @@ class IterativePruningCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        stats = measure_sparsity(self._weights)
+        self._remove_hooks()
+        assert self.pruner is not None
+        report = self.pruner.report()
         step = trainer.global_step
-        final = {
-            "sparsity": stats.sparsity,
-            "nonzero_params": float(stats.nonzero),
-            "dense_bytes": float(stats.dense_bytes()),
-            "sparse_bytes": float(stats.sparse_bytes()),
-        }
-        _logging.log_scalars(trainer, {f"{_logging.PREFIX}/final/{k}": v for k, v in final.items()}, step)
-        per_layer = stats.per_tensor()
-        self.results = {
-            **final,
-            "target_sparsity": self.target_sparsity,
-            "total_params": float(stats.total_numel),
-            **{f"sparsity/{name}": value for name, value in per_layer.items()},
-        }
+        self.results = report.to_metrics()
+        final_keys = ("sparsity", "target_reached", "nonzero_params", "dense_bytes", "sparse_bytes")
+        final = {f"{_logging.PREFIX}/final/{key}": self.results[key] for key in final_keys}
+        _logging.log_scalars(trainer, final, step)
+        if not report.target_reached:
+            rank_zero_warn(
+                f"IterativePruningCallback: training ended at step {step} with the masks at sparsity"
+                f" {report.applied_target:.4f}, below `target_sparsity`={report.target_sparsity} (the ramp ends at"
+                f" step {self.pruner.config.end_step}). Train longer, or set `end_step` within the training length."
+            )
+        per_layer = report.stats.per_tensor()
         figure = _figures.per_layer_bars(per_layer, title="sparsity per layer", xlabel="sparsity", limit_one=True)
         _logging.log_figure(trainer, f"{_logging.PREFIX}/pruning/per_layer_sparsity", figure, step)
-        rows = [
-            (name, stats.numels[name], stats.numels[name] - stats.zeros[name], per_layer[name]) for name in per_layer
-        ]
-        rows.append(("all selected weights", stats.total_numel, stats.nonzero, stats.sparsity))
-        table = _markdown_table(rows)
-        size = (
-            f"dense {stats.dense_bytes() / 1e6:.3f} MB, sparse (values + bitmask) {stats.sparse_bytes() / 1e6:.3f} MB"
-        )
-        _logging.log_text(trainer, f"{_logging.PREFIX}/pruning/summary", f"{table}\n\n{size}", step)
+        summary = report.markdown()
+        _logging.log_text(trainer, f"{_logging.PREFIX}/pruning/summary", summary, step)
         if self.verbose:
-            rank_zero_info(f"\nIterativePruningCallback summary (step {step}):\n{table}\n{size}")
+            rank_zero_info(f"\nIterativePruningCallback summary (step {step}):\n{summary}")
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_hooks()  # also when fit raised
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        if self.pruner is None:
+            return {}
         return {
-            "masks": {name: pack_mask(mask) for name, mask in self._masks.items()},
-            "mask_shapes": {name: list(mask.shape) for name, mask in self._masks.items()},
-            "current_target": self._current_target,
-            "last_step": self._last_step,
+            **self.pruner.state_dict(),
+            "config": self.config.to_dict(),
             "history": [list(point) for point in self._history],
-            "rewind_snapshot": {name: t.detach().cpu().clone() for name, t in self._rewind_snapshot.items()},
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied in on_fit_start, once the selected parameters are known (Lightning restores callbacks earlier).
-        self._pending_state = state_dict
+        self._pending_state = state_dict or None
 
     # ----------------------------------------------------------------------------------------------------------
     # Internals
     # ----------------------------------------------------------------------------------------------------------
-    def _resolve_steps(self, trainer: Trainer) -> None:
-        """Fix ``end_step`` and the update frequency from the length of training when they were left to us."""
-        if self.end_step is None:
-            total = trainer.estimated_stepping_batches
-            if total == float("inf"):
-                raise ValueError(
-                    "`end_step`=None needs a finite training length to derive it from: set `end_step`, or the"
-                    " Trainer's `max_steps`/`max_epochs`."
-                )
-            self._resolved_end_step = self.start_step + max(
-                1, round(self.end_fraction * (int(total) - self.start_step))
-            )
-        end_step = self._resolved_end_step
-        assert end_step is not None
-        validate_schedule(self.schedule, self.initial_sparsity, self.target_sparsity, self.start_step, end_step)
-        if self.update_every_n_steps is None:
-            self._resolved_frequency = max(1, (end_step - self.start_step) // UPDATES_PER_RAMP)
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.pruner is not None:
+            self.pruner.apply()
 
-    def _target(self, step: int) -> float:
-        assert self._resolved_end_step is not None and self._resolved_frequency is not None
-        return sparsity_at_step(
-            step,
-            final_sparsity=self.target_sparsity,
-            start_step=self.start_step,
-            end_step=self._resolved_end_step,
-            initial_sparsity=self.initial_sparsity,
-            schedule=self.schedule,
-            frequency=self._resolved_frequency,
-        )
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def _step(self, trainer: Trainer) -> None:
-        """After an optimizer step: re-zero pruned weights, update masks when the schedule says so, log."""
+        """After an optimizer step: update masks when the schedule says so, log."""
+        assert self.pruner is not None
         step = trainer.global_step
-        self._last_step = step
-        self._applier.apply()
-        if self.rewind_to_step == step and not self._rewind_snapshot:
-            self._rewind_snapshot = {name: w.detach().clone() for name, w in self._weights.items()}
-        target = self._target(step)
-        updated = target > self._current_target
-        if updated:
-            self._masks = compute_masks(
-                self._weights,
-                target,
-                scope=self.scope,
-                structure=self.structure,
-                criterion=self.criterion,
-                current_masks=self._masks,
-                seed=self.seed,
-            )
-            self._current_target = target
-            self._applier = MaskApplier(self._weights, self._masks)
-            if self._rewind_snapshot:
-                with torch.no_grad():
-                    for name, weight in self._weights.items():
-                        weight.copy_(self._rewind_snapshot[name].to(weight.device))
-            self._applier.apply()
+        updated = self.pruner.step(step)
         if updated or step % max(getattr(trainer, "log_every_n_steps", 50), 1) == 0:
-            self._log_sparsity(trainer, target)
-
-    def _log_sparsity(self, trainer: Trainer, target: float) -> None:
-        stats = measure_sparsity(self._weights)
-        metrics = {PREFIX: stats.sparsity, f"{_logging.PREFIX}/target_sparsity": target}
-        metrics.update({f"{PREFIX}/{name}": value for name, value in stats.per_tensor().items()})
-        _logging.log_scalars(trainer, metrics, step=trainer.global_step)
+            stats = self.pruner.stats()
+            metrics = {PREFIX: stats.sparsity, f"{_logging.PREFIX}/target_sparsity": self.pruner.target(step)}
+            metrics.update({f"{PREFIX}/{name}": value for name, value in stats.per_tensor().items()})
+            _logging.log_scalars(trainer, metrics, step=step)
 
     def _check_monitor(self, trainer: Trainer) -> None:
         if self.monitor and self.monitor not in trainer.callback_metrics:
@@ -339,31 +304,41 @@ class IterativePruningCallback(Callback):
     def _curve_tag(self) -> str:
         return f"{_logging.PREFIX}/{self.monitor}_vs_sparsity"
 
-    def _restore(self, state: dict[str, Any]) -> None:
-        """Rebuild masks and progress from a checkpoint, checking they fit the selected parameters."""
-        shapes = state["mask_shapes"]
-        unknown = sorted(set(shapes) - set(self._weights))
-        if unknown:
-            raise ValueError(
-                f"The checkpoint has pruning masks for {unknown}, which the current selection"
-                f" (`include`={self.include!r}, `exclude`={self.exclude!r}) does not contain."
-            )
-        for name, shape in shapes.items():
-            if list(self._weights[name].shape) != list(shape):
-                raise ValueError(
-                    f"The checkpoint's mask for {name!r} has shape {list(shape)}, the parameter has"
-                    f" {list(self._weights[name].shape)}."
-                )
-        self._masks = {name: unpack_mask(packed, shapes[name]) for name, packed in state["masks"].items()}
-        self._current_target = float(state["current_target"])
-        self._last_step = int(state["last_step"])
-        self._history = [(int(s), float(sp), float(m)) for s, sp, m in state.get("history", [])]
-        self._rewind_snapshot = {
-            name: t.to(self._weights[name].device) for name, t in state.get("rewind_snapshot", {}).items()
-        }
+
+def _check_same_config(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse to resume with other pruning settings than the checkpoint's (they would be absorbed silently)."""
+    if saved is None:  # a checkpoint from before the settings were saved
+        return
+    changed = [
+        f"`{key}`: {saved[key]!r} in the checkpoint, {current[key]!r} now"
+        for key in current
+        if key in saved and saved[key] != current[key]
+    ]
+    if changed:
+        raise ValueError(
+            "IterativePruningCallback is resumed with other settings than the checkpoint was written with ("
+            + "; ".join(changed)
+            + "). Resume with the checkpoint's settings, or start a new fit (without `ckpt_path`) to prune differently."
+        )
 
 
-def _markdown_table(rows: list[tuple[str, int, int, float]]) -> str:
-    lines = ["| parameter | weights | non-zero | sparsity |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {numel:,} | {nonzero:,} | {sparsity:.2%} |" for name, numel, nonzero, sparsity in rows]
-    return "\n".join(lines)
+def _check_state_key(checkpoint: dict[str, Any], class_name: str, state_key: str) -> None:
+    """A checkpoint of the same callback under another ``state_key`` means its selection changed: say so."""
+    saved = checkpoint.get("callbacks", {})
+    others = [key for key in saved if key.startswith(f"{class_name}{{") and key != state_key]
+    if others and state_key not in saved:
+        raise ValueError(
+            f"The checkpoint holds {class_name} state for {others[0]}, but this callback is {state_key}: `include`,"
+            " `exclude` or `structure` changed, so its masks would be dropped and pruned weights would grow back."
+            " Resume with the checkpoint's settings, or start a new fit without `ckpt_path`."
+        )
+
+
+def _warn_if_ramp_outlasts_training(config: PruningConfig, total_steps: float) -> None:
+    assert config.end_step is not None
+    if math.isfinite(total_steps) and config.end_step > total_steps:
+        rank_zero_warn(
+            f"IterativePruningCallback: the ramp ends at step {config.end_step} (`end_step`), but training is"
+            f" estimated at {int(total_steps)} optimizer steps: `target_sparsity`={config.target_sparsity} will not"
+            " be reached. Lower `end_step`/`start_step` or train longer."
+        )

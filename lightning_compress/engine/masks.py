@@ -19,13 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 from torch import Tensor
 
-SCOPES = ("global", "local")
-STRUCTURES = ("unstructured", "channel")
-CRITERIA = ("magnitude", "random")
+from lightning_compress.engine.config import Criterion, Scope, Structure
+from lightning_compress.engine.validation import check_choice, check_fraction
+
+SCOPES: tuple[str, ...] = get_args(Scope)
+STRUCTURES: tuple[str, ...] = get_args(Structure)
+CRITERIA: tuple[str, ...] = get_args(Criterion)
 
 _PRUNED_SCORE = -1.0  # below any magnitude or uniform random score, so pruned entries are always chosen first
 
@@ -73,9 +77,9 @@ def compute_masks(
     weights: Mapping[str, Tensor],
     sparsity: float,
     *,
-    scope: str = "global",
-    structure: str = "unstructured",
-    criterion: str = "magnitude",
+    scope: Scope = "global",
+    structure: Structure = "unstructured",
+    criterion: Criterion = "magnitude",
     current_masks: Mapping[str, Tensor] | None = None,
     seed: int = 0,
 ) -> dict[str, Tensor]:
@@ -93,7 +97,20 @@ def compute_masks(
 
     Returns:
         A new keep-mask (``torch.bool``, shaped like the weight) for every tensor in ``weights``.
+
+    Raises:
+        ValueError: If ``sparsity``, ``scope``, ``structure`` or ``criterion`` is not an allowed value.
+
+    Example:
+        >>> masks = compute_masks({"w": torch.tensor([[0.1, -2.0], [0.5, 3.0]])}, 0.5)
+        >>> masks["w"]
+        tensor([[False,  True],
+                [False,  True]])
     """
+    check_fraction("sparsity", sparsity, include_one=True)
+    check_choice("scope", scope, SCOPES)
+    check_choice("structure", structure, STRUCTURES)
+    check_choice("criterion", criterion, CRITERIA)
     current_masks = current_masks or {}
     generator = torch.Generator().manual_seed(seed) if criterion == "random" else None
     scores = {name: _scores(w, current_masks.get(name), structure, criterion, generator) for name, w in weights.items()}
@@ -157,10 +174,19 @@ def pack_mask(mask: Tensor) -> Tensor:
 
 
 def unpack_mask(packed: Tensor, shape: torch.Size | list[int] | tuple[int, ...]) -> Tensor:
-    """Inverse of :func:`pack_mask`."""
+    """Inverse of :func:`pack_mask`.
+
+    Raises:
+        ValueError: If ``packed`` does not hold exactly the bytes a mask of ``shape`` packs into.
+    """
     numel = 1
     for dim in shape:
         numel *= int(dim)
+    if packed.dim() != 1 or packed.numel() != (numel + 7) // 8:
+        raise ValueError(
+            f"A packed mask of shape {list(shape)} takes {(numel + 7) // 8} bytes, got {packed.numel()}: the"
+            " checkpoint's mask is truncated or belongs to another parameter."
+        )
     bits = (packed.cpu().unsqueeze(1) & _BIT_WEIGHTS) != 0
     return bits.flatten()[:numel].reshape(tuple(shape))
 

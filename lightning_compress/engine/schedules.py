@@ -17,33 +17,11 @@ often.
 
 from __future__ import annotations
 
-from lightning_compress.engine.validation import check_choice, check_fraction, check_positive_int
+from typing import get_args
 
-SCHEDULES = ("cubic", "linear", "exponential", "constant")
+from lightning_compress.engine.config import Schedule
 
-
-def validate_schedule(
-    schedule: str,
-    initial_sparsity: float,
-    final_sparsity: float,
-    start_step: int,
-    end_step: int | None,
-    frequency: int | None = 1,
-    final_name: str = "target_sparsity",
-) -> None:
-    """Raise ``ValueError`` (naming the argument, the value and what is allowed) for an impossible schedule."""
-    check_choice("schedule", schedule, SCHEDULES)
-    check_fraction(final_name, final_sparsity)
-    check_fraction("initial_sparsity", initial_sparsity)
-    if initial_sparsity > final_sparsity:
-        raise ValueError(f"`initial_sparsity` must be <= `{final_name}` ({final_sparsity}), got {initial_sparsity}.")
-    check_positive_int("start_step", start_step, allow_zero=True)
-    if end_step is not None:
-        check_positive_int("end_step", end_step, allow_zero=True)
-        if end_step <= start_step:
-            raise ValueError(f"`end_step` must be greater than `start_step` ({start_step}), got {end_step}.")
-    if frequency is not None:
-        check_positive_int("update_every_n_steps", frequency)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def sparsity_at_step(

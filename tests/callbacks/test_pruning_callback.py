@@ -9,6 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from helpers import ResumableLoader, TinyClassifier, TinyNet, classification_data, loader, trainer
 from lightning_compress import IterativePruningCallback
+from lightning_compress.engine.config import PruningConfig
+from lightning_compress.engine.pruner import GradualPruner
 
 PRUNED = ["net.fc1.weight", "net.fc2.weight"]
 
@@ -83,8 +85,8 @@ def test_end_step_none_uses_fraction_of_estimated_steps(tmp_path):
     callback = IterativePruningCallback(target_sparsity=0.6, end_fraction=0.5)
     model = TinyClassifier()
     trainer(tmp_path, [callback], max_epochs=4).fit(model, loader())  # 32 steps
-    assert callback._resolved_end_step == 16
-    assert callback._resolved_frequency == 1
+    assert callback.pruner.config.end_step == 16
+    assert callback.pruner.config.update_every_n_steps == 1
     assert _sparsity(model) == pytest.approx(0.6, abs=1 / 1280)
 
 
@@ -92,17 +94,20 @@ def _weights_equal(a, b):
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
-def _callback():
-    return IterativePruningCallback(target_sparsity=0.8, start_step=3, end_step=30, update_every_n_steps=4)
+def _callback(end_step=30):
+    return IterativePruningCallback(target_sparsity=0.8, start_step=3, end_step=end_step, update_every_n_steps=4)
 
 
-@pytest.mark.parametrize("checkpoint_step", [5, 14, 16, 27])
-def test_resume_from_any_step_is_bitwise_identical(tmp_path, checkpoint_step):
-    """Mid-epoch and mid-update-interval checkpoints too (with a dataloader that resumes mid-epoch)."""
+@pytest.mark.parametrize(
+    ("checkpoint_step", "end_step"), [(5, 30), (14, 30), (16, 30), (27, 30), (5, None), (14, None)]
+)
+def test_resume_from_any_step_is_bitwise_identical(tmp_path, checkpoint_step, end_step):
+    """Mid-epoch and mid-update-interval checkpoints too (with a dataloader that resumes mid-epoch); with
+    ``end_step=None`` the length of training is read without disturbing the resumed dataloader."""
     L.seed_everything(0)
     full = TinyClassifier()
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=checkpoint_step, save_top_k=-1)
-    full_callback = _callback()
+    full_callback = _callback(end_step)
     trainer(tmp_path, [full_callback, saver], enable_checkpointing=True).fit(
         full, ResumableLoader(classification_data())
     )
@@ -110,10 +115,10 @@ def test_resume_from_any_step_is_bitwise_identical(tmp_path, checkpoint_step):
 
     L.seed_everything(0)
     resumed = TinyClassifier()
-    resumed_callback = _callback()
+    resumed_callback = _callback(end_step)
     trainer(tmp_path, [resumed_callback]).fit(resumed, ResumableLoader(classification_data()), ckpt_path=ckpt)
     assert _weights_equal(full, resumed)
-    assert all(torch.equal(full_callback._masks[n], resumed_callback._masks[n]) for n in PRUNED)
+    assert all(torch.equal(full_callback.pruner.masks[n], resumed_callback.pruner.masks[n]) for n in PRUNED)
 
 
 def test_resume_with_plain_dataloader_at_epoch_end(tmp_path):
@@ -215,10 +220,10 @@ def test_multi_input_transformer(tmp_path):
     callback = IterativePruningCallback(target_sparsity=0.7, end_step=4, update_every_n_steps=1)
     module = MultiInputModule()
     trainer(tmp_path, [callback], max_epochs=2).fit(module, data)
-    assert callback._weights, "selected Linear weights inside the Transformer"
-    assert all("bias" not in name and "norm" not in name for name in callback._weights)
-    total = sum(w.numel() for w in callback._weights.values())
-    zeros = sum(int((w == 0).sum()) for w in callback._weights.values())
+    assert callback.pruner.weights, "selected Linear weights inside the Transformer"
+    assert all("bias" not in name and "norm" not in name for name in callback.pruner.weights)
+    total = sum(w.numel() for w in callback.pruner.weights.values())
+    zeros = sum(int((w == 0).sum()) for w in callback.pruner.weights.values())
     assert zeros == round(0.7 * total)
 
 
@@ -232,13 +237,15 @@ def test_tensorboard_tags_layout_and_curve(tmp_path):
     assert {"compress/sparsity/net.fc1.weight", "compress/sparsity/net.fc2.weight"} <= scalars
     assert events.Scalars("compress/sparsity")[-1].value == pytest.approx(0.5)
     curve = events.Scalars("compress/val_acc_vs_sparsity")
-    assert [e.step for e in curve] == [round(1000 * v) for v in (callback._history[i][1] for i in range(3))]
+    assert [e.step for e in curve] == [round(1000 * v) for v in (callback.history[i][1] for i in range(3))]
     images = set(events.Tags()["images"])
     assert {"compress/pruning/val_acc_vs_sparsity", "compress/pruning/per_layer_sparsity"} <= images
     assert "custom_scalars__config__" in events.Tags()["tensors"]
     assert "compress/pruning/summary/text_summary" in events.Tags()["tensors"]
     final = {t for t in scalars if t.startswith("compress/final/")}
-    assert final == {f"compress/final/{k}" for k in ("sparsity", "nonzero_params", "dense_bytes", "sparse_bytes")}
+    keys = ("sparsity", "target_reached", "nonzero_params", "dense_bytes", "sparse_bytes")
+    assert final == {f"compress/final/{k}" for k in keys}
+    assert events.Scalars("compress/final/target_reached")[-1].value == 1.0
 
 
 @pytest.mark.parametrize(
@@ -300,7 +307,6 @@ def test_checkpoint_from_other_selection_is_rejected(tmp_path):
     callback = IterativePruningCallback(end_step=8)
     trainer(tmp_path, [callback, saver], enable_checkpointing=True, max_epochs=1).fit(TinyClassifier(), loader())
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"][callback.state_key]
-    other = IterativePruningCallback(end_step=8, exclude=["fc2"])
-    other._weights = {"net.fc1.weight": TinyClassifier().net.fc1.weight}
+    other = GradualPruner({"net.fc1.weight": TinyClassifier().net.fc1.weight}, PruningConfig(end_step=8).resolve(None))
     with pytest.raises(ValueError, match=r"masks for \['net.fc2.weight'\]"):
-        other._restore(state)
+        other.load_state_dict(state)

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lightning_compress.engine.schedules import SCHEDULES, sparsity_at_step, validate_schedule
+from lightning_compress.engine.schedules import SCHEDULES, sparsity_at_step
 
 
 @st.composite
@@ -61,30 +61,3 @@ def test_targets_are_absolute_not_compounding():
     kwargs = {"final_sparsity": 0.5, "start_step": 0, "end_step": 3, "schedule": "exponential"}
     assert sparsity_at_step(3, **kwargs) == 0.5
     assert sparsity_at_step(100, **kwargs) == 0.5
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"schedule": "quadratic"}, r"`schedule` must be one of 'cubic', .* got 'quadratic'"),
-        ({"final_sparsity": 1.0}, r"`target_sparsity` must be in \[0, 1\), got 1.0"),
-        ({"final_sparsity": -0.1}, r"`target_sparsity` must be in \[0, 1\), got -0.1"),
-        ({"initial_sparsity": 0.95}, r"`initial_sparsity` must be <= `target_sparsity` \(0.9\), got 0.95"),
-        ({"start_step": 10, "end_step": 10}, r"`end_step` must be greater than `start_step` \(10\), got 10"),
-        ({"start_step": -1}, r"`start_step` must be a non-negative integer, got -1"),
-        ({"frequency": 0}, r"`update_every_n_steps` must be a positive integer, got 0"),
-    ],
-)
-def test_validate_schedule_errors(kwargs, match):
-    args = {"schedule": "cubic", "initial_sparsity": 0.0, "final_sparsity": 0.9, "start_step": 0, "end_step": 100}
-    args["frequency"] = 1
-    args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
-        validate_schedule(
-            args["schedule"],
-            args["initial_sparsity"],
-            args["final_sparsity"],
-            args["start_step"],
-            args["end_step"],
-            args["frequency"],
-        )

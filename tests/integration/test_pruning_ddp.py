@@ -16,9 +16,9 @@ class MaskChecksums(Callback):
         self.out_dir = str(out_dir)
 
     def on_fit_end(self, trainer, pl_module):
-        pruner = next(cb for cb in trainer.callbacks if isinstance(cb, IterativePruningCallback))
-        checksums = {name: int(mask.flatten().nonzero().sum()) for name, mask in pruner._masks.items()}
-        checksums["zeros"] = sum(int((w == 0).sum()) for w in pruner._weights.values())
+        callback = next(cb for cb in trainer.callbacks if isinstance(cb, IterativePruningCallback))
+        checksums = {name: int(mask.flatten().nonzero().sum()) for name, mask in callback.pruner.masks.items()}
+        checksums["zeros"] = sum(int((w == 0).sum()) for w in callback.pruner.weights.values())
         with open(f"{self.out_dir}/rank{trainer.global_rank}.json", "w") as f:
             json.dump(checksums, f)
 
