@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import shutil
 import statistics
@@ -243,7 +244,8 @@ def run_ptq(
         calibration_data="train",
         module="net",
         monitor=MONITOR,
-        max_accuracy_drop=cfg.max_accuracy_drop if fallback else None,
+        # the budget is in points of the metric as logged: val_acc is a fraction, the config is in percentage points
+        max_accuracy_drop=cfg.max_accuracy_drop / 100.0 if fallback else None,
         save_path=str(path),
         latency="off",
         verbose=False,
@@ -264,7 +266,7 @@ def run_ptq(
         "observer": observer,
         "fallback": bool(fallback),
         "results": results,
-        "attempts": json.loads(json.dumps(ptq.attempts, default=str)),
+        "attempts": json.loads(json.dumps([dataclasses.asdict(a) for a in ptq.attempts])),
         "seconds": seconds,
         "float_model_unchanged": unchanged,
         "path": str(path),

@@ -37,6 +37,7 @@ from lightning_compress.engine.convert import (
     save_and_size,
 )
 from lightning_compress.engine.fake_quant import prepare_qat
+from lightning_compress.engine.fallback import FallbackAttempt, find_float_layers
 from lightning_compress.engine.measure import batched_top1_agreement, latency_report, per_layer_sqnr
 from lightning_compress.engine.selection import compile_patterns, select_modules
 from lightning_compress.engine.validation import check_batch_sizes, check_choice, check_positive_int
@@ -108,9 +109,10 @@ class PostTrainingQuantCallback(Callback):
             Under ``trainer.test`` the test loop's metric is used: ``monitor`` itself or, if not logged, its test
             counterpart (``val_acc`` → ``test_acc``).
         monitor_mode: ``"max"`` (higher is better, e.g. accuracy) or ``"min"`` (e.g. a loss): the sign of the drop.
-        max_accuracy_drop: The largest drop of ``monitor`` accepted, in **points**: for a metric whose float and int8
-            values lie in [0, 1] (accuracy as a fraction) one point is 0.01 (``0.5`` allows 91.0% → 90.5%); for any
-            other metric it is in the metric's own units. ``None``: no fallback.
+        max_accuracy_drop: The largest drop of ``monitor`` accepted, in **points of the metric as logged** (its own
+            units, no conversion): for an accuracy logged as a fraction, ``0.005`` allows 91.0% → 90.5%; for an
+            accuracy logged in percent, ``0.5`` does; for a loss (``monitor_mode="min"``), a rise of the loss.
+            ``None``: no fallback.
         max_float_layers: At most this many layers kept in float by the fallback (``None``: no limit).
         run_on: When to run: any of ``"fit"`` (end of fit), ``"validate"`` and ``"test"`` (end of a standalone
             ``trainer.validate``/``trainer.test``).
@@ -191,12 +193,10 @@ class PostTrainingQuantCallback(Callback):
         self.quantized_program: torch.export.ExportedProgram | None = None
         #: The numbers of the last run (also logged under ``compress/ptq/``).
         self.results: dict[str, float | str] = {}
-        #: One entry per conversion tried: ``{"float_layers": [...], "metric": float | None, "drop": float | None}``.
-        self.attempts: list[dict[str, Any]] = []
+        #: One record per conversion of the last run, in the order tried (the first keeps no layer in float).
+        self.attempts: list[FallbackAttempt] = []
         self._catcher = _loops.InputCatcher()
         self._export_checked = False
-        self._float_value = math.nan  # the float metric of the run in progress
-        self._kept: dict[str, Any] = {}  # the attempt whose int8 model is kept
 
     @property
     def mode(self) -> str:
@@ -319,16 +319,39 @@ class PostTrainingQuantCallback(Callback):
 
         float_metrics, float_outputs = self._evaluate(trainer, pl_module, float_net, stage)
         monitor = self._check_monitor(float_metrics, stage) if self.monitor else None
-        self._float_value = float_metrics[monitor] if monitor else math.nan
-        self.attempts = []
-        int8, int8_metrics, int8_outputs = self._attempt(
-            trainer, pl_module, stage, float_net, calls, base_skip, [], float_metrics, monitor
-        )
-        self._kept = self.attempts[-1]
-        if monitor is not None and self.max_accuracy_drop is not None and not self._within_budget(self._kept):
-            int8, int8_metrics, int8_outputs = self._fall_back(
-                trainer, pl_module, stage, float_net, calls, base_skip, sqnr, float_metrics, monitor
+        calibration = [_as_item(call) for call in calls] if self.mode == "static" else None
+        evaluations: list[tuple[dict[str, float], list[Tensor]]] = []
+
+        def convert(float_layers: tuple[str, ...]) -> Int8Model:
+            skip = base_skip + list(float_layers)
+            return convert_to_int8(
+                float_net, args, kwargs, calibration_data=calibration, skip=skip, config=self.conversion
             )
+
+        def evaluate(int8: Int8Model) -> float | None:
+            evaluations.append(self._evaluate(trainer, pl_module, int8.module(), stage))
+            return evaluations[-1][0].get(monitor) if monitor else None
+
+        fallback = find_float_layers(
+            convert,
+            evaluate,
+            ranking=sorted(sqnr, key=lambda name: sqnr[name]),  # lowest SQNR (most hurt by int8) first
+            budget=self.max_accuracy_drop if monitor else None,
+            max_float_layers=self.max_float_layers,
+            reference=float_metrics[monitor] if monitor else math.nan,
+            higher_is_better=self.monitor_mode == "max",
+            on_attempt=self._report_attempt,
+        )
+        self.attempts = list(fallback.attempts)
+        if not fallback.budget_met:
+            rank_zero_warn(
+                f"PostTrainingQuantCallback: no mix of float layers tried (up to {len(self.attempts) - 1}, by "
+                f"increasing SQNR) keeps the `{monitor}` drop within `max_accuracy_drop`={self.max_accuracy_drop} "
+                f"points; keeping the attempt with the smallest drop (float layers: "
+                f"{', '.join(fallback.kept.float_layers) or 'none'})."
+            )
+        int8 = fallback.model
+        int8_metrics, int8_outputs = evaluations[fallback.kept_index]
         self.quantized_program = int8.program
         self.quantized_model = int8.module()
 
@@ -339,12 +362,12 @@ class PostTrainingQuantCallback(Callback):
         if monitor is not None:
             results[f"float_{monitor}"] = float_metrics[monitor]
             results[f"int8_{monitor}"] = int8_metrics[monitor]
-            results[f"{monitor}_drop"] = self._drop(float_metrics[monitor], int8_metrics[monitor])
+            results[f"{monitor}_drop"] = fallback.kept.drop  # type: ignore[assignment]
         agreement = batched_top1_agreement(float_outputs, int8_outputs)
         if agreement is not None:
             results["top1_agreement"] = agreement
         results["float_layers"] = ",".join(n for n in int8.skipped if n not in base_skip)
-        results.update(self._attempt_results(monitor))
+        results.update(self._attempt_results(monitor, fallback.budget_met))
         if self.latency != "off":
             sizes = self.latency_batch_sizes or sorted({1, _loops.validation_batch_size(trainer) or 64})
             results.update(latency_report(float_net, int8, args, kwargs, sizes, self.latency))
@@ -431,66 +454,10 @@ class PostTrainingQuantCallback(Callback):
     # ----------------------------------------------------------------------------------------------------------
     # Conversion, measurement and fallback
     # ----------------------------------------------------------------------------------------------------------
-    def _attempt(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        stage: str,
-        float_net: nn.Module,
-        calls: list[Call],
-        base_skip: list[str],
-        float_layers: list[str],
-        float_metrics: dict[str, float],
-        monitor: str | None,
-    ) -> tuple[Int8Model, dict[str, float], list[Tensor]]:
-        """Convert with ``float_layers`` kept in float, measure, and record the attempt."""
-        args, kwargs = calls[0]
-        calibration = [_as_item(call) for call in calls] if self.mode == "static" else None
-        int8 = convert_to_int8(
-            float_net, args, kwargs, calibration_data=calibration, skip=base_skip + float_layers, config=self.conversion
-        )
-        metrics, outputs = self._evaluate(trainer, pl_module, int8.module(), stage)
-        metric = metrics.get(monitor) if monitor else None
-        drop = None if metric is None or monitor is None else self._drop(float_metrics[monitor], metric)
-        self.attempts.append({"float_layers": list(float_layers), "metric": metric, "drop": drop})
-        if self.verbose and self.max_accuracy_drop is not None and drop is not None:
-            shown = ", ".join(float_layers) or "none"
-            rank_zero_info(f"PTQ attempt {len(self.attempts)}: float layers [{shown}] → {monitor}={metric:.4g}")
-        return int8, metrics, outputs
-
-    def _fall_back(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        stage: str,
-        float_net: nn.Module,
-        calls: list[Call],
-        base_skip: list[str],
-        sqnr: dict[str, float],
-        float_metrics: dict[str, float],
-        monitor: str,
-    ) -> tuple[Int8Model, dict[str, float], list[Tensor]]:
-        """Keep the k most sensitive layers in float, k = 1, 2, ..., until the drop is within budget."""
-        ranking = sorted(sqnr, key=lambda name: sqnr[name])  # lowest SQNR (most hurt by int8) first
-        limit = min(len(ranking), self.max_float_layers or len(ranking))
-        tried: list[tuple[Int8Model, dict[str, float], list[Tensor]]] = []
-        for k in range(1, limit + 1):
-            tried.append(
-                self._attempt(
-                    trainer, pl_module, stage, float_net, calls, base_skip, ranking[:k], float_metrics, monitor
-                )
-            )
-            if self._within_budget(self.attempts[-1]):
-                self._kept = self.attempts[-1]
-                return tried[-1]
-        best = min(range(len(tried)), key=lambda i: self.attempts[i + 1]["drop"])
-        self._kept = self.attempts[best + 1]
-        rank_zero_warn(
-            f"PostTrainingQuantCallback: no mix of float layers tried (up to {limit}, by increasing SQNR) keeps the "
-            f"`{monitor}` drop within `max_accuracy_drop`={self.max_accuracy_drop} points; keeping the attempt with "
-            f"the smallest drop (float layers: {', '.join(self.attempts[best + 1]['float_layers'])})."
-        )
-        return tried[best]
+    def _report_attempt(self, attempt: FallbackAttempt) -> None:
+        if self.verbose and self.max_accuracy_drop is not None and attempt.metric is not None:
+            shown = ", ".join(attempt.float_layers) or "none"
+            rank_zero_info(f"PTQ attempt: float layers [{shown}] → {self.monitor}={attempt.metric:.4g}")
 
     def _evaluate(
         self, trainer: Trainer, pl_module: LightningModule, network: Any, stage: str
@@ -520,27 +487,16 @@ class PostTrainingQuantCallback(Callback):
         available = ", ".join(f"`{k}`" for k in metrics) or "none"
         raise ValueError(f"`monitor`={self.monitor!r} is not logged by the {loop} loop. Logged: {available}.")
 
-    def _drop(self, float_value: float, int8_value: float) -> float:
-        """How much worse int8 is, in the metric's units (positive = worse)."""
-        return float_value - int8_value if self.monitor_mode == "max" else int8_value - float_value
-
-    def _within_budget(self, attempt: dict[str, Any]) -> bool:
-        assert self.max_accuracy_drop is not None
-        drop, metric = attempt["drop"], attempt["metric"]
-        if drop is None or math.isnan(drop):
-            return False
-        return _to_points(drop, self._float_value, metric) <= self.max_accuracy_drop + 1e-9
-
-    def _attempt_results(self, monitor: str | None) -> dict[str, float | str]:
+    def _attempt_results(self, monitor: str | None, budget_met: bool) -> dict[str, float | str]:
         out: dict[str, float | str] = {"attempts": float(len(self.attempts))}
         if monitor is None or self.max_accuracy_drop is None:
             return out
         out["max_accuracy_drop"] = self.max_accuracy_drop
-        out["budget_met"] = float(self._within_budget(self._kept))
+        out["budget_met"] = float(budget_met)
         for i, attempt in enumerate(self.attempts):
-            out[f"attempt_{i}/float_layers"] = ",".join(attempt["float_layers"])
-            if attempt["metric"] is not None:
-                out[f"attempt_{i}/{monitor}"] = attempt["metric"]
+            out[f"attempt_{i}/float_layers"] = ",".join(attempt.float_layers)
+            if attempt.metric is not None:
+                out[f"attempt_{i}/{monitor}"] = attempt.metric
         return out
 
     # ----------------------------------------------------------------------------------------------------------
@@ -553,9 +509,9 @@ class PostTrainingQuantCallback(Callback):
         if monitor is not None and self.max_accuracy_drop is not None:
             # One point per attempt, at step = number of layers kept in float: the accuracy/float-layers curve.
             for attempt in self.attempts:
-                if attempt["metric"] is not None:
-                    point = {f"{PREFIX}/fallback/{monitor}": attempt["metric"]}
-                    _logging.log_scalars(trainer, point, len(attempt["float_layers"]))
+                if attempt.metric is not None:
+                    point = {f"{PREFIX}/fallback/{monitor}": attempt.metric}
+                    _logging.log_scalars(trainer, point, len(attempt.float_layers))
         sqnr = {k.removeprefix("sqnr/"): v for k, v in numbers.items() if k.startswith("sqnr/")}
         _logging.log_layer_figure(trainer, f"{PREFIX}/per_layer_sqnr", sqnr, "SQNR (dB), higher is better")
         headline = {k: v for k, v in self.results.items() if "/" not in k or k.startswith(_HEADLINE_PREFIXES)}
@@ -564,18 +520,12 @@ class PostTrainingQuantCallback(Callback):
         if self.attempts and self.max_accuracy_drop is not None:
             lines = ["", "| attempt | float layers | " + (monitor or "metric") + " |", "|---:|---|---:|"]
             for i, attempt in enumerate(self.attempts):
-                metric = "n/a" if attempt["metric"] is None else f"{attempt['metric']:.4g}"
-                lines.append(f"| {i} | {', '.join(attempt['float_layers']) or 'none'} | {metric} |")
+                metric = "n/a" if attempt.metric is None else f"{attempt.metric:.4g}"
+                lines.append(f"| {i} | {', '.join(attempt.float_layers) or 'none'} | {metric} |")
             summary += "\n".join(lines)
         _logging.log_text(trainer, f"{PREFIX}/summary", summary, step)
         if self.verbose:
             rank_zero_info(f"\n{summary}\n")
-
-
-def _to_points(drop: float, float_value: float, int8_value: float | None) -> float:
-    """A drop in points: x100 for metrics in [0, 1] (fractions), unchanged otherwise."""
-    values = [float_value] + ([int8_value] if int8_value is not None else [])
-    return drop * 100.0 if all(0.0 <= v <= 1.0 for v in values) else drop
 
 
 def _as_item(call: Call) -> Any:
