@@ -16,6 +16,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from lightning_compress.engine.measure import Evaluation
+
 #: The positional and keyword arguments of one call of a network.
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -211,39 +213,48 @@ def run_inner_loop(
     return {k: float(v) for k, v in results[0].items()} if results else {}
 
 
-def validate_network(
-    trainer: Trainer, pl_module: LightningModule, module_name: str | None, network: Any
-) -> tuple[dict[str, float], list[Tensor]]:
-    """Run the user's ``validation_step`` over the trainer's validation data with ``network`` as the target.
+def evaluate_network(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    module_name: str | None,
+    network: Any,
+    loop: Literal["validate", "test"] = "validate",
+) -> Evaluation:
+    """Run the user's ``validation_step`` (or ``test_step``) over the trainer's data with ``network`` as the target.
 
     Returns:
-        The metrics the validation logged, and the target network's outputs per batch.
+        The metrics the loop logged, and the target network's outputs per batch.
+
+    Raises:
+        RuntimeError: If the trainer has no dataloader for ``loop``, or the loop never called the target.
     """
-    dataloaders = trainer.val_dataloaders
+    dataloaders = trainer.test_dataloaders if loop == "test" else trainer.val_dataloaders
     if dataloaders is None:
-        raise RuntimeError("There is no validation dataloader to measure the quantized model on.")
+        raise RuntimeError(f"There is no {loop} dataloader to measure the quantized model on.")
     if network is pl_module:
         # The whole LightningModule is the target and is evaluated as it is: record its own (class) ``forward``,
         # bound now, because the instance's ``forward`` is about to be the recorder itself.
         network = type(pl_module).forward.__get__(pl_module)
+    limit = trainer.limit_test_batches if loop == "test" else trainer.limit_val_batches
     recorder = Recorder(network, keep_outputs=True)
-    metrics = run_inner_loop(
-        trainer, pl_module, module_name, recorder, "validate", dataloaders, trainer.limit_val_batches
-    )
+    metrics = run_inner_loop(trainer, pl_module, module_name, recorder, loop, dataloaders, limit)
     if recorder.calls == 0:
         where = f"`{module_name}`" if module_name else "`forward`"
+        name, step = ("test", "test_step") if loop == "test" else ("validation", "validation_step")
         raise RuntimeError(
-            f"The validation loop never called {where}, so the quantized network was not evaluated. Pass the name of"
-            " the submodule your `validation_step` calls as `module` (e.g. module='net')."
+            f"The {name} loop never called {where}, so the quantized network was not evaluated. Pass the name of"
+            f" the submodule your `{step}` calls as `module` (e.g. module='net')."
         )
-    return metrics, recorder.outputs
+    return Evaluation(metrics, recorder.outputs)
 
 
-def validation_batch_size(trainer: Trainer) -> int | None:
-    """The batch size of the first validation dataloader, when it has one."""
+def latency_batch_sizes(trainer: Trainer, given: list[int] | None) -> list[int]:
+    """The batch sizes to time: ``given``, else 1 and the validation batch size (64 when it has none)."""
+    if given:
+        return list(given)
     loaders = trainer.val_dataloaders
     first = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-    return getattr(first, "batch_size", None)
+    return sorted({1, getattr(first, "batch_size", None) or 64})
 
 
 def artifact_path(trainer: Trainer, given: str | None, filename: str) -> Path:

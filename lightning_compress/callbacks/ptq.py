@@ -14,7 +14,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 from typing_extensions import override
 
 from lightning_compress.callbacks import _logging, _loops
@@ -34,11 +34,10 @@ from lightning_compress.engine.convert import (
     QuantizedModule,
     check_exportable,
     convert_to_int8,
-    save_and_size,
 )
 from lightning_compress.engine.fake_quant import prepare_qat
 from lightning_compress.engine.fallback import FallbackAttempt, find_float_layers
-from lightning_compress.engine.measure import batched_top1_agreement, latency_report, per_layer_sqnr
+from lightning_compress.engine.measure import Evaluation, measure_int8, per_layer_sqnr
 from lightning_compress.engine.selection import compile_patterns, select_modules
 from lightning_compress.engine.validation import check_batch_sizes, check_choice, check_positive_int
 
@@ -315,12 +314,10 @@ class PostTrainingQuantCallback(Callback):
         quantized = list(select_modules(float_net, self.include, self.exclude))
         base_skip = [n for n in select_modules(float_net) if n not in quantized]
         sqnr = self._per_layer_sqnr(float_net, calls)
-        results: dict[str, float | str] = {f"sqnr/{k}": v for k, v in sqnr.items()}
-
-        float_metrics, float_outputs = self._evaluate(trainer, pl_module, float_net, stage)
-        monitor = self._check_monitor(float_metrics, stage) if self.monitor else None
+        float_run = self._evaluate(trainer, pl_module, float_net, stage)
+        monitor = self._check_monitor(float_run.metrics, stage) if self.monitor else None
         calibration = [_as_item(call) for call in calls] if self.mode == "static" else None
-        evaluations: list[tuple[dict[str, float], list[Tensor]]] = []
+        evaluations: list[Evaluation] = []  # one per attempt
 
         def convert(float_layers: tuple[str, ...]) -> Int8Model:
             skip = base_skip + list(float_layers)
@@ -330,7 +327,7 @@ class PostTrainingQuantCallback(Callback):
 
         def evaluate(int8: Int8Model) -> float | None:
             evaluations.append(self._evaluate(trainer, pl_module, int8.module(), stage))
-            return evaluations[-1][0].get(monitor) if monitor else None
+            return evaluations[-1].metrics.get(monitor) if monitor else None
 
         fallback = find_float_layers(
             convert,
@@ -338,7 +335,7 @@ class PostTrainingQuantCallback(Callback):
             ranking=sorted(sqnr, key=lambda name: sqnr[name]),  # lowest SQNR (most hurt by int8) first
             budget=self.max_accuracy_drop if monitor else None,
             max_float_layers=self.max_float_layers,
-            reference=float_metrics[monitor] if monitor else math.nan,
+            reference=float_run.metrics[monitor] if monitor else math.nan,
             higher_is_better=self.monitor_mode == "max",
             on_attempt=self._report_attempt,
         )
@@ -351,27 +348,27 @@ class PostTrainingQuantCallback(Callback):
                 f"{', '.join(fallback.kept.float_layers) or 'none'})."
             )
         int8 = fallback.model
-        int8_metrics, int8_outputs = evaluations[fallback.kept_index]
         self.quantized_program = int8.program
         self.quantized_model = int8.module()
-
-        path = _loops.artifact_path(trainer, self.save_path, "ptq_int8.pt2")
-        results.update(save_and_size(int8, float_net, path))
-        results["conversion_seconds"] = int8.timings.get("total", 0.0)
+        report = measure_int8(
+            int8,
+            float_net,
+            _loops.artifact_path(trainer, self.save_path, "ptq_int8.pt2"),
+            args,
+            kwargs,
+            layer_sqnr=sqnr,
+            monitor=monitor,
+            reference_evaluation=float_run,
+            int8_evaluation=evaluations[fallback.kept_index],
+            higher_is_better=self.monitor_mode == "max",
+            latency=self.latency,
+            batch_sizes=_loops.latency_batch_sizes(trainer, self.latency_batch_sizes),
+        )
+        results: dict[str, float | str] = dict(report.to_metrics())
         results["quantized_layers"] = float(len([n for n in quantized if n not in int8.skipped]))
-        if monitor is not None:
-            results[f"float_{monitor}"] = float_metrics[monitor]
-            results[f"int8_{monitor}"] = int8_metrics[monitor]
-            results[f"{monitor}_drop"] = fallback.kept.drop  # type: ignore[assignment]
-        agreement = batched_top1_agreement(float_outputs, int8_outputs)
-        if agreement is not None:
-            results["top1_agreement"] = agreement
         results["float_layers"] = ",".join(n for n in int8.skipped if n not in base_skip)
         results.update(self._attempt_results(monitor, fallback.budget_met))
-        if self.latency != "off":
-            sizes = self.latency_batch_sizes or sorted({1, _loops.validation_batch_size(trainer) or 64})
-            results.update(latency_report(float_net, int8, args, kwargs, sizes, self.latency))
-        results["saved_to"] = str(path)
+        results["saved_to"] = report.saved_to
         for note in int8.notes:
             rank_zero_warn(f"PostTrainingQuantCallback: {note}")
         self.results = results
@@ -459,20 +456,14 @@ class PostTrainingQuantCallback(Callback):
             shown = ", ".join(attempt.float_layers) or "none"
             rank_zero_info(f"PTQ attempt: float layers [{shown}] → {self.monitor}={attempt.metric:.4g}")
 
-    def _evaluate(
-        self, trainer: Trainer, pl_module: LightningModule, network: Any, stage: str
-    ) -> tuple[dict[str, float], list[Tensor]]:
+    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, network: Any, stage: str) -> Evaluation:
         """The user's validation (or test, under ``trainer.test``) loop with ``network`` as the target."""
         loop: Literal["validate", "test"] = "test" if stage == "test" else "validate"
-        loader = trainer.test_dataloaders if loop == "test" else trainer.val_dataloaders
-        if loader is None:
+        if (trainer.test_dataloaders if loop == "test" else trainer.val_dataloaders) is None:
             if self.monitor:
                 raise RuntimeError(f"`monitor`={self.monitor!r} needs a {loop} dataloader to measure it on; none.")
-            return {}, []
-        limit = trainer.limit_test_batches if loop == "test" else trainer.limit_val_batches
-        recorder = _loops.Recorder(network, keep_outputs=True)
-        metrics = _loops.run_inner_loop(trainer, pl_module, self.module, recorder, loop, loader, limit)
-        return metrics, recorder.outputs
+            return Evaluation({}, [])
+        return _loops.evaluate_network(trainer, pl_module, self.module, network, loop)
 
     def _check_monitor(self, metrics: dict[str, Any], stage: str) -> str:
         """The name of the monitored metric in ``metrics`` (its test counterpart under test); fails clearly."""

@@ -26,17 +26,15 @@ from lightning_compress.engine.config import (
     QuantConfig,
     WeightBits,
 )
-from lightning_compress.engine.convert import Int8Model, QuantizedModule, convert_to_int8, save_and_size
+from lightning_compress.engine.convert import Int8Model, QuantizedModule, convert_to_int8
 from lightning_compress.engine.fake_quant import (
-    activation_qparams,
     fake_quant_modules,
     prepare_qat,
     quant_state_keys,
     strip_qat,
     sync_observers,
-    weight_scales,
 )
-from lightning_compress.engine.measure import batched_top1_agreement, latency_report, per_layer_sqnr, sqnr_db
+from lightning_compress.engine.measure import measure_int8
 from lightning_compress.engine.qat import SCHEDULE_UNITS, QATPhase, QATSchedule, ScheduleUnit, apply_phase
 from lightning_compress.engine.validation import check_batch_sizes, check_choice
 
@@ -304,34 +302,26 @@ class QATCallback(Callback):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> dict[str, float]:
-        float_copy = strip_qat(copy.deepcopy(target)).eval()
-        path = _loops.artifact_path(trainer, self.save_path, "qat_int8.pt2")
-        results: dict[str, float] = dict(save_and_size(int8, float_copy, path))
-        results["conversion_seconds"] = int8.timings.get("total", 0.0)
-        with torch.no_grad():
-            fake_out, int8_out = target(*args, **kwargs), int8.module()(*args, **kwargs)
-        if isinstance(fake_out, torch.Tensor) and isinstance(int8_out, torch.Tensor):
-            results["int8_vs_fake_quant_sqnr_db"] = sqnr_db(fake_out, int8_out)
-        for name, value in per_layer_sqnr(None, target, args, kwargs).items():
-            results[f"sqnr/{name}"] = value
-        for name, (scale, _) in activation_qparams(target).items():
-            results[f"activation_scale/{name}"] = scale
-        for name, scales in weight_scales(target).items():
-            results[f"weight_scale/{name}"] = float(scales.mean())
-        if self.monitor:
-            fake_metrics, fake_outputs = _loops.validate_network(trainer, pl_module, self.module, target)
-            int8_metrics, int8_outputs = _loops.validate_network(trainer, pl_module, self.module, int8.module())
-            self._check_monitor(fake_metrics)
-            results[f"fake_quant_{self.monitor}"] = fake_metrics[self.monitor]
-            results[f"int8_{self.monitor}"] = int8_metrics[self.monitor]
-            results[f"{self.monitor}_drop"] = fake_metrics[self.monitor] - int8_metrics[self.monitor]
-            agreement = batched_top1_agreement(fake_outputs, int8_outputs)
-            if agreement is not None:
-                results["top1_agreement"] = agreement
-        if self.latency != "off":
-            sizes = self.latency_batch_sizes or sorted({1, _loops.validation_batch_size(trainer) or 64})
-            results.update(latency_report(float_copy, int8, args, kwargs, sizes, self.latency))
-        results["saved_to"] = str(path)  # type: ignore[assignment]
+        fake_quant = int8_run = None
+        if self.monitor:  # the user's validation with the fake-quant, then the int8 network in place
+            fake_quant = _loops.evaluate_network(trainer, pl_module, self.module, target)
+            self._check_monitor(fake_quant.metrics)
+            int8_run = _loops.evaluate_network(trainer, pl_module, self.module, int8.module())
+        report = measure_int8(
+            int8,
+            strip_qat(copy.deepcopy(target)).eval(),
+            _loops.artifact_path(trainer, self.save_path, "qat_int8.pt2"),
+            args,
+            kwargs,
+            fake_quant_model=target,
+            monitor=self.monitor,
+            reference_evaluation=fake_quant,
+            int8_evaluation=int8_run,
+            latency=self.latency,
+            batch_sizes=_loops.latency_batch_sizes(trainer, self.latency_batch_sizes),
+        )
+        results = report.to_metrics()
+        results["saved_to"] = report.saved_to  # type: ignore[assignment]
         return results
 
     def _check_monitor(self, metrics: dict[str, float]) -> None:

@@ -9,21 +9,36 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_compress.engine.convert import Int8Model, compile_int8
-from lightning_compress.engine.fake_quant import FakeQuantModule, fake_quant_modules, fake_quantize_weight
+from lightning_compress.engine.convert import Int8Model, compile_int8, save_and_size
+from lightning_compress.engine.fake_quant import (
+    FakeQuantModule,
+    activation_qparams,
+    fake_quant_modules,
+    fake_quantize_weight,
+    weight_scales,
+)
+from lightning_compress.engine.fallback import metric_drop
 from lightning_compress.engine.validation import check_positive_int
 
 __all__ = [
+    "Evaluation",
+    "Int8Report",
+    "batched_top1_agreement",
     "compare_latency",
+    "latency_report",
+    "measure_int8",
     "measure_latency",
     "num_threads",
     "per_layer_sqnr",
@@ -318,3 +333,171 @@ def _batch_of(args: tuple[Any, ...]) -> int:
         if isinstance(arg, Tensor) and arg.dim() > 0:
             return int(arg.shape[0])
     return 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One measurement of an int8 model (what the QAT and PTQ callbacks report)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class Evaluation(NamedTuple):
+    """A run of the user's evaluation with one network in place.
+
+    Attributes:
+        metrics: The metrics it logged, by name.
+        outputs: The network's tensor outputs, one per batch (for top-1 agreement).
+    """
+
+    metrics: dict[str, float]
+    outputs: list[Tensor]
+
+
+@dataclass
+class Int8Report:
+    """What :func:`measure_int8` measured about an int8 model and the model it was compared with.
+
+    Attributes:
+        float_bytes: Size of the float model's serialized ``state_dict``.
+        int8_bytes: Size of the saved int8 artifact.
+        saved_to: Where the artifact was saved.
+        conversion_seconds: Time the conversion took.
+        reference: What the int8 model is compared with: ``"float"`` or ``"fake_quant"`` (the QAT model).
+        output_sqnr_db: SQNR (dB) of the int8 outputs against the reference's on the example inputs (``None``: not
+            measured).
+        layer_sqnr_db: Per-layer SQNR (dB) of the fake-quant simulation, by layer name.
+        activation_scales: The uint8 input scale of each fake-quant layer (the one the fake-quant op uses).
+        weight_scales: The mean per-channel weight scale of each fake-quant layer.
+        monitor: The metric compared (``None``: none).
+        reference_metric: ``monitor`` for the reference model.
+        int8_metric: ``monitor`` for the int8 model.
+        metric_drop: How much worse the int8 model is, in the metric's units (positive = worse).
+        top1_agreement: Share of validation rows where both models predict the same class.
+        latency_ms: Median CPU latencies and speed-ups by batch size (keys of :func:`latency_report`).
+    """
+
+    float_bytes: int
+    int8_bytes: int
+    saved_to: str = ""
+    conversion_seconds: float = 0.0
+    reference: str = "float"
+    output_sqnr_db: float | None = None
+    layer_sqnr_db: dict[str, float] = field(default_factory=dict)
+    activation_scales: dict[str, float] = field(default_factory=dict)
+    weight_scales: dict[str, float] = field(default_factory=dict)
+    monitor: str | None = None
+    reference_metric: float | None = None
+    int8_metric: float | None = None
+    metric_drop: float | None = None
+    top1_agreement: float | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def size_ratio(self) -> float:
+        """``int8_bytes / float_bytes``."""
+        return self.int8_bytes / self.float_bytes
+
+    def to_metrics(self, prefix: str = "") -> dict[str, float]:
+        """The report as flat scalars, e.g. ``{"int8_bytes": ..., "sqnr/fc1": ..., "int8_val_acc": ...}``.
+
+        Args:
+            prefix: Put in front of every key (e.g. ``"compress/quant/"``).
+
+        Example:
+            >>> report = Int8Report(float_bytes=400, int8_bytes=100, layer_sqnr_db={"fc": 35.0})
+            >>> report.to_metrics()
+            {'float_bytes': 400.0, 'int8_bytes': 100.0, 'size_ratio': 0.25, 'conversion_seconds': 0.0, 'sqnr/fc': 35.0}
+        """
+        out: dict[str, float] = {
+            "float_bytes": float(self.float_bytes),
+            "int8_bytes": float(self.int8_bytes),
+            "size_ratio": self.size_ratio,
+            "conversion_seconds": self.conversion_seconds,
+        }
+        if self.output_sqnr_db is not None:
+            out[f"int8_vs_{self.reference}_sqnr_db"] = self.output_sqnr_db
+        out.update({f"sqnr/{name}": value for name, value in self.layer_sqnr_db.items()})
+        out.update({f"activation_scale/{name}": value for name, value in self.activation_scales.items()})
+        out.update({f"weight_scale/{name}": value for name, value in self.weight_scales.items()})
+        if self.monitor is not None and self.reference_metric is not None and self.int8_metric is not None:
+            out[f"{self.reference}_{self.monitor}"] = self.reference_metric
+            out[f"int8_{self.monitor}"] = self.int8_metric
+            if self.metric_drop is not None:
+                out[f"{self.monitor}_drop"] = self.metric_drop
+        if self.top1_agreement is not None:
+            out["top1_agreement"] = self.top1_agreement
+        out.update(self.latency_ms)
+        return {f"{prefix}{key}": value for key, value in out.items()}
+
+
+def measure_int8(
+    int8: Int8Model,
+    float_model: nn.Module,
+    path: str | os.PathLike[str],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    fake_quant_model: nn.Module | None = None,
+    layer_sqnr: Mapping[str, float] | None = None,
+    monitor: str | None = None,
+    reference_evaluation: Evaluation | None = None,
+    int8_evaluation: Evaluation | None = None,
+    higher_is_better: bool = True,
+    latency: str = "off",
+    batch_sizes: Sequence[int] = (),
+) -> Int8Report:
+    """Save the int8 artifact and measure it against its reference: sizes, SQNR, scales, metric, agreement, latency.
+
+    The reference is the fake-quant model when ``fake_quant_model`` is given (QAT), else the float model (PTQ).
+
+    Args:
+        int8: The converted model.
+        float_model: The float model (its ``state_dict`` size; timed against the int8 model).
+        path: Where to save the artifact (:func:`~lightning_compress.engine.convert.save_int8`).
+        args: Positional example inputs (output SQNR, latency).
+        kwargs: Keyword example inputs.
+        fake_quant_model: A model prepared by :func:`~lightning_compress.engine.fake_quant.prepare_qat`, in eval
+            mode: output SQNR of the int8 model against it, its per-layer SQNR and its activation/weight scales.
+        layer_sqnr: Per-layer SQNR measured by the caller (used when ``fake_quant_model`` is not given).
+        monitor: The name of the compared metric, looked up in both evaluations.
+        reference_evaluation: The reference model's run of the user's evaluation.
+        int8_evaluation: The int8 model's run of the same evaluation.
+        higher_is_better: The direction of ``monitor`` (the sign of the drop).
+        latency: ``"compiled"``, ``"eager"`` or ``"off"`` (see :func:`latency_report`).
+        batch_sizes: Batch sizes to time.
+
+    Returns:
+        An :class:`Int8Report`.
+    """
+    sizes = save_and_size(int8, float_model, Path(path))
+    report = Int8Report(
+        float_bytes=int(sizes["float_bytes"]),
+        int8_bytes=int(sizes["int8_bytes"]),
+        saved_to=str(path),
+        conversion_seconds=int8.timings.get("total", 0.0),
+        reference="fake_quant" if fake_quant_model is not None else "float",
+        layer_sqnr_db=dict(layer_sqnr or {}),
+        monitor=monitor,
+    )
+    if fake_quant_model is not None:
+        was_training = fake_quant_model.training
+        try:
+            with torch.no_grad():
+                fake_quant_model.eval()  # observers move in training mode only
+                reference_out, int8_out = fake_quant_model(*args, **kwargs), int8.module()(*args, **kwargs)
+        finally:
+            fake_quant_model.train(was_training)
+        if isinstance(reference_out, Tensor) and isinstance(int8_out, Tensor):
+            report.output_sqnr_db = sqnr_db(reference_out, int8_out)
+        report.layer_sqnr_db = per_layer_sqnr(None, fake_quant_model, args, kwargs)
+        report.activation_scales = {name: scale for name, (scale, _) in activation_qparams(fake_quant_model).items()}
+        report.weight_scales = {name: float(s.mean()) for name, s in weight_scales(fake_quant_model).items()}
+    if reference_evaluation is not None and int8_evaluation is not None:
+        if monitor is not None:
+            report.reference_metric = reference_evaluation.metrics.get(monitor)
+            report.int8_metric = int8_evaluation.metrics.get(monitor)
+            if report.reference_metric is not None and report.int8_metric is not None:
+                report.metric_drop = metric_drop(report.reference_metric, report.int8_metric, higher_is_better)
+        report.top1_agreement = batched_top1_agreement(reference_evaluation.outputs, int8_evaluation.outputs)
+    if latency != "off":
+        report.latency_ms = latency_report(float_model, int8, args, kwargs, list(batch_sizes), latency)
+    return report

@@ -11,9 +11,13 @@ from test_fake_quant import LeNet5, TwoInputNet, mlp, train_steps
 from torch import nn
 
 from lightning_compress.engine.config import QuantConfig
-from lightning_compress.engine.fake_quant import activation_ranges, prepare_qat, strip_qat
+from lightning_compress.engine.convert import convert_to_int8, load_quantized
+from lightning_compress.engine.fake_quant import activation_qparams, activation_ranges, prepare_qat, strip_qat
 from lightning_compress.engine.measure import (
+    Evaluation,
+    Int8Report,
     compare_latency,
+    measure_int8,
     measure_latency,
     num_threads,
     per_layer_sqnr,
@@ -132,3 +136,71 @@ def test_num_threads_context_manager() -> None:
         assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match=r"`num_threads` must be a positive integer, got 0\."), num_threads(0):
         pass
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One measurement of an int8 model: Int8Report, measure_int8
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_measure_int8_against_the_fake_quant_model(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    prepare_qat(model)
+    x = torch.randn(64, 16)
+    train_steps(model, x, steps=5)
+    model.eval()
+    int8 = convert_to_int8(model, (x,))
+    with torch.no_grad():
+        fake_out, int8_out = model(x), int8.module()(x)
+    fake = Evaluation({"val_acc": 0.90}, [fake_out])
+    quantized = Evaluation({"val_acc": 0.88}, [int8_out])
+    report = measure_int8(
+        int8,
+        strip_qat(copy.deepcopy(model)),
+        tmp_path / "int8.pt2",
+        (x,),
+        {},
+        fake_quant_model=model,
+        monitor="val_acc",
+        reference_evaluation=fake,
+        int8_evaluation=quantized,
+        latency="eager",
+        batch_sizes=[4],
+    )
+    assert report.reference == "fake_quant" and report.saved_to == str(tmp_path / "int8.pt2")
+    assert torch.equal(load_quantized(report.saved_to)(x), int8_out)
+    assert report.int8_bytes == (tmp_path / "int8.pt2").stat().st_size  # (tiny net: metadata outweighs it)
+    assert report.size_ratio == report.int8_bytes / report.float_bytes
+    assert report.metric_drop == pytest.approx(0.02) and report.top1_agreement is not None
+    assert report.activation_scales == {name: scale for name, (scale, _) in activation_qparams(model).items()}
+    metrics = report.to_metrics(prefix="q/")
+    assert metrics["q/fake_quant_val_acc"] == 0.90 and metrics["q/int8_val_acc"] == 0.88
+    assert metrics["q/val_acc_drop"] == pytest.approx(0.02) and "q/int8_vs_fake_quant_sqnr_db" in metrics
+    assert {"q/sqnr/0", "q/activation_scale/2", "q/weight_scale/4", "q/int8_ms/batch_4"} <= set(metrics)
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert not model.training  # the measurement leaves the model's mode as it was
+
+
+def test_int8_report_against_float_with_given_layer_sqnr_and_a_lower_is_better_metric(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = mlp().eval()
+    x = torch.randn(16, 16)
+    int8 = convert_to_int8(model, (x,), mode="dynamic")
+    report = measure_int8(
+        int8,
+        model,
+        tmp_path / "a.pt2",
+        (x,),
+        {},
+        layer_sqnr={"0": 30.0},
+        monitor="val_loss",
+        reference_evaluation=Evaluation({"val_loss": 0.5}, []),
+        int8_evaluation=Evaluation({"val_loss": 0.6}, []),
+        higher_is_better=False,
+    )
+    metrics = report.to_metrics()
+    assert metrics["float_val_loss"] == 0.5 and metrics["val_loss_drop"] == pytest.approx(0.1)
+    assert metrics["sqnr/0"] == 30.0 and "top1_agreement" not in metrics  # no outputs: no agreement
+    assert not any(k.startswith(("activation_scale/", "int8_vs_")) for k in metrics)
+    assert Int8Report(float_bytes=4, int8_bytes=1).to_metrics()["size_ratio"] == 0.25
