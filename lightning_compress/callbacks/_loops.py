@@ -78,12 +78,10 @@ def example_inputs(
             return (), _detached_cpu(example)
         args = example if isinstance(example, tuple) else (example,)
         return _detached_cpu(args), {}
-    if catcher.args is None:
-        raise RuntimeError(
-            "No example input to export the model with: set `example_input_array` on the LightningModule, or let"
-            " at least one training or validation batch run before the conversion."
-        )
-    return catcher.args, catcher.kwargs
+    raise RuntimeError(
+        "No example input to export the model with: set `example_input_array` on the LightningModule, or let"
+        " at least one training or validation batch run before the conversion."
+    )
 
 
 class Recorder(nn.Module):
