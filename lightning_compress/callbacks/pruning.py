@@ -16,7 +16,7 @@ from typing_extensions import override
 from lightning_compress.callbacks import _figures, _logging
 from lightning_compress.engine.config import Criterion, PruningConfig, Schedule, Scope, Structure
 from lightning_compress.engine.pruner import GradualPruner
-from lightning_compress.engine.selection import select_parameters
+from lightning_compress.engine.selection import output_layer_weight, select_parameters
 from lightning_compress.engine.validation import check_bool, check_optional_str
 
 PREFIX = f"{_logging.PREFIX}/sparsity"
@@ -34,7 +34,14 @@ class IterativePruningCallback(Callback):
     gradients are zeroed before it), so momentum or weight decay cannot revive them. There is no reparametrization:
     parameter objects and ``state_dict`` keys never change, checkpoints load into the plain model, ``deepcopy``
     works, and quantization-aware training composes. The masks (bit-packed) and the schedule position are saved
-    in the checkpoint, so ``trainer.fit(ckpt_path=...)`` resumes exactly.
+    in the checkpoint, so ``trainer.fit(ckpt_path=...)`` resumes exactly; a resume with other settings than the
+    checkpoint's is refused with the differences named.
+
+    Pruned weights are re-zeroed by an optimizer step post-hook, so they are zero right after every
+    ``optimizer.step()``, under manual optimization too. With weight averaging (``StochasticWeightAveraging``,
+    ``WeightAveraging``/EMA) the averaged weights the Trainer ends with are masked again at fit end, so the final
+    model has the target sparsity; the averages used for validation before the end of training are not masked.
+    A callback object can be reused for a new fit: its state is reset in ``setup`` unless a checkpoint restores it.
 
     Example::
 
@@ -54,7 +61,8 @@ class IterativePruningCallback(Callback):
         scope: ``"global"`` (one magnitude ranking across all selected tensors) or ``"local"`` (each tensor pruned
             to the target on its own).
         structure: ``"unstructured"`` (single weights) or ``"channel"`` (whole output channels, by RMS norm; they
-            are zeroed, not removed).
+            are zeroed, not removed). Channel pruning never prunes the output layer (the last Linear/Conv of the
+            model: its channels are the network's outputs) and keeps at least one channel of every layer.
         criterion: ``"magnitude"`` or ``"random"`` (seeded by ``seed``; identical on every DDP rank).
         include: Regular expressions searched in full parameter names (``"net.fc1.weight"``); when given, the
             parameters matching any of them are pruned instead of the default (every ``weight`` of ``nn.Linear``
@@ -187,7 +195,9 @@ class IterativePruningCallback(Callback):
         # early, which would perturb a dataloader that resumes mid-epoch.
         weights = select_parameters(pl_module, self.config.include, self.config.exclude)
         total_steps = trainer.estimated_stepping_batches
-        self.pruner = GradualPruner(weights, self.config.resolve(total_steps))
+        # Channel pruning never removes the network's outputs (the output layer's channels).
+        protected = [output_layer_weight(pl_module)] if self.config.structure == "channel" else []
+        self.pruner = GradualPruner(weights, self.config.resolve(total_steps), [p for p in protected if p])
         if self._pending_state is not None:
             self.pruner.load_state_dict(self._pending_state)
             self._history = [(int(s), float(sp), float(m)) for s, sp, m in self._pending_state.get("history", [])]
@@ -231,7 +241,9 @@ class IterativePruningCallback(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
-        assert self.pruner is not None
+        if self.pruner is None:  # training never started (e.g. `max_steps=0`)
+            return
+        self.pruner.apply()  # weight averaging (SWA, EMA) may have swapped in weights that were never masked
         report = self.pruner.report()
         step = trainer.global_step
         self.results = report.to_metrics()

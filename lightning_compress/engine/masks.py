@@ -17,7 +17,7 @@ scope), and ``round(s * C)`` of the ``C`` candidate channels are pruned.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import get_args
 
@@ -82,8 +82,12 @@ def compute_masks(
     criterion: Criterion = "magnitude",
     current_masks: Mapping[str, Tensor] | None = None,
     seed: int = 0,
+    protected: Collection[str] = (),
 ) -> dict[str, Tensor]:
     """Compute boolean keep-masks so that a fraction ``sparsity`` of the weights (or channels) is pruned.
+
+    With ``structure="channel"`` every tensor keeps at least its highest-scored channel (a layer with no output
+    channel left would cut the network), so at most ``C - (number of tensors)`` channels are pruned.
 
     Args:
         weights: The tensors to prune, by name.
@@ -94,6 +98,7 @@ def compute_masks(
         current_masks: Masks already in force; every unit they prune stays pruned.
         seed: Seed of the ``random`` criterion. The same seed gives the same random ranking on every call and every
             rank, so random masks also only grow.
+        protected: Names of tensors never pruned (an all-``True`` mask); they do not count in the ranking.
 
     Returns:
         A new keep-mask (``torch.bool``, shaped like the weight) for every tensor in ``weights``.
@@ -113,16 +118,28 @@ def compute_masks(
     check_choice("criterion", criterion, CRITERIA)
     current_masks = current_masks or {}
     generator = torch.Generator().manual_seed(seed) if criterion == "random" else None
-    scores = {name: _scores(w, current_masks.get(name), structure, criterion, generator) for name, w in weights.items()}
-    if scope == "global":
+    ranked = {name: w for name, w in weights.items() if name not in protected}
+    scores = {name: _scores(w, current_masks.get(name), structure, criterion, generator) for name, w in ranked.items()}
+    if structure == "channel":
+        for score in scores.values():
+            score[score.argmax()] = float("inf")  # the best channel of every layer stays
+        if scope == "global" and scores:  # never more than all but one channel per layer
+            sparsity = min(sparsity, 1.0 - len(scores) / sum(s.numel() for s in scores.values()))
+    if scope == "global" and scores:
         flat = torch.cat([s.to(next(iter(scores.values())).device) for s in scores.values()])
         pruned_flat = _lowest_k(flat, round(sparsity * flat.numel()))
         pruned = dict(zip(scores, torch.split(pruned_flat, [s.numel() for s in scores.values()]), strict=True))
     else:
-        pruned = {name: _lowest_k(s, round(sparsity * s.numel())) for name, s in scores.items()}
+        keep_one = int(structure == "channel")
+        pruned = {
+            name: _lowest_k(s, min(round(sparsity * s.numel()), s.numel() - keep_one)) for name, s in scores.items()
+        }
 
     masks = {}
     for name, w in weights.items():
+        if name in protected:
+            masks[name] = torch.ones_like(w, dtype=torch.bool)
+            continue
         keep = ~pruned[name].to(w.device)
         if structure == "channel":
             keep = keep.reshape(-1, *([1] * (w.dim() - 1))).expand_as(w)

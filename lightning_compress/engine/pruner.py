@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,12 +44,15 @@ class GradualPruner:
         weights: The tensors to prune, by name (usually ``nn.Parameter`` objects of a model; they are modified in
             place and never replaced).
         config: A resolved :class:`~lightning_compress.engine.config.PruningConfig` (see its ``resolve``).
+        protected: Names of weights never pruned (kept in the statistics). With ``structure="channel"`` pass the
+            output layer's weight (:func:`~lightning_compress.engine.selection.output_layer_weight`): its channels
+            are the network's outputs.
 
     Raises:
         ValueError: If ``config`` still has ``end_step`` or ``update_every_n_steps`` left open.
     """
 
-    def __init__(self, weights: Mapping[str, Tensor], config: PruningConfig) -> None:
+    def __init__(self, weights: Mapping[str, Tensor], config: PruningConfig, protected: Collection[str] = ()) -> None:
         if not config.is_resolved:
             raise ValueError(
                 "GradualPruner needs a resolved config: call `config.resolve(total_steps)` first"
@@ -57,6 +60,7 @@ class GradualPruner:
             )
         self.weights = dict(weights)
         self.config = config
+        self.protected = tuple(name for name in protected if name in self.weights)
         #: Boolean keep-masks (``True`` = kept) of the weights pruned so far.
         self.masks: dict[str, Tensor] = {}
         #: The target sparsity the masks were last computed for.
@@ -111,6 +115,7 @@ class GradualPruner:
             criterion=self.config.criterion,
             current_masks=self.masks,
             seed=self.config.seed,
+            protected=self.protected,
         )
         self.current_target = target
         self._applier = MaskApplier(self.weights, self.masks)

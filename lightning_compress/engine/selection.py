@@ -113,3 +113,18 @@ def select_modules(
     candidates = [n for n, m in modules.items() if n and isinstance(m, layer_types)]
     names = filter_names(candidates, candidates, include, exclude, what="module")
     return {n: modules[n] for n in names}
+
+
+def output_layer_weight(model: nn.Module, layer_types: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES) -> str | None:
+    """The name of the weight of the model's output layer: the last Linear/Conv module in definition order.
+
+    Its output channels are the network's outputs (class scores), so channel pruning must never remove them. This
+    is the convention of nearly every model (the head is defined last); a model that defines its head earlier
+    should ``exclude`` it explicitly.
+
+    Example:
+        >>> output_layer_weight(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2)))
+        '2.weight'
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, layer_types)]
+    return f"{names[-1]}.weight" if names and names[-1] else ("weight" if names else None)

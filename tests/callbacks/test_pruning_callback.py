@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
 
 from helpers import ResumableLoader, TinyClassifier, TinyNet, classification_data, loader, trainer
 from lightning_compress import IterativePruningCallback
@@ -168,8 +169,9 @@ def test_criteria_scopes_structures(tmp_path, criterion, scope, structure):
     trainer(tmp_path, [callback], max_epochs=2).fit(model, loader())
     for name, weight in _selected(model).items():
         rows = (weight != 0).reshape(weight.shape[0], -1).any(dim=1)
-        if structure == "channel":
-            assert int((~rows).sum()) == round(0.5 * weight.shape[0]), name
+        if structure == "channel":  # the output layer (fc2: the logits) is never channel-pruned
+            expected = 0 if name == "net.fc2.weight" else round(0.5 * weight.shape[0])
+            assert int((~rows).sum()) == expected, name
         elif scope == "local":
             assert (weight == 0).float().mean() == 0.5
 
@@ -310,3 +312,181 @@ def test_checkpoint_from_other_selection_is_rejected(tmp_path):
     other = GradualPruner({"net.fc1.weight": TinyClassifier().net.fc1.weight}, PruningConfig(end_step=8).resolve(None))
     with pytest.raises(ValueError, match=r"masks for \['net.fc2.weight'\]"):
         other.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Failure modes found by trying the callback as a demanding user would (each test failed on the earlier main)
+# ----------------------------------------------------------------------------------------------------------------
+def test_reused_callback_starts_afresh_for_a_new_model(tmp_path):
+    callback = IterativePruningCallback(target_sparsity=0.5, end_step=8)
+    trainer(tmp_path, [callback], max_epochs=2).fit(TinyClassifier(), loader())
+    first_masks = {n: m.clone() for n, m in callback.pruner.masks.items()}
+    L.seed_everything(1)
+    reused_model, fresh_model = TinyClassifier(), None
+    trainer(tmp_path, [callback], max_epochs=2).fit(reused_model, loader())
+    L.seed_everything(1)
+    fresh_model = TinyClassifier()
+    fresh = IterativePruningCallback(target_sparsity=0.5, end_step=8)
+    trainer(tmp_path, [fresh], max_epochs=2).fit(fresh_model, loader())
+    assert _weights_equal(reused_model, fresh_model)  # nothing of the first model's masks was applied
+    assert any(not torch.equal(first_masks[n], callback.pruner.masks[n]) for n in first_masks)
+
+
+def test_channel_pruning_keeps_the_output_layer_and_a_channel_per_layer(tmp_path):
+    for scope in ("global", "local"):
+        model = TinyClassifier()
+        callback = IterativePruningCallback(target_sparsity=0.9, end_step=4, structure="channel", scope=scope)
+        trainer(tmp_path, [callback], max_epochs=1).fit(model, loader())
+        assert int((model.net.fc2.weight == 0).sum()) == 0, scope  # the 4 logits all survive
+        rows_alive = int((model.net.fc1.weight != 0).any(dim=1).sum())
+        assert 1 <= rows_alive <= 64 - 57, scope  # 90% of 64 channels pruned, never all of them
+        assert callback.results["sparsity/net.fc2.weight"] == 0.0
+
+
+class _StepsOnly(Callback):
+    """Counts the training batches that ran."""
+
+    def __init__(self):
+        self.batches = 0
+
+    def on_train_batch_end(self, *args):
+        self.batches += 1
+
+
+def test_target_missed_by_early_stop_is_warned_and_logged(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    stopper = EarlyStopping(monitor="val_acc", mode="max", patience=0, stopping_threshold=0.0)  # stops at epoch 1
+    callback = IterativePruningCallback(target_sparsity=0.8, end_step=100, verbose=False)
+    with pytest.warns(UserWarning, match=r"training ended at step 8 .* below `target_sparsity`=0.8"):
+        trainer(tmp_path, [callback, stopper], max_epochs=20).fit(TinyClassifier(), loader(), loader(64))
+    assert callback.results["target_reached"] == 0.0
+    assert callback.results["sparsity"] < 0.8
+
+
+def test_ramp_longer_than_training_is_warned_at_fit_start(tmp_path):
+    callback = IterativePruningCallback(target_sparsity=0.8, start_step=40, end_step=60, verbose=False)
+    with pytest.warns(UserWarning, match=r"the ramp ends at step 60 .* estimated at 16 optimizer steps"):
+        trainer(tmp_path, [callback], max_epochs=2).fit(TinyClassifier(), loader())
+
+
+@pytest.mark.parametrize("averaging", ["swa", "ema"])
+def test_weight_averaging_ends_with_the_target_sparsity(tmp_path, averaging):
+    from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    if averaging == "swa":
+        averager = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)  # averages from before the ramp end
+    else:
+        averager = WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    model = TinyClassifier()
+    callback = IterativePruningCallback(target_sparsity=0.7, end_step=24, update_every_n_steps=4, verbose=False)
+    trainer(tmp_path, [callback, averager], max_epochs=4).fit(model, loader())
+    total = sum(model.net.get_parameter(n.removeprefix("net.")).numel() for n in PRUNED)
+    zeros = sum(int((model.net.get_parameter(n.removeprefix("net.")) == 0).sum()) for n in PRUNED)
+    assert zeros == round(0.7 * total)
+
+
+class _ManualGAN(TinyClassifier):
+    """Two optimizers stepped by hand; records regrown pruned weights right after each ``opt.step()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.regrown = 0
+        self.masks = None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for opt in self.optimizers():
+            loss = nn.functional.cross_entropy(self(x), y)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            pruner = self.trainer.callbacks[0].pruner
+            self.regrown += sum(
+                int((w[~pruner.masks[n]] != 0).sum()) for n, w in pruner.weights.items() if n in pruner.masks
+            )
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net.fc1.parameters(), lr=0.1), torch.optim.SGD(self.net.fc2.parameters(), lr=0.1)]
+
+
+def test_manual_optimization_never_exposes_regrown_weights(tmp_path):
+    model = _ManualGAN()
+    callback = IterativePruningCallback(target_sparsity=0.6, end_step=6, update_every_n_steps=2, verbose=False)
+    trainer(tmp_path, [callback], max_epochs=2).fit(model, loader())
+    assert callback.results["sparsity"] == pytest.approx(0.6, abs=1 / 1280)
+    assert model.regrown == 0
+
+
+class _NaNAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            batch[0].fill_(float("nan"))
+
+
+def test_nan_batch_stops_training_at_the_next_mask_update(tmp_path):
+    callback = IterativePruningCallback(target_sparsity=0.6, end_step=16, update_every_n_steps=4, verbose=False)
+    with pytest.raises(FloatingPointError, match=r"entries of 'net\.fc1\.weight' are NaN or Inf at step 8"):
+        trainer(tmp_path, [callback, _NaNAt(5)], max_epochs=4).fit(TinyClassifier(), loader())
+
+
+def _checkpoint(tmp_path, callback):
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    trainer(tmp_path, [callback, saver], enable_checkpointing=True, max_epochs=1).fit(TinyClassifier(), loader())
+    return tmp_path / "ckpt" / "last.ckpt"
+
+
+def test_resume_with_changed_settings_names_each_change(tmp_path):
+    ckpt = _checkpoint(tmp_path, IterativePruningCallback(target_sparsity=0.8, end_step=20, verbose=False))
+    changed = IterativePruningCallback(target_sparsity=0.5, end_step=30, verbose=False)
+    with pytest.raises(
+        ValueError, match=r"`target_sparsity`: 0.8 in the checkpoint, 0.5 now; `end_step`: 20 in the checkpoint, 30 now"
+    ):
+        trainer(tmp_path, [changed, FailIfTrained()], max_epochs=3).fit(TinyClassifier(), loader(), ckpt_path=ckpt)
+
+
+def test_resume_with_another_selection_is_refused(tmp_path):
+    ckpt = _checkpoint(tmp_path, IterativePruningCallback(target_sparsity=0.8, end_step=20, verbose=False))
+    other = IterativePruningCallback(target_sparsity=0.8, end_step=20, exclude=["fc2"], verbose=False)
+    with pytest.raises(ValueError, match=r"holds IterativePruningCallback state for .*'exclude': None.* `include`"):
+        trainer(tmp_path, [other, FailIfTrained()], max_epochs=3).fit(TinyClassifier(), loader(), ckpt_path=ckpt)
+
+
+def test_resume_from_a_checkpoint_with_an_altered_mask_is_refused(tmp_path):
+    callback = IterativePruningCallback(target_sparsity=0.8, end_step=4, verbose=False)
+    ckpt = _checkpoint(tmp_path, callback)
+    checkpoint = torch.load(ckpt, weights_only=True)
+    state = checkpoint["callbacks"][callback.state_key]
+    state["masks"]["net.fc1.weight"] = ~state["masks"]["net.fc1.weight"]  # inverted
+    torch.save(checkpoint, ckpt)
+    again = IterativePruningCallback(target_sparsity=0.8, end_step=4, verbose=False)
+    with pytest.raises(ValueError, match=r"mask for 'net.fc1.weight' prunes \d+ weights that are not zero"):
+        trainer(tmp_path, [again, FailIfTrained()], max_epochs=3).fit(TinyClassifier(), loader(), ckpt_path=ckpt)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"seed": "abc"}, r"`seed` must be a non-negative integer, got 'abc'"),
+        ({"verbose": "no"}, r"`verbose` must be True or False, got 'no'"),
+        ({"monitor": ["val_acc"]}, r"`monitor` must be a non-empty string or None, got \['val_acc'\]"),
+        ({"include": "fc1"}, r"`include` must be a list of regular expressions"),
+        ({"end_step": 2.5}, r"`end_step` must be a non-negative integer, got 2.5"),
+        ({"target_sparsity": "0.9"}, r"`target_sparsity` must be in \[0, 1\), got '0.9'"),
+    ],
+)
+def test_arguments_of_the_wrong_type_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        IterativePruningCallback(**kwargs)
+
+
+def test_settings_are_read_only_attributes():
+    callback = IterativePruningCallback(target_sparsity=0.7, include=["fc"])
+    assert callback.target_sparsity == 0.7 and callback.include == ["fc"]
+    with pytest.raises(AttributeError, match=r"`target_sparsity` is a setting of the frozen `config`"):
+        callback.target_sparsity = 0.5

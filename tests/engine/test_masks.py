@@ -155,3 +155,23 @@ def test_global_mask_on_11m_parameters_is_fast_enough_to_run():
     weights = {f"l{i}": torch.randn(1000, 1100) for i in range(10)}
     masks = compute_masks(weights, 0.9)
     assert sum(_pruned(masks).values()) == round(0.9 * 11_000_000)
+
+
+def test_channel_masks_keep_a_channel_per_layer_and_skip_protected_tensors():
+    torch.manual_seed(0)
+    weights = {"a": torch.randn(8, 3), "b": torch.randn(4, 8), "head": torch.randn(2, 4)}
+    for scope in ("global", "local"):
+        masks = compute_masks(weights, 0.99, scope=scope, structure="channel", protected=["head"])
+        assert bool(masks["head"].all()), scope
+        for name in ("a", "b"):
+            assert int(masks[name].any(dim=1).sum()) == 1, (scope, name)
+
+
+def test_compute_masks_validates_its_arguments():
+    w = {"w": torch.randn(4, 4)}
+    with pytest.raises(ValueError, match=r"`scope` must be one of 'global', 'local', got 'layer'"):
+        compute_masks(w, 0.5, scope="layer")
+    with pytest.raises(ValueError, match=r"`criterion` must be one of 'magnitude', 'random', got 'l1'"):
+        compute_masks(w, 0.5, criterion="l1")
+    with pytest.raises(ValueError, match=r"`sparsity` must be in \[0, 1\], got 1.5"):
+        compute_masks(w, 1.5)
