@@ -1,0 +1,58 @@
+"""A real int8 model, built from a *copy* of a float or fake-quant model, through torchao's pt2e flow.
+
+``torch.export`` (dynamic batch) → ``prepare_pt2e`` with ``X86InductorQuantizer`` → calibration → ``convert_pt2e``
+→ unused float tensors dropped → ``torch.export`` again, so the result is a ``torch.export.ExportedProgram`` that
+:func:`save_int8` / :func:`load_int8` store with ``torch.export.save`` / ``torch.export.load``.
+
+The input model is never modified. When it was prepared by :func:`~lightning_compress.engine.fake_quant.prepare_qat`,
+the conversion starts from a stripped float copy, reuses the input ranges learned by the fake-quant observers
+(instead of re-calibrating them) and keeps in float what QAT kept in float, so the int8 model computes what the
+fake-quant model simulated.
+
+The converted program holds quantize/dequantize ops around float kernels: run eagerly (``program.module()``) it is
+correct but 1.5-6x *slower* than fp32; :func:`compile_int8` lowers it with Inductor (``freezing=True``) to the real
+int8 kernels. torchao is imported lazily (only when converting).
+
+Modules: :mod:`.pipeline` (:func:`convert_to_int8`), :mod:`.export` (export with a dynamic batch,
+:func:`check_exportable`), :mod:`.observers` (calibration observers), :mod:`.quantizer` (the x86 quantizer per mode),
+:mod:`.embedding` (:class:`Int8Embedding`) and :mod:`.artifact` (:class:`Int8Model`, :class:`QuantizedModule`, save,
+load, size, compile). Everything public is re-exported here.
+"""
+
+from lightning_compress.engine.convert.artifact import (
+    SIGNATURE_FILE,
+    ArgSpec,
+    Int8Model,
+    QuantizedModule,
+    call_signature,
+    compile_int8,
+    int8_weights,
+    load_int8,
+    load_quantized,
+    model_size_bytes,
+    save_and_size,
+    save_int8,
+)
+from lightning_compress.engine.convert.embedding import Int8Embedding
+from lightning_compress.engine.convert.export import Int8ConversionError, check_exportable
+from lightning_compress.engine.convert.pipeline import ModelCall, convert_to_int8
+
+__all__ = [
+    "SIGNATURE_FILE",
+    "ArgSpec",
+    "Int8ConversionError",
+    "Int8Embedding",
+    "Int8Model",
+    "ModelCall",
+    "QuantizedModule",
+    "call_signature",
+    "check_exportable",
+    "compile_int8",
+    "convert_to_int8",
+    "int8_weights",
+    "load_int8",
+    "load_quantized",
+    "model_size_bytes",
+    "save_and_size",
+    "save_int8",
+]

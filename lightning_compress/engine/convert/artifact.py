@@ -1,0 +1,281 @@
+"""The int8 model: its program called like the original network, saved, loaded, sized and compiled."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.engine.convert.quantizer import _import_torchao
+
+#: Name of the artifact member that stores the call signature of the converted network.
+SIGNATURE_FILE = "lightning_compress/signature.json"
+_DEFAULT_TYPES = (type(None), bool, int, float, str)
+
+
+class ArgSpec(NamedTuple):
+    """One parameter of the converted network's ``forward``, as stored with the int8 artifact.
+
+    Attributes:
+        name: The parameter name.
+        keyword_only: Whether it can only be passed by keyword.
+        has_default: Whether it has a default that could be stored (``None``, a bool, number or string).
+        default: That default (``None`` when there is none).
+    """
+
+    name: str
+    keyword_only: bool = False
+    has_default: bool = False
+    default: Any = None
+
+
+def call_signature(model: nn.Module) -> tuple[ArgSpec, ...] | None:
+    """The parameters of ``model.forward`` (``None`` when it takes ``*args``/``**kwargs``: calls pass through)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    specs = []
+    for p in parameters:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            return None
+        storable = p.default is not p.empty and isinstance(p.default, _DEFAULT_TYPES)
+        specs.append(ArgSpec(p.name, p.kind == p.KEYWORD_ONLY, storable, p.default if storable else None))
+    return tuple(specs)
+
+
+def _in_structure(program: torch.export.ExportedProgram) -> tuple[int, tuple[str, ...]]:
+    """How many positional arguments, and which keyword arguments, the program was exported with."""
+    spec = program.call_spec.in_spec
+    children = spec.children() if hasattr(spec, "children") else spec.children_specs
+    args_spec, kwargs_spec = children
+    return int(args_spec.num_children), tuple(kwargs_spec.context or ())
+
+
+class QuantizedModule(nn.Module):
+    """An int8 ``ExportedProgram`` as an ``nn.Module`` called exactly like the network it was converted from.
+
+    ``program.module()`` only accepts the call structure of the export example (the same arguments positional, the
+    same ones by keyword); this module binds any call of the original ``forward`` signature (positional or keyword,
+    defaults filled in) to that structure. Arguments that were constants at export time (e.g. ``scale=2.0``) must
+    keep their exported value. ``train()``/``eval()`` only set the flag: the int8 graph always computes inference.
+
+    Args:
+        program: The int8 program (from :func:`convert_to_int8` or :func:`load_int8`).
+        signature: The parameters of the original ``forward`` (:func:`call_signature`); ``None``: calls are passed
+            to the program as they are.
+
+    Attributes:
+        program: The ``ExportedProgram``.
+        graph: ``program.module()``, the eager q/dq graph.
+    """
+
+    graph: nn.Module
+
+    def __init__(self, program: torch.export.ExportedProgram, signature: Sequence[ArgSpec] | None = None) -> None:
+        super().__init__()
+        self.program = program
+        self.graph = program.module()
+        self.signature = None if signature is None else tuple(ArgSpec(*spec) for spec in signature)
+        self._positional, self._keywords = _in_structure(program)
+        self.training = False
+
+    def train(self, mode: bool = True) -> QuantizedModule:
+        """Set the ``training`` flag only (the exported graph has no train mode)."""
+        self.training = mode
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        call_args, call_kwargs = self._bind(args, kwargs)
+        return self.graph(*call_args, **call_kwargs)
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if self.signature is None:
+            return args, kwargs
+        specs = {spec.name: spec for spec in self.signature}
+        positional = [spec.name for spec in self.signature if not spec.keyword_only]
+        if len(args) > len(positional):
+            raise TypeError(f"forward() takes {len(positional)} positional arguments but {len(args)} were given.")
+        given = dict(zip(positional, args, strict=False))
+        for name, value in kwargs.items():
+            if name not in specs:
+                raise TypeError(f"forward() got an unexpected keyword argument {name!r}.")
+            if name in given:
+                raise TypeError(f"forward() got multiple values for argument {name!r}.")
+            given[name] = value
+
+        def take(name: str) -> Any:
+            if name in given:
+                return given.pop(name)
+            spec = specs.get(name)
+            if spec is None or not spec.has_default:
+                raise TypeError(f"forward() is missing the argument {name!r} (the int8 program was exported with it).")
+            return spec.default
+
+        call_args = tuple(take(name) for name in positional[: self._positional])
+        call_kwargs = {name: take(name) for name in self._keywords}
+        for name, value in given.items():  # passed now, absent from the export example: only its default works
+            spec = specs[name]
+            if not (spec.has_default and type(value) is type(spec.default) and value == spec.default):
+                raise TypeError(
+                    f"The int8 program was exported without the argument {name!r}; it can only take its default "
+                    f"({spec.default!r}), got {value!r}. Convert with an example call that passes it."
+                )
+        return call_args, call_kwargs
+
+
+@dataclass
+class Int8Model:
+    """The result of :func:`convert_to_int8`.
+
+    Attributes:
+        program: The int8 ``ExportedProgram`` (save it with :func:`save_int8`, run it with ``program.module()`` or
+            :func:`compile_int8`).
+        mode: ``"static"``, ``"dynamic"`` or ``"weight_only"``.
+        dynamic_batch: Whether the program accepts any batch size (else only the example's shapes).
+        skipped: Module names kept in float.
+        carried_ranges: Input ranges taken over from fake-quant observers, by module name.
+        calibration_batches: Batches run through the observers (0 when all ranges were carried or not needed).
+        timings: Seconds spent per phase (``export``, ``prepare``, ``calibrate``, ``convert``, ``reexport``,
+            ``total``).
+        notes: Things the caller may want to log (fallbacks, what was skipped and why).
+    """
+
+    program: torch.export.ExportedProgram
+    mode: str
+    dynamic_batch: bool
+    skipped: tuple[str, ...] = ()
+    carried_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    calibration_batches: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    signature: tuple[ArgSpec, ...] | None = None
+
+    def module(self) -> QuantizedModule:
+        """The program as an eager :class:`QuantizedModule`, called like the float network (slow q/dq reference
+        computation; see :func:`compile_int8`)."""
+        return QuantizedModule(self.program, self.signature)
+
+    def size_bytes(self) -> int:
+        """Size of the saved artifact, in bytes."""
+        return model_size_bytes(self.program)
+
+
+def _program_of(obj: torch.export.ExportedProgram | Int8Model) -> torch.export.ExportedProgram:
+    if isinstance(obj, Int8Model):
+        return obj.program
+    if isinstance(obj, torch.export.ExportedProgram):
+        return obj
+    raise ValueError(f"Expected an ExportedProgram or an Int8Model, got {type(obj).__name__}.")
+
+
+def save_int8(program: torch.export.ExportedProgram | Int8Model, path: str | os.PathLike[str]) -> int:
+    """Save the int8 program with ``torch.export.save`` (conventionally ``*.pt2``); returns the file size in bytes.
+
+    An :class:`Int8Model` also stores the call signature of the converted network (for :func:`load_quantized`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    signature = program.signature if isinstance(program, Int8Model) else None
+    extra = {SIGNATURE_FILE: json.dumps([spec._asdict() for spec in signature])} if signature is not None else None
+    torch.export.save(_program_of(program), path, extra_files=extra)
+    return path.stat().st_size
+
+
+def _load(path: str | os.PathLike[str]) -> tuple[torch.export.ExportedProgram, tuple[ArgSpec, ...] | None]:
+    _import_torchao()  # registers the quantized_decomposed ops the graph calls
+    extra = {SIGNATURE_FILE: ""}
+    program = torch.export.load(Path(path), extra_files=extra)
+    stored = extra.get(SIGNATURE_FILE)
+    signature = tuple(ArgSpec(**spec) for spec in json.loads(stored)) if stored else None
+    return program, signature
+
+
+def load_int8(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
+    """Load the ``ExportedProgram`` saved by :func:`save_int8` (for :func:`compile_int8` or :func:`int8_weights`;
+    to run it, :func:`load_quantized` gives a module called like the original network)."""
+    return _load(path)[0]
+
+
+def load_quantized(path: str | os.PathLike[str]) -> QuantizedModule:
+    """Load a saved int8 artifact (``.pt2``) as a module called exactly like the network it was converted from.
+
+    Example::
+
+        int8 = load_quantized("lightning_logs/version_0/qat_int8.pt2")
+        logits = int8(images)  # same arguments as the float network's forward
+
+    Args:
+        path: A file written by :func:`save_int8` (the QAT and PTQ callbacks write one at fit end).
+
+    Returns:
+        A :class:`QuantizedModule` (eager int8 reference computation; :func:`compile_int8` for speed).
+    """
+    return QuantizedModule(*_load(path))
+
+
+def model_size_bytes(obj: nn.Module | torch.export.ExportedProgram | Int8Model | str | os.PathLike[str]) -> int:
+    """Serialized size in bytes.
+
+    Args:
+        obj: an ``nn.Module`` (size of ``torch.save(state_dict)``), an ``ExportedProgram``/:class:`Int8Model`
+            (size of ``torch.export.save``), or the path of a saved file (its size).
+    """
+    if isinstance(obj, (str, os.PathLike)):
+        return os.path.getsize(obj)
+    buffer = io.BytesIO()
+    if isinstance(obj, nn.Module):
+        torch.save(obj.state_dict(), buffer)
+    else:
+        torch.export.save(_program_of(obj), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def int8_weights(program: torch.export.ExportedProgram | Int8Model) -> dict[str, Tensor]:
+    """The int8 tensors (quantized weights) stored in the program, by name."""
+    prog = _program_of(program)
+    tensors = {**prog.state_dict, **prog.constants}
+    return {k: v for k, v in tensors.items() if isinstance(v, Tensor) and v.dtype == torch.int8}
+
+
+def compile_int8(program: torch.export.ExportedProgram | Int8Model, dynamic: bool | None = False) -> Callable[..., Any]:
+    """Compile the int8 program with Inductor (``freezing=True``), which lowers q/dq patterns to int8 kernels.
+
+    The first call compiles (seconds to a minute); calls run under ``torch.no_grad()``.
+
+    Args:
+        program: The program from :func:`convert_to_int8` or :func:`load_int8`.
+        dynamic: Passed to ``torch.compile``. ``False`` (default) compiles for the shapes of the first call (and
+            recompiles for new ones), which also works for conv→flatten→linear models where dynamic compilation
+            fails.
+    """
+    _import_torchao()  # registers the quantized_decomposed ops and the x86 int8 lowerings
+
+    import torch._inductor.config as inductor_config
+
+    module = _program_of(program).module()
+    compiled = torch.compile(module, dynamic=dynamic)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        # Compilation happens lazily (first call, new shapes), so freezing is patched in around every call rather
+        # than set globally; ``torch.compile(options={"freezing": True})`` does not freeze the weights.
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return run
+
+
+def save_and_size(int8: Int8Model, float_model: nn.Module, path: Path) -> dict[str, float]:
+    """Save the int8 program, and compare its size on disk with the float model's serialized state_dict."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    int8_bytes = save_int8(int8, path)
+    float_bytes = model_size_bytes(float_model)
+    return {"float_bytes": float_bytes, "int8_bytes": int8_bytes, "size_ratio": int8_bytes / float_bytes}

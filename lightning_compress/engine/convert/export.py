@@ -1,0 +1,185 @@
+"""``torch.export`` with a dynamic batch, clear errors when a model cannot be captured, and graph helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+_EXPORT_HINT = (
+    "The int8 conversion needs a model that torch.export can capture as one graph. Common fixes: replace Python "
+    "control flow on tensor *values* (`if x.sum() > 0:`, `.item()`, `.tolist()`) with tensor ops or `torch.cond`; "
+    "make sure `example_inputs`/`example_kwargs` are exactly what `forward` takes (in Lightning, set "
+    "`example_input_array`); avoid ops export cannot trace (NumPy calls, data-dependent shapes); or keep the "
+    "offending submodule out of the exported model."
+)
+
+
+class Int8ConversionError(RuntimeError):
+    """The model could not be converted; the message says why and what to change."""
+
+
+def _batch_dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``dynamic_shapes`` marking dim 0 of every tensor input (of size >= 2) as ``Dim.AUTO``, keyed by argument."""
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+
+    def spec(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] >= 2:
+            return {0: torch.export.Dim.AUTO}
+        return None
+
+    return {name: tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def _has_dynamic_batch(program: torch.export.ExportedProgram) -> bool:
+    """Whether dim 0 of the first user tensor input stayed symbolic."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            if isinstance(val, Tensor) and val.ndim >= 1:
+                dim = val.shape[0]
+                return isinstance(dim, torch.SymInt) and not bool(getattr(dim.node.expr, "is_number", True))
+    return False
+
+
+def _first_lines(err: BaseException, n: int = 3) -> str:
+    """The first ``n`` lines of an error, plus the user code it points at (torch.export names it)."""
+    lines = [line.rstrip() for line in str(err).strip().splitlines() if line.strip()]
+    shown = lines[:n]
+    marker = "The following call raised this error:"
+    if marker in lines[n:]:
+        i = lines.index(marker)
+        shown += ["...", *lines[i : i + 3]]
+    elif len(lines) > n:
+        shown.append("...")
+    return f"{type(err).__name__}: " + "\n    ".join(shown)
+
+
+def _export(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    dynamic_batch: bool,
+    notes: list[str],
+) -> tuple[torch.export.ExportedProgram, Any]:
+    """Export with a dynamic batch when asked and possible, else with static shapes (noted). Raises clearly."""
+    dynamic_shapes = None
+    if dynamic_batch:
+        try:
+            dynamic_shapes = _batch_dynamic_shapes(model, args, kwargs)
+        except TypeError as err:
+            raise Int8ConversionError(
+                f"`example_inputs`/`example_kwargs` do not match `{type(model).__name__}.forward`: {err}."
+            ) from err
+    if dynamic_shapes is not None:
+        try:
+            with _no_causal_mask_detection():
+                program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
+            if _has_dynamic_batch(program):
+                return program, dynamic_shapes
+            notes.append(
+                "The batch dimension was specialized during export (an example batch of 1, or the model's code "
+                "depends on the batch size): the int8 program only accepts the example's shapes."
+            )
+            return program, None
+        except Exception as err:
+            if "data-dependent" in str(err) or "DataDependent" in type(err).__name__:
+                raise Int8ConversionError(
+                    f"torch.export could not capture `{type(model).__name__}`:\n    {_first_lines(err)}\n{_EXPORT_HINT}"
+                ) from err
+            dynamic_error = err  # retried with static shapes, reported if that fails too
+    else:
+        dynamic_error = None
+    try:
+        with _no_causal_mask_detection():
+            program = torch.export.export(model, args, kwargs)
+    except Exception as err:
+        raise Int8ConversionError(
+            f"torch.export could not capture `{type(model).__name__}`:\n    {_first_lines(err)}\n{_EXPORT_HINT}"
+        ) from err
+    if dynamic_error is not None:
+        notes.append(
+            "The model could not be exported with a dynamic batch, so the int8 program only accepts the example's "
+            f"shapes. Export said: {_first_lines(dynamic_error, 2)}"
+        )
+    return program, None
+
+
+@contextlib.contextmanager
+def _no_causal_mask_detection() -> Iterator[None]:
+    """Let ``torch.export`` capture ``nn.Transformer*`` layers that are given an explicit attention mask.
+
+    Their ``forward`` compares the mask with a causal one (``bool((mask == causal).all())``) only to choose a fast
+    kernel (``is_causal`` is a hint: the mask itself is still applied). That comparison is control flow on tensor
+    values, which export cannot trace; while exporting, the hint is taken as given (``None`` → ``False``), so the
+    captured graph applies the mask as is and computes the same outputs.
+    """
+    import torch.nn.modules.transformer as transformer
+
+    original = transformer._detect_is_causal_mask
+
+    def as_given(mask: Tensor | None, is_causal: bool | None = None, size: int | None = None) -> bool:
+        return bool(is_causal)
+
+    transformer._detect_is_causal_mask = as_given
+    try:
+        yield
+    finally:
+        transformer._detect_is_causal_mask = original
+
+
+def _module_path(node: torch.fx.Node) -> str | None:
+    """Name of the innermost module a graph node comes from (``None`` for the top level)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path[len("L['self'].") :] if path.startswith("L['self'].") else path
+
+
+def _drop_unused_tensors(gm: torch.fx.GraphModule) -> list[str]:
+    """Delete parameters/buffers that no ``get_attr`` node reads (the float weights replaced by int8 constants)."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    dropped = []
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name in used:
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        owner._parameters.pop(leaf, None)
+        owner._buffers.pop(leaf, None)
+        dropped.append(name)
+    gm.delete_all_unused_submodules()
+    return dropped
+
+
+def _to_cpu(tree: Any) -> Any:
+    return tree_map(lambda v: v.cpu() if isinstance(v, Tensor) else v, tree)
+
+
+def check_exportable(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] | Tensor,
+    example_kwargs: dict[str, Any] | None = None,
+) -> None:
+    """Fail early, with the reason and what to change, if ``torch.export`` cannot capture ``model`` (eval mode).
+
+    A cheap check to run before a long training whose end product is an int8 model: the model is exported once
+    (no quantization, no copy; its train/eval mode is restored).
+
+    Raises:
+        Int8ConversionError: If the model cannot be exported with these inputs.
+    """
+    args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        _export(model, args, dict(example_kwargs or {}), dynamic_batch=False, notes=[])
+    finally:
+        model.train(was_training)

@@ -1,0 +1,285 @@
+"""``convert_to_int8``: the conversion pipeline, one step per function.
+
+float copy (stripped of fake quantization, QAT ranges and float islands kept) → ``torch.export`` (dynamic batch)
+→ ``prepare_pt2e`` with ``X86InductorQuantizer`` → calibration → ``convert_pt2e`` → unused float tensors dropped →
+``torch.export`` again.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.engine.config import ConversionConfig
+from lightning_compress.engine.convert.artifact import Int8Model, call_signature
+from lightning_compress.engine.convert.embedding import _quantize_embeddings
+from lightning_compress.engine.convert.export import (
+    Int8ConversionError,
+    _drop_unused_tensors,
+    _export,
+    _first_lines,
+    _to_cpu,
+)
+from lightning_compress.engine.convert.observers import _calibrated_observers, _carry_ranges
+from lightning_compress.engine.convert.quantizer import _import_torchao, _quantizer
+from lightning_compress.engine.fake_quant import (
+    activation_ranges,
+    fake_quant_modules,
+    fake_quantize_weight,
+    is_prepared,
+    strip_qat,
+)
+
+
+class ModelCall(NamedTuple):
+    """One calibration item with both positional and keyword arguments: ``model(*args, **kwargs)``."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def _as_call(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A calibration item (a Tensor, a tuple/list of positional arguments, a dict of keywords or a
+    :class:`ModelCall`) as (args, kwargs)."""
+    if isinstance(batch, ModelCall):
+        return tuple(batch.args), dict(batch.kwargs)
+    if isinstance(batch, Tensor):
+        return (batch,), {}
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    raise Int8ConversionError(
+        "Each item of `calibration_data` must be the model's input: a Tensor, a tuple of positional arguments, a "
+        f"dict of keyword arguments or a ModelCall(args, kwargs), got {type(batch).__name__}."
+    )
+
+
+def _float_islands(model: nn.Module) -> list[str]:
+    """What a fake-quant model computes in float: Linear/Conv modules not swapped, and attention blocks."""
+    prepared = fake_quant_modules(model)
+    layer_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if not name or name in prepared or not isinstance(module, layer_types):
+            continue
+        if any(name.startswith(f"{kept}.") for kept in names):
+            continue  # already covered by an enclosing attention block
+        names.append(name)
+    return names
+
+
+def _check_call(
+    model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any] | None, skip: Sequence[str] | str
+) -> tuple[tuple[Any, ...], dict[str, Any], list[str]]:
+    """The example call as (args, kwargs) on the CPU, and ``skip`` as a list of existing module names."""
+    if isinstance(example_inputs, Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, tuple):
+        raise ValueError(
+            f"`example_inputs` must be a tuple of positional arguments (or one Tensor), got "
+            f"{type(example_inputs).__name__}."
+        )
+    skip = [skip] if isinstance(skip, str) else list(skip)
+    modules = dict(model.named_modules())
+    unknown = [s for s in skip if s not in modules]
+    if unknown:
+        names = [n for n, m in modules.items() if n and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        raise ValueError(f"`skip` names no module: {unknown}. Linear/Conv module names: {', '.join(names)}.")
+    return _to_cpu(example_inputs), _to_cpu(dict(example_kwargs or {})), list(dict.fromkeys(skip))
+
+
+def _float_copy(
+    model: nn.Module, config: ConversionConfig, skip: list[str], notes: list[str]
+) -> tuple[nn.Module, dict[str, tuple[float, float]]]:
+    """A float CPU copy to export, and the input ranges QAT learned (``skip`` gets what QAT kept in float)."""
+    float_model = copy.deepcopy(model).cpu()  # the int8 kernels are x86 CPU ones
+    ranges: dict[str, tuple[float, float]] = {}
+    if is_prepared(model):
+        fq = fake_quant_modules(model)
+        enabled = {n for n, m in fq.items() if m.is_fake_quant_enabled}
+        ranges = {n: r for n, r in activation_ranges(model).items() if n in enabled}
+        if config.mode == "static" and not any(m.quant_config.quantize_activations for m in fq.values()):
+            notes.append(
+                "QAT simulated weight-only quantization (`quantize_activations=False`) but `mode='static'` also "
+                "quantizes activations: consider `mode='weight_only'`."
+            )
+        islands = [n for n in _float_islands(model) if n not in skip]
+        if islands:
+            notes.append(f"Kept in float as during QAT: {', '.join(islands)}.")
+            skip += islands
+        with torch.no_grad():
+            for module in fake_quant_modules(float_model).values():
+                if module.quant_config.weight_bits != 8 and module.is_fake_quant_enabled:
+                    module.weight.copy_(fake_quantize_weight(module.weight, module.quant_config.weight_bits))
+        strip_qat(float_model)
+    float_model.eval()
+    for p in float_model.parameters():
+        p.requires_grad_(False)
+    if config.quantize_embeddings:
+        embeddings = _quantize_embeddings(float_model, skip)
+        if embeddings:
+            notes.append(f"Embedding tables stored as int8 (per row): {', '.join(embeddings)}.")
+    return float_model, ranges
+
+
+def _calibrate(
+    prepared: torch.fx.GraphModule,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    calibration_data: Iterable[Any] | None,
+    config: ConversionConfig,
+    notes: list[str],
+) -> int:
+    """Run the example (which also observes the weights) and the calibration batches; returns their number."""
+    batches = 0
+    with torch.no_grad():
+        prepared(*args, **kwargs)
+        if config.mode == "static" and calibration_data is not None:
+            for item in itertools.islice(calibration_data, config.calibration_batches):
+                item_args, item_kwargs = _to_cpu(_as_call(item))
+                try:
+                    prepared(*item_args, **item_kwargs)
+                except Exception as err:
+                    raise Int8ConversionError(
+                        f"Calibration batch {batches} could not be run through the model:\n    "
+                        f"{_first_lines(err)}\nEach item of `calibration_data` must be the model's input (a "
+                        "Tensor, a tuple of positional arguments or a dict of keyword arguments), with the same "
+                        "shapes as `example_inputs` except the batch size."
+                    ) from err
+                batches += 1
+    if config.mode != "static":
+        return 0
+    if calibration_data is None:
+        batches = 1
+        if _calibrated_observers(prepared):
+            notes.append(
+                "Calibrated on `example_inputs` only: pass `calibration_data` (a few dozen batches) for "
+                "representative activation ranges."
+            )
+    return batches
+
+
+def _reexport(
+    converted: torch.fx.GraphModule,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    dynamic_shapes: Any,
+    notes: list[str],
+) -> tuple[torch.export.ExportedProgram, bool]:
+    """Export the converted graph again (dynamic batch when possible); returns the program and whether it is."""
+    try:
+        program = torch.export.export(converted, args, kwargs, dynamic_shapes=dynamic_shapes)
+    except Exception as err:
+        if dynamic_shapes is None:
+            raise
+        notes.append(
+            "The int8 graph could not be exported with a dynamic batch, so it only accepts the example's "
+            f"shapes. Export said: {_first_lines(err, 2)}"
+        )
+        dynamic_shapes = None
+        program = torch.export.export(converted, args, kwargs)
+    program.example_inputs = None  # else torch.export.save stores the example batch in the artifact
+    return program, dynamic_shapes is not None
+
+
+def convert_to_int8(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] | Tensor,
+    example_kwargs: dict[str, Any] | None = None,
+    calibration_data: Iterable[Any] | None = None,
+    skip: Sequence[str] = (),
+    config: ConversionConfig | None = None,
+    **settings: Any,
+) -> Int8Model:
+    """Build an int8 ``ExportedProgram`` from a copy of ``model`` (which is left untouched).
+
+    Args:
+        model: A float model, or one prepared with :func:`~lightning_compress.engine.fake_quant.prepare_qat`. For a
+            prepared model the conversion: starts from a stripped float copy; reuses the learned input ranges of
+            the fake-quant modules (when their observers have seen data and fake quantization is enabled); bakes
+            4-bit weights onto their grid; and keeps in float the Linear/Conv modules and attention blocks that QAT
+            kept in float.
+        example_inputs: Positional arguments of ``forward`` (a single Tensor is accepted too). Use a batch of at
+            least 2 so the batch dimension can stay dynamic.
+        example_kwargs: Keyword arguments of ``forward``.
+        calibration_data: For ``"static"``: an iterable of model inputs (a Tensor, a tuple of positional
+            arguments, a dict of keyword arguments or a :class:`ModelCall` with both, per item) used to calibrate
+            the activation ranges not taken over from fake-quant observers (at most ``calibration_batches`` items).
+            When ``None``, ``example_inputs`` is the only calibration batch (noted).
+        skip: Module names kept in float (with everything inside them), e.g. for accuracy-aware fallback.
+        config: How to convert (mode, observer, percentile, calibration batches, embeddings, dynamic batch); see
+            :class:`~lightning_compress.engine.config.ConversionConfig`. Default: ``ConversionConfig()`` (static).
+        **settings: Fields of :class:`~lightning_compress.engine.config.ConversionConfig` that replace those of
+            ``config``, e.g. ``mode="dynamic"`` or ``observer="minmax"``.
+
+    Returns:
+        An :class:`Int8Model` with the ``program`` and what happened (timings, notes, carried ranges).
+
+    Raises:
+        ValueError: On a bad ``mode``, an unknown ``skip`` name or a bad ``example_inputs``.
+        Int8ConversionError: If torch.export cannot capture the model (the message quotes the export error and says
+            what to change), or the pt2e conversion fails.
+    """
+    config = ConversionConfig(**settings) if config is None else dataclasses.replace(config, **settings)
+    args, kwargs, skip_all = _check_call(model, example_inputs, example_kwargs, skip)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    float_model, ranges = _float_copy(model, config, skip_all, notes)
+
+    t = time.perf_counter()
+    exported, dynamic_shapes = _export(float_model, args, kwargs, config.dynamic_batch, notes)
+    timings["export"] = time.perf_counter() - t
+    _import_torchao()
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    try:
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            # X86InductorQuantizer warns for every pooling op whose input it leaves in float; nothing to act on.
+            warnings.filterwarnings("ignore", message=r".*is not quantized, skip annotate.*")
+            quantizer = _quantizer(config.mode, skip_all, config.observer, config.percentile)
+            prepared = prepare_pt2e(exported.module(), quantizer)
+        timings["prepare"] = time.perf_counter() - t
+        carried = _carry_ranges(prepared, ranges) if config.mode == "static" and ranges else {}
+
+        t = time.perf_counter()
+        batches = _calibrate(prepared, args, kwargs, calibration_data, config, notes)
+        timings["calibrate"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        converted = convert_pt2e(prepared)
+        _drop_unused_tensors(converted)
+        timings["convert"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        program, dynamic_batch = _reexport(converted, args, kwargs, dynamic_shapes, notes)
+        timings["reexport"] = time.perf_counter() - t
+    except Int8ConversionError:
+        raise
+    except Exception as err:
+        raise Int8ConversionError(
+            f"The pt2e int8 conversion ({config.mode!r}) failed after export:\n    {_first_lines(err)}\nTry "
+            "`mode='dynamic'` or `'weight_only'`, or `skip` the module where it fails."
+        ) from err
+    timings["total"] = time.perf_counter() - t_start
+    return Int8Model(
+        program=program,
+        mode=config.mode,
+        dynamic_batch=dynamic_batch,
+        skipped=tuple(skip_all),
+        carried_ranges=carried,
+        calibration_batches=batches,
+        timings=timings,
+        notes=notes,
+        signature=call_signature(model),
+    )
