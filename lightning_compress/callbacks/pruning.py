@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
@@ -140,6 +140,9 @@ class IterativePruningCallback(Callback):
             )
         super().__setattr__(name, value)
 
+    #: What ``CompressionReport`` takes this callback for (see ``callbacks.report.CompressionCallback``).
+    compression_role: ClassVar[str] = "pruning"
+
     @property
     @override
     def state_key(self) -> str:
@@ -161,9 +164,15 @@ class IterativePruningCallback(Callback):
             charts.append(curve)
         return {"pruning": charts}
 
-    def compression_results(self) -> dict[str, float]:
-        """What :class:`~lightning_compress.CompressionReport` reads: :attr:`results`."""
-        return dict(self.results)
+    def compression_settings(self) -> dict[str, str | int | float]:
+        """The settings ``CompressionReport`` puts in its report and in TensorBoard's HParams tab."""
+        config = self.config
+        return {
+            "target_sparsity": config.target_sparsity,
+            "schedule": config.schedule,
+            "scope": config.scope,
+            "structure": config.structure,
+        }
 
     # ----------------------------------------------------------------------------------------------------------
     # Lightning hooks

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -24,6 +24,7 @@ from lightning_compress.engine.config import (
     LATENCY_MODES,
     ConversionConfig,
     LatencyMode,
+    MonitorMode,
     Observer,
     QuantConfig,
     QuantMode,
@@ -48,7 +49,6 @@ STAGES: tuple[str, ...] = get_args(Stage)
 #: The dataloader calibration batches come from.
 CalibrationData = Literal["train", "val"]
 #: Whether a higher (``"max"``) or lower (``"min"``) ``monitor`` value is better.
-MonitorMode = Literal["max", "min"]
 _HEADLINE_PREFIXES = ("int8_ms", "float_ms", "float_compiled_ms", "speedup")
 Call = _loops.Call
 
@@ -216,6 +216,19 @@ class PostTrainingQuantCallback(Callback):
     def percentile(self) -> float:
         """The range kept by the ``"histogram"`` observer, in percent."""
         return self.conversion.percentile
+
+    #: What ``CompressionReport`` takes this callback for (see ``callbacks.report.CompressionCallback``).
+    compression_role: ClassVar[str] = "quantization"
+
+    def compression_settings(self) -> dict[str, str | int | float]:
+        """The settings ``CompressionReport`` puts in its report and in TensorBoard's HParams tab."""
+        return {
+            "quantization": "ptq",
+            "bits": 8,
+            "mode": self.mode,
+            "observer": self.observer,
+            "calibration_batches": int(self.calibration_batches),
+        }
 
     @property
     @override

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -146,6 +146,18 @@ class QATCallback(Callback):
     def mode(self) -> str:
         """The conversion mode (``"static"`` or ``"dynamic"``)."""
         return self.conversion.mode
+
+    #: What ``CompressionReport`` takes this callback for (see ``callbacks.report.CompressionCallback``).
+    compression_role: ClassVar[str] = "quantization"
+
+    def compression_settings(self) -> dict[str, str | int | float]:
+        """The settings ``CompressionReport`` puts in its report and in TensorBoard's HParams tab."""
+        return {
+            "quantization": "qat",
+            "bits": int(self.config.weight_bits),
+            "mode": self.mode,
+            "observer": self.config.activation_observer,
+        }
 
     @property
     @override

@@ -24,23 +24,24 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol, get_args, runtime_checkable
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from lightning_compress.callbacks import _logging, _loops
-from lightning_compress.callbacks.pruning import IterativePruningCallback
-from lightning_compress.callbacks.ptq import PostTrainingQuantCallback
-from lightning_compress.callbacks.qat import QATCallback
+from lightning_compress.engine.config import MonitorMode
 from lightning_compress.engine.convert import model_size_bytes
+from lightning_compress.engine.io import write_atomically
 from lightning_compress.engine.masks import measure_sparsity
 from lightning_compress.engine.measure import measure_latency
 from lightning_compress.engine.selection import select_parameters
+from lightning_compress.engine.validation import check_batch_sizes, check_bool, check_choice, check_optional_str
 
 PREFIX = f"{_logging.PREFIX}/report"
 #: Batch sizes timed by default (the demo's table: single requests and a batch).
@@ -61,48 +62,46 @@ NO_SETTINGS: dict[str, str | int | float] = {
 }
 
 
-def find_callbacks(callbacks: Iterable[Any]) -> dict[str, Any]:
-    """The first pruning, QAT and PTQ callback in ``callbacks``, under the keys ``pruning``, ``qat``, ``ptq``."""
-    found: dict[str, Any] = {}
+@runtime_checkable
+class CompressionCallback(Protocol):
+    """What :class:`CompressionReport` reads from a compression callback; the callbacks of this package implement it,
+    and so can your own (the report never imports them).
+
+    Attributes:
+        compression_role: ``"pruning"`` or ``"quantization"``: which part of the report the callback fills.
+        results: The numbers the callback measured (its documented keys), empty until it ran.
+    """
+
+    compression_role: ClassVar[str]
+    results: dict[str, float]
+
+    def compression_settings(self) -> dict[str, str | int | float]:
+        """The callback's settings, in the columns of :data:`NO_SETTINGS` (e.g. ``target_sparsity``, ``mode``)."""
+        ...
+
+
+#: The roles a report knows, in the order their settings are combined.
+ROLES = ("pruning", "quantization")
+
+
+def find_callbacks(callbacks: Iterable[Any]) -> dict[str, CompressionCallback]:
+    """The first compression callback of each role in ``callbacks``, by role (``"pruning"``, ``"quantization"``)."""
+    found: dict[str, CompressionCallback] = {}
     for cb in callbacks:
-        if isinstance(cb, IterativePruningCallback):
-            found.setdefault("pruning", cb)
-        elif isinstance(cb, QATCallback):
-            found.setdefault("qat", cb)
-        elif isinstance(cb, PostTrainingQuantCallback):
-            found.setdefault("ptq", cb)
+        if isinstance(cb, CompressionCallback) and cb.compression_role in ROLES:
+            found.setdefault(cb.compression_role, cb)
     return found
 
 
-def compression_settings(callbacks: Mapping[str, Any]) -> dict[str, str | int | float]:
+def compression_settings(callbacks: Mapping[str, CompressionCallback]) -> dict[str, str | int | float]:
     """The settings of the callbacks found by :func:`find_callbacks`, in the fixed schema of :data:`NO_SETTINGS`."""
     settings = dict(NO_SETTINGS)
     methods = []
-    if (pruning := callbacks.get("pruning")) is not None:
-        methods.append("prune")
-        settings.update(
-            target_sparsity=pruning.target_sparsity,
-            schedule=pruning.schedule,
-            scope=pruning.scope,
-            structure=pruning.structure,
-        )
-    if (qat := callbacks.get("qat")) is not None:
-        methods.append("qat")
-        settings.update(
-            quantization="qat",
-            bits=int(qat.config.weight_bits),
-            mode=qat.mode,
-            observer=qat.config.activation_observer,
-        )
-    elif (ptq := callbacks.get("ptq")) is not None:
-        methods.append("ptq")
-        settings.update(
-            quantization="ptq",
-            bits=8,
-            mode=ptq.mode,
-            observer=ptq.observer,
-            calibration_batches=int(ptq.calibration_batches),
-        )
+    for role in ROLES:
+        if (cb := callbacks.get(role)) is not None:
+            own = cb.compression_settings()
+            settings.update({k: v for k, v in own.items() if k in NO_SETTINGS})
+            methods.append("prune" if role == "pruning" else str(own.get("quantization", "quant")))
     settings["method"] = "+".join(methods) or "dense"
     return settings
 
@@ -118,6 +117,7 @@ def _number(value: Any) -> float | None:
 def summarize(
     *,
     monitor: str | None = None,
+    monitor_mode: MonitorMode = "max",
     trained_metric: float | None = None,
     baseline_metric: float | None = None,
     pruning: Mapping[str, Any] | None = None,
@@ -128,6 +128,8 @@ def summarize(
 
     Args:
         monitor: Name of the metric (e.g. ``"val_acc"``); the metric keys are named after it.
+        monitor_mode: ``"max"`` (higher is better: drop = before - after) or ``"min"`` (a loss: drop = after -
+            before), as in ``PostTrainingQuantCallback``: a positive drop is always a loss of quality.
         trained_metric: The metric of the model as trained (dense, pruned, or fake-quantized for QAT).
         baseline_metric: The metric "before" compression when known from elsewhere (e.g. the dense run's).
         pruning: ``IterativePruningCallback.results``.
@@ -138,7 +140,8 @@ def summarize(
     Returns:
         ``<monitor>_before`` (``baseline_metric``, else the float metric for PTQ, the fake-quant metric for QAT, else
         ``trained_metric``), ``<monitor>`` (the deployed model's: int8 when quantized), ``<monitor>_drop``
-        (before - after, in the metric's units); ``sparsity``, ``nonzero_params``, ``total_params``,
+        (the loss of quality, in the metric's units as logged; see ``monitor_mode``); ``sparsity``, ``nonzero_params``,
+        ``total_params``,
         ``sparse_bytes``; ``float_bytes``, ``size_bytes`` (the artifact: int8 program when quantized, else the float
         ``state_dict``), ``size_ratio``; ``float_ms/batch_<N>``, ``latency_ms/batch_<N>`` (the artifact),
         ``speedup/batch_<N>``; ``output_sqnr_db``, ``min_layer_sqnr_db``, ``mean_layer_sqnr_db``,
@@ -157,7 +160,8 @@ def summarize(
         if after is not None:
             out[monitor] = float(after)
         if before is not None and after is not None:
-            out[f"{monitor}_drop"] = float(before) - float(after)
+            drop = float(before) - float(after)
+            out[f"{monitor}_drop"] = drop if monitor_mode == "max" else -drop
 
     for key in ("sparsity", "nonzero_params", "total_params"):
         value = _number(pruning.get(key, measured.get(key)))
@@ -266,6 +270,8 @@ class CompressionReport(Callback):
             give it the same batch sizes). ``None``: 1 and 64; ``[]``: no latency.
         hparams: Write the settings and results to TensorBoard's HParams tab.
         verbose: Print the summary on rank zero.
+        monitor_mode: ``"max"`` (higher is better, e.g. accuracy) or ``"min"`` (e.g. a loss): the sign of
+            ``<monitor>_drop``, which is positive when compression lost quality (as in PostTrainingQuantCallback).
     """
 
     def __init__(
@@ -276,11 +282,16 @@ class CompressionReport(Callback):
         latency_batch_sizes: list[int] | None = None,
         hparams: bool = True,
         verbose: bool = True,
+        monitor_mode: MonitorMode = "max",
     ) -> None:
-        sizes = list(DEFAULT_LATENCY_BATCH_SIZES) if latency_batch_sizes is None else list(latency_batch_sizes)
-        for size in sizes:
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(f"`latency_batch_sizes` must hold positive integers, got {latency_batch_sizes!r}.")
+        sizes = list(DEFAULT_LATENCY_BATCH_SIZES) if latency_batch_sizes is None else latency_batch_sizes
+        sizes = check_batch_sizes("latency_batch_sizes", sizes) or []
+        self.monitor_mode: MonitorMode = monitor_mode
+        check_choice("monitor_mode", monitor_mode, get_args(MonitorMode))
+        check_optional_str("monitor", monitor)
+        check_optional_str("module", module)
+        check_bool("hparams", hparams)
+        check_bool("verbose", verbose)
         if baseline_metric is not None and (_number(baseline_metric) is None or not math.isfinite(baseline_metric)):
             raise ValueError(f"`baseline_metric` must be a finite number or None, got {baseline_metric!r}.")
         if baseline_metric is not None and monitor is None:
@@ -298,6 +309,7 @@ class CompressionReport(Callback):
         #: Where the JSON report was written, ``None`` before.
         self.path: Path | None = None
         self._reported_quant: dict[str, Any] | None = None
+        self._monitor_seen = False
 
     def dashboard_categories(self) -> dict[str, list[tuple[str, list[str]]]]:
         """Charts of the report in the TensorBoard custom-scalars layout (they compare runs)."""
@@ -330,6 +342,12 @@ class CompressionReport(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        _loops.target_module(pl_module, self.module)  # a `module` that does not exist fails now, not after training
+        if self.monitor and stage == "fit" and not is_overridden("validation_step", pl_module):
+            raise ValueError(
+                f"`monitor`={self.monitor!r} needs a validation loop, but {type(pl_module).__name__} does not define"
+                " `validation_step`."
+            )
         self.settings = compression_settings(find_callbacks(getattr(trainer, "callbacks", [])))
         _logging.write_dashboard_layout(trainer)
         if self.hparams:
@@ -337,13 +355,20 @@ class CompressionReport(Callback):
             _logging.start_hparams_session(trainer, self.settings, self.hparam_metric_tags())
 
     @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The first validation (the sanity check, or the first epoch's) tells whether `monitor` is logged at all.
+        if self.monitor and not self._monitor_seen and trainer.state.fn == "fit":
+            self._trained_metric(trainer)
+            self._monitor_seen = True
+
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Lightning calls teardown after every callback's on_fit_end: the int8 results exist by now.
         if not trainer.is_global_zero or stage not in ("fit", "validate", "test"):
             return
         callbacks = find_callbacks(getattr(trainer, "callbacks", []))
-        quant_cb = callbacks.get("qat") or callbacks.get("ptq")
-        quant = dict(getattr(quant_cb, "results", None) or {})
+        quant_cb = callbacks.get("quantization")
+        quant = dict(quant_cb.results) if quant_cb is not None else {}
         new_quant = bool(quant) and quant != self._reported_quant
         if stage != "fit" and not new_quant:
             return  # e.g. trainer.test after fit: nothing new to report
@@ -351,16 +376,21 @@ class CompressionReport(Callback):
         self.report(trainer, pl_module, callbacks, quant)
 
     def report(
-        self, trainer: Trainer, pl_module: LightningModule, callbacks: Mapping[str, Any], quant: Mapping[str, Any]
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        callbacks: Mapping[str, CompressionCallback],
+        quant: Mapping[str, Any],
     ) -> dict[str, float]:
         """Gather, write and log the summary now (called by ``teardown``; callable from a script too)."""
         pruning_cb = callbacks.get("pruning")
         self.settings = compression_settings(callbacks)
         self.results = summarize(
             monitor=self.monitor,
+            monitor_mode=self.monitor_mode,
             trained_metric=self._trained_metric(trainer),
             baseline_metric=self.baseline_metric,
-            pruning=getattr(pruning_cb, "results", None),
+            pruning=pruning_cb.results if pruning_cb is not None else None,
             quantization=quant,
             measured=self._measure(pl_module, pruning_cb, quant),
         )
@@ -381,7 +411,9 @@ class CompressionReport(Callback):
             )
         return float(trainer.callback_metrics[self.monitor])
 
-    def _measure(self, pl_module: LightningModule, pruning_cb: Any, quant: Mapping[str, Any]) -> dict[str, float]:
+    def _measure(
+        self, pl_module: LightningModule, pruning_cb: CompressionCallback | None, quant: Mapping[str, Any]
+    ) -> dict[str, float]:
         """What the callbacks did not measure: sparsity, float size and float latency of the deployed network."""
         target = _loops.target_module(pl_module, self.module)
         measured: dict[str, float] = {}
@@ -417,10 +449,9 @@ class CompressionReport(Callback):
         run = _run_name(trainer, path.parent)
         summary = markdown_report(f"Compression report: {run}", self.settings, self.results, self.monitor)
         _logging.log_text(trainer, f"{PREFIX}/summary", summary, step)
-        path.parent.mkdir(parents=True, exist_ok=True)
         document = {"run": run, "monitor": self.monitor, "settings": self.settings, "results": self.results}
-        path.write_text(json.dumps(jsonable(document), indent=2) + "\n")
-        path.with_suffix(".md").write_text(summary + "\n")
+        write_atomically(path, (json.dumps(jsonable(document), indent=2) + "\n").encode())
+        write_atomically(path.with_suffix(".md"), (summary + "\n").encode())
         self.path = path
         if self.verbose:
             rank_zero_info(f"\n{summary}\n\nReport written to {path} and {path.with_suffix('.md').name}\n")

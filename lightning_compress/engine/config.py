@@ -23,6 +23,11 @@ from lightning_compress.engine.validation import (
     check_weight,
 )
 
+# --- shared ---
+
+#: Whether higher (``"max"``, e.g. accuracy) or lower (``"min"``, e.g. a loss) values of a monitored metric are better.
+MonitorMode = Literal["max", "min"]
+
 # --- pruning (PruningConfig) ---
 
 #: How the target sparsity moves from ``initial_sparsity`` to ``target_sparsity`` (see :mod:`.schedules`).

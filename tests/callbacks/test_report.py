@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -277,3 +278,69 @@ def test_layout_of_all_callbacks_does_not_depend_on_their_order():
     charts = {chart for category in layouts[0].values() for chart in category}
     assert {"sparsity: target vs measured", "val_acc: fake-quant vs int8", "val_acc: float vs int8"} <= charts
     assert "quantization error: SQNR (dB)" in charts and "per-layer SQNR (dB)" in charts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The protocol, the sign convention, and errors before training
+# ----------------------------------------------------------------------------------------------------------------
+class _OwnPruner(Callback):
+    """A user's own compression callback: the report reads it through the protocol, without importing it."""
+
+    compression_role = "pruning"
+
+    def __init__(self):
+        self.results = {}
+
+    def compression_settings(self):
+        return {"target_sparsity": 0.3, "schedule": "mine", "not_a_column": 1}
+
+    def on_fit_end(self, trainer, pl_module):
+        self.results = {"sparsity": 0.3, "nonzero_params": 7.0, "total_params": 10.0, "sparse_bytes": 12.0}
+
+
+def test_any_callback_implementing_the_protocol_is_reported(tmp_path):
+    own = _OwnPruner()
+    report = CompressionReport("val_acc", latency_batch_sizes=[], hparams=False, verbose=False)
+    _fit(tmp_path, [own, report])
+    assert report.settings["method"] == "prune"
+    assert report.settings["target_sparsity"] == 0.3 and report.settings["schedule"] == "mine"
+    assert "not_a_column" not in report.settings  # the HParams columns are fixed
+    assert report.results["sparsity"] == 0.3 and report.results["nonzero_params"] == 7.0
+
+
+def test_monitor_mode_min_makes_a_worse_loss_a_positive_drop():
+    quant = {"float_val_loss": 0.50, "int8_val_loss": 0.55}
+    out = summarize(monitor="val_loss", monitor_mode="min", quantization={**quant, "int8_bytes": 1.0})
+    assert out["val_loss_drop"] == pytest.approx(0.05)
+    assert summarize(monitor="val_loss", quantization=quant)["val_loss_drop"] == pytest.approx(-0.05)
+
+
+class _FailIfTrained(Callback):
+    def on_train_batch_start(self, *args):
+        raise AssertionError("a training step ran before the configuration error")
+
+
+def test_missing_module_fails_before_training(tmp_path):
+    report = CompressionReport(module="backbone", verbose=False)
+    with pytest.raises(ValueError, match=r"`module`='backbone' is not a submodule of TinyClassifier"):
+        _fit(tmp_path, [report, _FailIfTrained()])
+
+
+def test_monitor_never_logged_fails_at_the_first_validation(tmp_path):
+    report = CompressionReport("val_f1", verbose=False, hparams=False)
+    with pytest.raises(ValueError, match=r"`monitor`='val_f1' was not logged .* Metrics logged: `train_loss`, `val_acc`"):
+        _fit(tmp_path, [report], epochs=5, num_sanity_val_steps=0, limit_train_batches=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"monitor_mode": "up"}, r"`monitor_mode` must be one of 'max', 'min', got 'up'"),
+        ({"latency_batch_sizes": 8}, r"`latency_batch_sizes` must be a list of positive integers or None, got 8"),
+        ({"module": ["net"]}, r"`module` must be a non-empty string or None, got \['net'\]"),
+        ({"hparams": "no"}, r"`hparams` must be True or False, got 'no'"),
+    ],
+)
+def test_arguments_of_the_wrong_type_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CompressionReport(**kwargs)
