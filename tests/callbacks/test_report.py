@@ -328,7 +328,9 @@ def test_missing_module_fails_before_training(tmp_path):
 
 def test_monitor_never_logged_fails_at_the_first_validation(tmp_path):
     report = CompressionReport("val_f1", verbose=False, hparams=False)
-    with pytest.raises(ValueError, match=r"`monitor`='val_f1' was not logged .* Metrics logged: `train_loss`, `val_acc`"):
+    with pytest.raises(
+        ValueError, match=r"`monitor`='val_f1' was not logged .* Metrics logged: `train_loss`, `val_acc`"
+    ):
         _fit(tmp_path, [report], epochs=5, num_sanity_val_steps=0, limit_train_batches=1)
 
 
