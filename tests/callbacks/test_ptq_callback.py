@@ -507,3 +507,30 @@ def test_state_dict_holds_the_config_as_plain_values() -> None:
     assert config["module"] == "net" and config["monitor"] == "val_acc"
     assert all(isinstance(v, (type(None), bool, int, float, str)) for v in config.values())
     assert (ptq.mode, ptq.observer, ptq.calibration_batches) == ("dynamic", "histogram", 4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reliability (issue 9)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_artifact_write_error_names_save_path_and_leaves_nothing(tmp_path, monkeypatch) -> None:
+    import errno
+    import os
+
+    from lightning_compress.engine import io
+    from lightning_compress.engine.io import ArtifactWriteError
+
+    original = os.replace
+
+    def full_disk(src, dst, *args, **kwargs):
+        if str(dst).endswith("ptq_int8.pt2"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(io.os, "replace", full_disk)
+    save_path = tmp_path / "out" / "ptq_int8.pt2"
+    ptq = PostTrainingQuantCallback(module="net", run_on=["validate"], latency="off", save_path=str(save_path))
+    with pytest.raises(ArtifactWriteError, match=r"Cannot write `save_path`=.*ptq_int8\.pt2.*No space left on device"):
+        make_trainer(tmp_path, [ptq]).validate(Classifier(mlp()), vector_loader(64), verbose=False)
+    assert list(save_path.parent.iterdir()) == []

@@ -634,3 +634,38 @@ def test_state_dict_holds_the_config_as_plain_values():
     assert state["conversion"]["mode"] == "dynamic" and callback.mode == "dynamic"
     plain = (type(None), bool, int, float, str)
     assert all(isinstance(v, plain) for part in state.values() for v in part.values())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reliability (issue 9): atomic artifact, resume after a crash, reused callback, settings on resume, NaN, ...
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _failing_replace(monkeypatch, suffix: str) -> None:
+    """A full disk when the artifact ending in ``suffix`` is moved into place (everything else is written)."""
+    import errno
+    import os
+
+    from lightning_compress.engine import io
+
+    original = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if str(dst).endswith(suffix):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+
+
+def test_artifact_write_error_names_save_path_and_keeps_checkpoints(tmp_path, monkeypatch):
+    from lightning_compress.engine.io import ArtifactWriteError
+
+    _failing_replace(monkeypatch, "int8.pt2")
+    save_path = tmp_path / "out" / "int8.pt2"
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    callback = QATCallback(module="net", latency="off", save_path=str(save_path), verbose=False)
+    with pytest.raises(ArtifactWriteError, match=r"Cannot write `save_path`=.*int8\.pt2.*No space left on device"):
+        trainer(tmp_path, [callback, saver], max_epochs=1, enable_checkpointing=True).fit(Classifier(), loader())
+    assert list(save_path.parent.iterdir()) == []  # nothing partial, no temporary file
+    Classifier.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")  # the checkpoint is intact

@@ -374,6 +374,50 @@ def test_load_and_size_reject_wrong_types() -> None:
         save_int8(mlp(), "/tmp/never_written.pt2")  # type: ignore[arg-type]
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and torchao (~7 s)
+def test_full_disk_during_the_artifact_write_raises_naming_save_path_and_leaves_nothing(tmp_path) -> None:
+    """``torch.export.save`` to a file aborts the process (SIGABRT) on a full disk: the artifact is serialized in
+    memory and written atomically instead. A full disk is simulated with RLIMIT_FSIZE (SIGXFSZ ignored: EFBIG)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    target = tmp_path / "out" / "int8.pt2"
+    target.parent.mkdir()
+    target.write_bytes(b"the previous artifact")
+    script = textwrap.dedent(
+        f"""
+        import resource, signal, sys
+        import torch
+        from torch import nn
+        from lightning_compress.engine.convert import convert_to_int8, save_int8
+        from lightning_compress.engine.io import ArtifactWriteError
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+        int8 = convert_to_int8(model, (torch.randn(8, 16),))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            save_int8(int8, {str(target)!r})
+        except ArtifactWriteError as err:
+            print("ERROR", err)
+            sys.exit(3)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "Cannot write `save_path`=" in result.stdout and "int8.pt2" in result.stdout
+    assert "File too large" in result.stdout
+    assert target.read_bytes() == b"the previous artifact"  # untouched, and no temporary file left
+    assert [p.name for p in target.parent.iterdir()] == ["int8.pt2"]
+
+
+def test_save_writes_atomically_and_reloads(tmp_path) -> None:
+    path = tmp_path / "new" / "int8.pt2"
+    size = save_int8(convert_to_int8(mlp().eval(), (torch.randn(4, 16),)), path)
+    assert size == path.stat().st_size and [p.name for p in path.parent.iterdir()] == ["int8.pt2"]
+    assert load_quantized(path)(torch.randn(3, 16)).shape == (3, 4)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Compiled int8 (slow: Inductor)
 # --------------------------------------------------------------------------------------------------------------------

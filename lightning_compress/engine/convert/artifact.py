@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.engine.convert.quantizer import _import_torchao
+from lightning_compress.engine.io import write_atomically
 
 #: Name of the artifact member that stores the call signature of the converted network.
 SIGNATURE_FILE = "lightning_compress/signature.json"
@@ -177,17 +178,31 @@ def _program_of(obj: torch.export.ExportedProgram | Int8Model) -> torch.export.E
     raise ValueError(f"Expected an ExportedProgram or an Int8Model, got {type(obj).__name__}.")
 
 
-def save_int8(program: torch.export.ExportedProgram | Int8Model, path: str | os.PathLike[str]) -> int:
+def save_int8(
+    program: torch.export.ExportedProgram | Int8Model, path: str | os.PathLike[str], what: str = "save_path"
+) -> int:
     """Save the int8 program with ``torch.export.save`` (conventionally ``*.pt2``); returns the file size in bytes.
 
     An :class:`Int8Model` also stores the call signature of the converted network (for :func:`load_quantized`).
+    The archive is serialized in memory first, then written atomically (:func:`~lightning_compress.engine.io
+    .write_atomically`): ``torch.export.save`` aborts the whole process when a write to a file fails (e.g. a full
+    disk), and a crash during the write must not leave a truncated ``.pt2`` at ``path``.
+
+    Raises:
+        ArtifactWriteError: If the file cannot be written; the message names ``what``, the path and the OS error,
+            and nothing partial is left at ``path``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    data = serialize_int8(program)
+    return write_atomically(path, data, what)
+
+
+def serialize_int8(program: torch.export.ExportedProgram | Int8Model) -> bytes:
+    """The bytes :func:`save_int8` writes: ``torch.export.save`` into memory (with the call signature)."""
     signature = program.signature if isinstance(program, Int8Model) else None
     extra = {SIGNATURE_FILE: json.dumps([spec._asdict() for spec in signature])} if signature is not None else None
-    torch.export.save(_program_of(program), path, extra_files=extra)
-    return path.stat().st_size
+    buffer = io.BytesIO()
+    torch.export.save(_program_of(program), buffer, extra_files=extra)
+    return buffer.getvalue()
 
 
 def _load(path: str | os.PathLike[str]) -> tuple[torch.export.ExportedProgram, tuple[ArgSpec, ...] | None]:
@@ -275,7 +290,6 @@ def compile_int8(program: torch.export.ExportedProgram | Int8Model, dynamic: boo
 
 def save_and_size(int8: Int8Model, float_model: nn.Module, path: Path) -> dict[str, float]:
     """Save the int8 program, and compare its size on disk with the float model's serialized state_dict."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     int8_bytes = save_int8(int8, path)
     float_bytes = model_size_bytes(float_model)
     return {"float_bytes": float_bytes, "int8_bytes": int8_bytes, "size_ratio": int8_bytes / float_bytes}
