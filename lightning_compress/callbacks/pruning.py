@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress.callbacks import _figures, _logging
-from lightning_compress.engine.config import Criterion, PruningConfig, Schedule, Scope, Structure
+from lightning_compress.callbacks._loops import artifact_path, latency_batch_sizes, target_module
+from lightning_compress.engine import structured
+from lightning_compress.engine.config import (
+    DEFAULT_ROUND_TO,
+    DEFAULT_TARGET_SPARSITY,
+    Criterion,
+    PruningConfig,
+    Schedule,
+    Scope,
+)
+from lightning_compress.engine.measure import compare_latency
 from lightning_compress.engine.pruner import GradualPruner
-from lightning_compress.engine.selection import output_layer_weight, select_parameters
+from lightning_compress.engine.selection import select_parameters
 from lightning_compress.engine.validation import check_bool, check_optional_str
 
 PREFIX = f"{_logging.PREFIX}/sparsity"
@@ -60,9 +77,15 @@ class IterativePruningCallback(Callback):
         update_every_n_steps: Steps between mask updates. ``None``: about 100 updates over the ramp.
         scope: ``"global"`` (one magnitude ranking across all selected tensors) or ``"local"`` (each tensor pruned
             to the target on its own).
-        structure: ``"unstructured"`` (single weights) or ``"channel"`` (whole output channels, by RMS norm; they
-            are zeroed, not removed). Channel pruning never prunes the output layer (the last Linear/Conv of the
-            model: its channels are the network's outputs) and keeps at least one channel of every layer.
+        structure: ``"unstructured"`` (single weights), ``"channel"`` (whole channel groups: every producer's output
+            rows and biases, the norms' affine entries and every consumer's input columns of a channel are zeroed
+            together, so the channels can be removed exactly; see :mod:`lightning_compress.engine.structured`) or
+            ``"N:M"`` such as ``"2:4"`` (N of every M consecutive weights along the input dimension kept, Linear and
+            Conv weights whose input dimension is a multiple of M; a mask only on CPU: the speedup needs a GPU
+            with 2:4 sparse kernels). Channel pruning never prunes the network's output features, keeps
+            ``min_channels_per_group`` channels of every group, and needs an example input of the network:
+            ``example_input_array`` of the LightningModule, else the first training call of the network is
+            caught (masks then start after that call).
         criterion: ``"magnitude"`` or ``"random"`` (seeded by ``seed``; identical on every DDP rank).
         include: Regular expressions searched in full parameter names (``"net.fc1.weight"``); when given, the
             parameters matching any of them are pruned instead of the default (every ``weight`` of ``nn.Linear``
@@ -75,18 +98,29 @@ class IterativePruningCallback(Callback):
             step (<= ``start_step``) and, after every mask update, the surviving weights are reset to the snapshot.
         seed: Seed of the ``random`` criterion.
         verbose: Print a sparsity summary on rank zero at the end of fit.
+        round_to: Channel pruning: kept channels of every group rounded to a multiple of this (kernels are
+            faster at such widths; default 16, measured). ``1`` gives exactly ``round(s * C)`` pruned channels.
+        min_channels_per_group: Channel pruning: channels every group keeps, a count (>= 1) or a fraction in (0, 1).
+        compact_on_fit_end: Channel pruning: at fit end, on rank zero, remove the pruned channels from a deep copy
+            (:attr:`compact_model`), measure it against the masked model, and save it. ``None``: on for
+            ``structure="channel"``.
+        module: The network inside the LightningModule to prune channels of (e.g. ``"net"``); ``None``: the
+            LightningModule's own ``forward``.
+        compact_path: Where to save the compact model's state dict (``.pt``, rebuilt by
+            :func:`~lightning_compress.load_compact`); the exported program goes next to it as ``.pt2``.
+            ``None``: ``compact_model.pt`` in the first logger's ``log_dir``, else ``default_root_dir``.
     """
 
     def __init__(
         self,
-        target_sparsity: float = 0.9,
+        target_sparsity: float = DEFAULT_TARGET_SPARSITY,
         schedule: Schedule = "cubic",
         initial_sparsity: float = 0.0,
         start_step: int = 0,
         end_step: int | None = None,
         update_every_n_steps: int | None = None,
         scope: Scope = "global",
-        structure: Structure = "unstructured",
+        structure: str = "unstructured",
         criterion: Criterion = "magnitude",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
@@ -95,6 +129,11 @@ class IterativePruningCallback(Callback):
         rewind_to_step: int | None = None,
         seed: int = 0,
         verbose: bool = True,
+        round_to: int = DEFAULT_ROUND_TO,
+        min_channels_per_group: int | float = 1,
+        compact_on_fit_end: bool | None = None,
+        module: str | None = None,
+        compact_path: str | None = None,
     ) -> None:
         #: The validated settings (``end_step``/``update_every_n_steps`` as given; resolved at fit start).
         self.config = PruningConfig(
@@ -112,7 +151,12 @@ class IterativePruningCallback(Callback):
             end_fraction=end_fraction,
             rewind_to_step=rewind_to_step,
             seed=seed,
+            round_to=round_to,
+            min_channels_per_group=min_channels_per_group,
+            compact_on_fit_end=compact_on_fit_end,
         )
+        self.module = check_optional_str("module", module)
+        self.compact_path = check_optional_str("compact_path", compact_path)
         self.monitor = check_optional_str("monitor", monitor)
         self.verbose = check_bool("verbose", verbose)
         #: The pruner of the current fit (``None`` before ``on_fit_start``).
@@ -124,6 +168,11 @@ class IterativePruningCallback(Callback):
         self._history: list[tuple[int, float, float]] = []  # (step, sparsity, monitored metric) per validation
         self._pending_state: dict[str, Any] | None = None
         self._hooks: list[Any] = []
+        #: The channel-pruned network with the pruned channels removed (``compact_on_fit_end``; rank zero), an
+        #: ``nn.Module`` called like the network. ``None`` until fit end.
+        self.compact_model: nn.Module | None = None
+        self._example: structured.Call | None = None  # a CPU copy of one call of the network (channel pruning)
+        self._catch_handle: Any = None
 
     def __getattr__(self, name: str) -> Any:
         # The settings read as attributes, as before the config existed (``callback.target_sparsity``).
@@ -181,6 +230,7 @@ class IterativePruningCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == TrainerFn.FITTING:  # a reused callback object starts afresh, unless a checkpoint restores it
             self.pruner, self.results, self._history, self._pending_state = None, {}, [], None
+            self.compact_model, self._example = None, None
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -194,6 +244,8 @@ class IterativePruningCallback(Callback):
                 f"{type(pl_module).__name__} does not define `validation_step`."
             )
         select_parameters(pl_module, self.config.include, self.config.exclude)  # fail before the sanity check
+        if self.config.structure == "channel":
+            target_module(pl_module, self.module)
         if self._pending_state is not None:
             _check_same_config(self._pending_state.get("config"), self.config.to_dict())
         _logging.write_dashboard_layout(trainer)
@@ -202,18 +254,55 @@ class IterativePruningCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Here, not in on_fit_start: the length of training is known without setting up the train dataloader
         # early, which would perturb a dataloader that resumes mid-epoch.
-        weights = select_parameters(pl_module, self.config.include, self.config.exclude)
-        total_steps = trainer.estimated_stepping_batches
-        # Channel pruning never removes the network's outputs (the output layer's channels).
-        protected = [output_layer_weight(pl_module)] if self.config.structure == "channel" else []
-        self.pruner = GradualPruner(weights, self.config.resolve(total_steps), [p for p in protected if p])
+        # Pruned weights are re-zeroed right after every optimizer step, automatic or manual optimization alike.
+        self._hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
+        if self.config.structure != "channel":
+            weights = select_parameters(pl_module, self.config.include, self.config.exclude)
+            with _engine_warnings():
+                self._start(trainer, GradualPruner(weights, self.config.resolve(trainer.estimated_stepping_batches)))
+            return
+        network = target_module(pl_module, self.module)
+        example = pl_module.example_input_array if self.module is None else None
+        if example is not None:
+            args = example if isinstance(example, tuple) else () if isinstance(example, dict) else (example,)
+            self._build_channel_pruner(trainer, pl_module, (args, example if isinstance(example, dict) else {}))
+            return
+
+        # No example input: build the groups from the network's first training call, before its backward.
+        def catch(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self._catch_handle.remove()
+            self._catch_handle = None
+            self._build_channel_pruner(trainer, pl_module, (args, kwargs))
+
+        self._catch_handle = network.register_forward_pre_hook(catch, with_kwargs=True)
+
+    def _build_channel_pruner(self, trainer: Trainer, pl_module: LightningModule, example: structured.Call) -> None:
+        network = target_module(pl_module, self.module)
+        prefix = f"{self.module}." if self.module else ""
+        self._example = _detached_cpu(example)
+        device_example = move_data_to_device(self._example, pl_module.device)
+        with _engine_warnings():
+            search = structured.find_channel_groups(
+                network, device_example, prefix=prefix, include=self.config.include, exclude=self.config.exclude
+            )
+        if not search.groups:
+            raise ValueError(
+                f"`structure`='channel' found no channel group that can be pruned and removed exactly in"
+                f" {type(network).__name__} (left out: {search.left_out or 'none'}; network outputs:"
+                f" {search.output_groups}). Use `structure`='unstructured', or change `include`/`exclude`."
+            )
+        tensors = dict([*pl_module.named_parameters(), *pl_module.named_buffers()])
+        weights = {name: tensors[name] for group in search.groups for name in group.tensors}
+        config = self.config.resolve(trainer.estimated_stepping_batches)
+        self._start(trainer, GradualPruner(weights, config, groups=search.groups))
+
+    def _start(self, trainer: Trainer, pruner: GradualPruner) -> None:
+        self.pruner = pruner
         if self._pending_state is not None:
             self.pruner.load_state_dict(self._pending_state)
             self._history = [(int(s), float(sp), float(m)) for s, sp, m in self._pending_state.get("history", [])]
             self._pending_state = None
-        _warn_if_ramp_outlasts_training(self.pruner.config, total_steps)
-        # Pruned weights are re-zeroed right after every optimizer step, automatic or manual optimization alike.
-        self._hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
+        _warn_if_ramp_outlasts_training(self.pruner.config, trainer.estimated_stepping_batches)
         self._step(trainer)
 
     @override
@@ -225,6 +314,13 @@ class IterativePruningCallback(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.pruner is None and self.config.structure == "channel":
+            where = f"`{self.module}`" if self.module else "the LightningModule's `forward`"
+            raise RuntimeError(
+                "IterativePruningCallback with `structure`='channel' needs an example input of the network: set"
+                f" `example_input_array` on the LightningModule, or let one batch run through {where} (the"
+                " training_step did not call it; pass the submodule it calls as `module`, e.g. module='net')."
+            )
         if self.pruner is not None and trainer.global_step != self.pruner.last_step:  # an optimizer step happened
             self._step(trainer)
 
@@ -272,6 +368,8 @@ class IterativePruningCallback(Callback):
         _logging.log_text(trainer, f"{_logging.PREFIX}/pruning/summary", summary, step)
         if self.verbose:
             rank_zero_info(f"\nIterativePruningCallback summary (step {step}):\n{summary}")
+        if self.config.structure == "channel" and self.config.compact_on_fit_end and trainer.is_global_zero:
+            self._compact(trainer, pl_module)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -295,6 +393,55 @@ class IterativePruningCallback(Callback):
     # ----------------------------------------------------------------------------------------------------------
     # Internals
     # ----------------------------------------------------------------------------------------------------------
+    def _compact(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Remove the pruned channels from a copy, check it against the masked network, measure, save, log."""
+        assert self.pruner is not None and self._example is not None
+        network = target_module(pl_module, self.module)
+        example = move_data_to_device(self._example, pl_module.device)
+        compact = structured.remove_channels(network, self.pruner.groups, self.pruner.group_masks, example)
+        masked = copy.deepcopy(network).eval()
+        evaluated = copy.deepcopy(compact).eval()
+        with torch.no_grad():
+            reference, output = structured._call(masked, example), structured._call(evaluated, example)
+        scale = float(reference.abs().max())
+        results = {"max_abs_diff": float((output - reference).abs().max()), "output_scale": scale}
+        one = _resized(example, 1)
+        results["params_before"], results["macs_before"] = map(float, structured.count_params_and_macs(masked, one))
+        results["params_after"], results["macs_after"] = map(float, structured.count_params_and_macs(evaluated, one))
+        for batch_size in latency_batch_sizes(trainer, None):
+            timing = compare_latency(masked, evaluated, _resized(example, batch_size)[0], kwargs=example[1])
+            results[f"latency_ms_before/batch_{batch_size}"] = timing["a"]["median_ms"]
+            results[f"latency_ms_after/batch_{batch_size}"] = timing["b"]["median_ms"]
+            results[f"speedup/batch_{batch_size}"] = timing["speedup"]
+        path = artifact_path(trainer, self.compact_path, "compact_model.pt")
+        results["state_dict_bytes"] = float(structured.save_compact(evaluated, path))
+        try:
+            results["pt2_bytes"] = float(
+                structured.export_compact(evaluated, _resized(example, 2), path.with_suffix(".pt2"))
+            )
+        except Exception as err:  # torch.export cannot take every network; the state-dict form still rebuilds it
+            rank_zero_warn(
+                f"IterativePruningCallback: the compact model was not exported to .pt2 ({type(err).__name__}: {err})."
+            )
+        self.compact_model = compact
+        self.compact_paths = [str(path), str(path.with_suffix(".pt2"))]
+        self.results.update({f"compact/{key}": value for key, value in results.items()})
+        _logging.log_scalars(
+            trainer, {f"{_logging.PREFIX}/compact/{k}": v for k, v in results.items()}, trainer.global_step
+        )
+        if scale and results["max_abs_diff"] > 1e-5 * scale:
+            rank_zero_warn(
+                f"IterativePruningCallback: the compact model's outputs differ from the masked model's by"
+                f" {results['max_abs_diff']:.3g} (output scale {scale:.3g})."
+            )
+        if self.verbose:
+            speed = ", ".join(f"{k.split('/')[1]} {v:.2f}x" for k, v in results.items() if k.startswith("speedup/"))
+            rank_zero_info(
+                f"IterativePruningCallback compact model: params {results['params_before']:,.0f} ->"
+                f" {results['params_after']:,.0f}, MACs {results['macs_before']:,.0f} -> {results['macs_after']:,.0f},"
+                f" speedup {speed}; saved to {path} (+ .pt2)."
+            )
+
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.pruner is not None:
             self.pruner.apply()
@@ -303,6 +450,9 @@ class IterativePruningCallback(Callback):
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        if self._catch_handle is not None:
+            self._catch_handle.remove()
+            self._catch_handle = None
 
     def _step(self, trainer: Trainer) -> None:
         """After an optimizer step: update masks when the schedule says so, log."""
@@ -312,6 +462,9 @@ class IterativePruningCallback(Callback):
         if updated or step % max(getattr(trainer, "log_every_n_steps", 50), 1) == 0:
             stats = self.pruner.stats()
             metrics = {PREFIX: stats.sparsity, f"{_logging.PREFIX}/target_sparsity": self.pruner.target(step)}
+            if self.pruner.groups:
+                pruned, total = self.pruner.channel_counts()
+                metrics[f"{_logging.PREFIX}/channel_sparsity"] = pruned / max(total, 1)
             metrics.update({f"{PREFIX}/{name}": value for name, value in stats.per_tensor().items()})
             _logging.log_scalars(trainer, metrics, step=step)
 
@@ -363,3 +516,28 @@ def _warn_if_ramp_outlasts_training(config: PruningConfig, total_steps: float) -
             f" estimated at {int(total_steps)} optimizer steps: `target_sparsity`={config.target_sparsity} will not"
             " be reached. Lower `end_step`/`start_step` or train longer."
         )
+
+
+@contextmanager
+def _engine_warnings() -> Iterator[None]:
+    """The engine's notices (groups left out, N:M layers excluded) as rank-zero warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        rank_zero_warn(f"IterativePruningCallback: {warning.message}")
+
+
+def _detached_cpu(tree: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda t: t.detach().cpu().clone() if isinstance(t, Tensor) else t, tree)
+
+
+def _resized(example: structured.Call, batch_size: int) -> structured.Call:
+    """``example`` with every tensor argument repeated/trimmed along dim 0 to ``batch_size``."""
+
+    def resize(t: Any) -> Any:
+        if not isinstance(t, Tensor) or t.dim() == 0:
+            return t
+        return t.repeat(-(-batch_size // t.shape[0]), *([1] * (t.dim() - 1)))[:batch_size]
+
+    return torch.utils._pytree.tree_map(resize, example[0]), torch.utils._pytree.tree_map(resize, example[1])

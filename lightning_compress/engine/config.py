@@ -34,13 +34,30 @@ MonitorMode = Literal["max", "min"]
 Schedule = Literal["cubic", "linear", "exponential", "constant"]
 #: ``"global"``: one ranking across all selected tensors; ``"local"``: each tensor on its own.
 Scope = Literal["global", "local"]
-#: ``"unstructured"``: single weights; ``"channel"``: whole output channels.
+#: ``"unstructured"``: single weights; ``"channel"``: whole channel groups (:mod:`.structured`). A string
+#: ``"N:M"`` (e.g. ``"2:4"``) is also accepted: N of every M consecutive weights kept.
 Structure = Literal["unstructured", "channel"]
 #: What ranks the weights: their magnitude, or a seeded random score.
 Criterion = Literal["magnitude", "random"]
 
 #: Mask updates over the ramp when ``update_every_n_steps`` is ``None``.
 UPDATES_PER_RAMP = 100
+#: Default ``target_sparsity`` (an ``"N:M"`` structure replaces it with ``(M - N) / M``).
+DEFAULT_TARGET_SPARSITY = 0.9
+#: Default ``round_to`` of channel pruning. Measured on this project's CPU (AVX-512, 1 thread, two 3x3 convs,
+#: batch 64): widths 24, 40 and 56 ran as slow as 32, 48 and 64, and 20-25 took 2x the time per channel of 16 or
+#: 32; kernels work in blocks of 16 fp32 values.
+DEFAULT_ROUND_TO = 16
+
+
+def _structure(value: Any) -> str:
+    """Check ``structure``: one of :data:`Structure`, or an ``"N:M"`` string."""
+    from lightning_compress.engine.structured import parse_n_m
+
+    if isinstance(value, str) and (value in get_args(Structure) or parse_n_m(value) is not None):
+        return value.replace(" ", "")
+    allowed = ", ".join(repr(v) for v in get_args(Structure))
+    raise ValueError(f"`structure` must be one of {allowed} or an 'N:M' pattern such as '2:4', got {value!r}.")
 
 
 def _patterns(name: str, value: Any) -> tuple[str, ...] | None:
@@ -73,26 +90,42 @@ class PruningConfig:
         ValueError: `target_sparsity` must be in [0, 1), got 1.5.
     """
 
-    target_sparsity: float = 0.9
+    target_sparsity: float = DEFAULT_TARGET_SPARSITY
     schedule: Schedule = "cubic"
     initial_sparsity: float = 0.0
     start_step: int = 0
     end_step: int | None = None
     update_every_n_steps: int | None = None
     scope: Scope = "global"
-    structure: Structure = "unstructured"
+    structure: Structure | str = "unstructured"
     criterion: Criterion = "magnitude"
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
     end_fraction: float = 0.75
     rewind_to_step: int | None = None
     seed: int = 0
+    round_to: int = DEFAULT_ROUND_TO
+    min_channels_per_group: int | float = 1
+    compact_on_fit_end: bool | None = None
 
     def __post_init__(self) -> None:
+        from lightning_compress.engine.structured import parse_n_m
+
         check_choice("schedule", self.schedule, get_args(Schedule))
         check_choice("scope", self.scope, get_args(Scope))
-        check_choice("structure", self.structure, get_args(Structure))
+        structure = _structure(self.structure)
+        object.__setattr__(self, "structure", structure)
         check_choice("criterion", self.criterion, get_args(Criterion))
+        n_m = parse_n_m(structure)
+        if n_m is not None:
+            expected = (n_m[1] - n_m[0]) / n_m[1]
+            if self.target_sparsity == DEFAULT_TARGET_SPARSITY:
+                object.__setattr__(self, "target_sparsity", expected)
+            elif not math.isclose(float(self.target_sparsity), expected, abs_tol=1e-9):
+                raise ValueError(
+                    f"`target_sparsity` must be (M-N)/M = {expected:g} for `structure`={structure!r} (or left at its"
+                    f" default), got {self.target_sparsity}."
+                )
         target = check_fraction("target_sparsity", self.target_sparsity)
         initial = check_fraction("initial_sparsity", self.initial_sparsity)
         if initial > target:
@@ -116,11 +149,31 @@ class PruningConfig:
                 f" pruning, got {self.rewind_to_step}."
             )
         check_positive_int("seed", self.seed, allow_zero=True)
+        check_positive_int("round_to", self.round_to)
+        minimum = self.min_channels_per_group
+        if (
+            isinstance(minimum, bool)
+            or not isinstance(minimum, (int, float))
+            or not ((isinstance(minimum, int) and minimum >= 1) or (isinstance(minimum, float) and 0 < minimum < 1))
+        ):
+            raise ValueError(
+                f"`min_channels_per_group` must be a count >= 1 (int) or a fraction in (0, 1) (float), got {minimum!r}."
+            )
+        if self.compact_on_fit_end is None:
+            object.__setattr__(self, "compact_on_fit_end", structure == "channel")
+        check_bool("compact_on_fit_end", self.compact_on_fit_end)
         object.__setattr__(self, "target_sparsity", target)
         object.__setattr__(self, "initial_sparsity", initial)
         object.__setattr__(self, "end_fraction", end_fraction)
         object.__setattr__(self, "include", _patterns("include", self.include))
         object.__setattr__(self, "exclude", _patterns("exclude", self.exclude))
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        """``(N, M)`` for an ``"N:M"`` structure, else ``None``."""
+        from lightning_compress.engine.structured import parse_n_m
+
+        return parse_n_m(self.structure)
 
     @property
     def is_resolved(self) -> bool:

@@ -18,7 +18,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import warnings
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,13 @@ from lightning_compress.engine.masks import (
     unpack_mask,
 )
 from lightning_compress.engine.schedules import sparsity_at_step
+from lightning_compress.engine.structured import (
+    ChannelGroup,
+    compute_group_masks,
+    n_m_eligible,
+    n_m_masks,
+    tensor_masks,
+)
 
 
 class GradualPruner:
@@ -44,21 +52,56 @@ class GradualPruner:
         weights: The tensors to prune, by name (usually ``nn.Parameter`` objects of a model; they are modified in
             place and never replaced).
         config: A resolved :class:`~lightning_compress.engine.config.PruningConfig` (see its ``resolve``).
-        protected: Names of weights never pruned (kept in the statistics). With ``structure="channel"`` pass the
-            output layer's weight (:func:`~lightning_compress.engine.selection.output_layer_weight`): its channels
-            are the network's outputs.
+        protected: Names of weights never pruned (kept in the statistics).
+        groups: With ``structure="channel"``, the channel groups to prune
+            (:func:`~lightning_compress.engine.structured.find_channel_groups`); ``weights`` must then hold every
+            tensor they couple (parameters and BatchNorm running means). Masks cover all of them.
+
+    With an ``"N:M"`` structure, weights whose input dimension is not a multiple of ``M`` are left out (with a
+    warning naming them). The N:M masks are computed at ``start_step`` and recomputed at every update until
+    ``end_step`` (the schedule's intermediate targets do not apply: the pattern has one sparsity), then fixed;
+    pruned weights are held at zero, so a recomputation only moves where live weights shrank to zero.
 
     Raises:
-        ValueError: If ``config`` still has ``end_step`` or ``update_every_n_steps`` left open.
+        ValueError: If ``config`` still has ``end_step`` or ``update_every_n_steps`` left open, or
+            ``structure="channel"`` comes without ``groups``.
     """
 
-    def __init__(self, weights: Mapping[str, Tensor], config: PruningConfig, protected: Collection[str] = ()) -> None:
+    def __init__(
+        self,
+        weights: Mapping[str, Tensor],
+        config: PruningConfig,
+        protected: Collection[str] = (),
+        groups: Sequence[ChannelGroup] | None = None,
+    ) -> None:
         if not config.is_resolved:
             raise ValueError(
                 "GradualPruner needs a resolved config: call `config.resolve(total_steps)` first"
                 f" (got end_step={config.end_step}, update_every_n_steps={config.update_every_n_steps})."
             )
-        self.weights = dict(weights)
+        if config.structure == "channel" and groups is None:
+            raise ValueError(
+                "GradualPruner with `structure`='channel' needs `groups` (engine.structured.find_channel_groups)."
+            )
+        weights = dict(weights)
+        n_m = config.n_m
+        if n_m is not None:
+            eligible, excluded = n_m_eligible(weights, n_m[1])
+            if excluded:
+                warnings.warn(
+                    f"`structure`={config.structure!r} leaves out {len(excluded)} weight(s) whose input dimension is"
+                    f" not a multiple of {n_m[1]}: {', '.join(excluded)}.",
+                    stacklevel=2,
+                )
+            weights = {name: weights[name] for name in eligible}
+        #: The channel groups (``structure="channel"``), else empty.
+        self.groups: list[ChannelGroup] = list(groups or [])
+        missing = sorted({t for g in self.groups for t in g.tensors} - set(weights))
+        if missing:
+            raise ValueError(f"`weights` lacks tensors the channel groups couple: {missing}.")
+        #: Channel keep-vectors by group name (``structure="channel"``).
+        self.group_masks: dict[str, Tensor] = {}
+        self.weights = weights
         self.config = config
         self.protected = tuple(name for name in protected if name in self.weights)
         #: Boolean keep-masks (``True`` = kept) of the weights pruned so far.
@@ -101,22 +144,70 @@ class GradualPruner:
                 NaN is meaningless, and a NaN pruned weight would no longer be zero).
         """
         self.last_step = step
-        if self.config.rewind_to_step == step and not self._rewind_snapshot:
+        config = self.config
+        if config.rewind_to_step == step and not self._rewind_snapshot:
             self._rewind_snapshot = {name: w.detach().clone() for name, w in self.weights.items()}
+        if config.n_m is not None:
+            return self._step_n_m(step)
         target = self.target(step)
         if target <= self.current_target:
             return False
         self._check_finite(step)
-        self.masks = compute_masks(
-            self.weights,
-            target,
-            scope=self.config.scope,
-            structure=self.config.structure,
-            criterion=self.config.criterion,
-            current_masks=self.masks,
-            seed=self.config.seed,
-            protected=self.protected,
+        if config.structure == "channel":
+            self.group_masks = compute_group_masks(
+                self.groups,
+                self.weights,
+                target,
+                scope=config.scope,
+                criterion=config.criterion,
+                current=self.group_masks,
+                seed=config.seed,
+                round_to=config.round_to,
+                min_channels_per_group=config.min_channels_per_group,
+            )
+            self.masks = self._group_tensor_masks()
+        else:
+            self.masks = compute_masks(
+                self.weights,
+                target,
+                scope=config.scope,
+                structure=config.structure,  # type: ignore[arg-type]  # "unstructured" here
+                criterion=config.criterion,
+                current_masks=self.masks,
+                seed=config.seed,
+                protected=self.protected,
+            )
+        self._set_masks(target)
+        return True
+
+    def _step_n_m(self, step: int) -> bool:
+        config = self.config
+        assert config.n_m is not None and config.end_step is not None and config.update_every_n_steps is not None
+        due = (step - config.start_step) % config.update_every_n_steps == 0 or not self.masks
+        if step < config.start_step or (self.masks and step > config.end_step) or not due:
+            return False
+        self._check_finite(step)
+        masks = n_m_masks(self.weights, *config.n_m)
+        if self.masks and all(torch.equal(masks[n], self.masks[n]) for n in masks):
+            return False
+        self.masks = masks
+        self._set_masks(config.target_sparsity)
+        return True
+
+    def _group_tensor_masks(self) -> dict[str, Tensor]:
+        shapes = {name: w.shape for name, w in self.weights.items()}
+        masks = tensor_masks(self.groups, self.group_masks, shapes)
+        return {name: mask.to(self.weights[name].device) for name, mask in masks.items()}
+
+    def channel_counts(self) -> tuple[int, int]:
+        """``(pruned, C)`` channels over the groups (``structure="channel"``)."""
+        total = sum(g.channels for g in self.groups)
+        kept = sum(
+            int(self.group_masks[g.name].sum()) if g.name in self.group_masks else g.channels for g in self.groups
         )
+        return total - kept, total
+
+    def _set_masks(self, target: float) -> None:
         self.current_target = target
         self._applier = MaskApplier(self.weights, self.masks)
         if self._rewind_snapshot:
@@ -124,7 +215,6 @@ class GradualPruner:
                 for name, weight in self.weights.items():
                     weight.copy_(self._rewind_snapshot[name].to(weight.device))
         self._applier.apply()
-        return True
 
     def apply(self) -> None:
         """Zero the pruned weights in place (after an optimizer step)."""
@@ -140,7 +230,8 @@ class GradualPruner:
 
     def report(self) -> PruningReport:
         """The measured sparsity against the final target."""
-        return PruningReport(self.config.target_sparsity, self.current_target, self.stats())
+        channels = self.channel_counts() if self.config.structure == "channel" else None
+        return PruningReport(self.config.target_sparsity, self.current_target, self.stats(), channels)
 
     def state_dict(self) -> dict[str, Any]:
         """Masks (bit-packed) and progress as tensors and plain values (loadable with ``weights_only=True``)."""
@@ -150,6 +241,8 @@ class GradualPruner:
             "current_target": self.current_target,
             "last_step": self.last_step,
             "rewind_snapshot": {name: t.detach().cpu().clone() for name, t in self._rewind_snapshot.items()},
+            "group_masks": {name: pack_mask(keep) for name, keep in self.group_masks.items()},
+            "group_channels": {name: int(keep.numel()) for name, keep in self.group_masks.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -185,6 +278,21 @@ class GradualPruner:
                     " model: the masks do not belong to these weights (or were altered)."
                 )
             masks[name] = mask
+        groups = {g.name: g for g in self.groups}
+        group_masks = {}
+        for name, channels in state.get("group_channels", {}).items():
+            if name not in groups or groups[name].channels != int(channels):
+                raise ValueError(
+                    f"The checkpoint has a channel mask for group {name!r} ({channels} channels), which the network's"
+                    f" channel groups do not have ({ {g.name: g.channels for g in self.groups} }): the model or the"
+                    " selection changed."
+                )
+            group_masks[name] = unpack_mask(state["group_masks"][name], [int(channels)])
+        self.group_masks = group_masks
+        if self.groups:
+            rebuilt = self._group_tensor_masks()
+            if set(rebuilt) != set(masks) or any(not torch.equal(rebuilt[n], masks[n]) for n in masks):
+                raise ValueError("The checkpoint's channel masks and tensor masks disagree (the masks were altered).")
         self.masks = masks
         self.current_target = float(state["current_target"])
         self.last_step = int(state["last_step"])
@@ -213,11 +321,13 @@ class PruningReport:
         applied_target: The target the masks were last computed for (below ``target_sparsity`` when training
             stopped before the end of the ramp).
         stats: Exact zero counts per pruned tensor.
+        channels: ``(pruned, C)`` channels of channel pruning (``None`` otherwise).
     """
 
     target_sparsity: float
     applied_target: float
     stats: SparsityStats
+    channels: tuple[int, int] | None = None
 
     @property
     def target_reached(self) -> bool:
@@ -226,7 +336,8 @@ class PruningReport:
 
     def to_metrics(self, prefix: str = "") -> dict[str, float]:
         """The report as flat numbers: ``sparsity``, ``target_sparsity``, ``target_reached`` (0/1),
-        ``nonzero_params``, ``total_params``, ``dense_bytes``, ``sparse_bytes`` and ``sparsity/<tensor>``."""
+        ``nonzero_params``, ``total_params``, ``dense_bytes``, ``sparse_bytes`` and ``sparsity/<tensor>``; with channel
+        pruning also ``channel_sparsity``, ``pruned_channels`` and ``prunable_channels`` (``C``)."""
         stats = self.stats
         metrics = {
             "sparsity": stats.sparsity,
@@ -238,6 +349,15 @@ class PruningReport:
             "sparse_bytes": float(stats.sparse_bytes()),
             **{f"sparsity/{name}": value for name, value in stats.per_tensor().items()},
         }
+        if self.channels is not None:
+            pruned, total = self.channels
+            metrics.update(
+                {
+                    "channel_sparsity": pruned / max(total, 1),
+                    "pruned_channels": float(pruned),
+                    "prunable_channels": float(total),
+                }
+            )
         return {f"{prefix}{key}": value for key, value in metrics.items()}
 
     def markdown(self) -> str:
@@ -251,4 +371,8 @@ class PruningReport:
         size = (
             f"dense {stats.dense_bytes() / 1e6:.3f} MB, sparse (values + bitmask) {stats.sparse_bytes() / 1e6:.3f} MB"
         )
+        if self.channels is not None:
+            pruned, total = self.channels
+            share = pruned / max(total, 1)
+            size += f"; channels pruned {pruned} of {total} ({share:.2%}, target {self.target_sparsity:.2%})"
         return "\n".join(lines) + "\n\n" + size

@@ -17,7 +17,10 @@ from lightning_compress.engine.config import PruningConfig
         ({"start_step": -1}, r"`start_step` must be a non-negative integer, got -1"),
         ({"update_every_n_steps": 0}, r"`update_every_n_steps` must be a positive integer, got 0"),
         ({"scope": "layer"}, r"`scope` must be one of 'global', 'local', got 'layer'"),
-        ({"structure": "filter"}, r"`structure` must be one of 'unstructured', 'channel', got 'filter'"),
+        (
+            {"structure": "filter"},
+            r"`structure` must be one of 'unstructured', 'channel' or an 'N:M' pattern such as '2:4', got 'filter'",
+        ),
         ({"criterion": "l1"}, r"`criterion` must be one of 'magnitude', 'random', got 'l1'"),
         ({"end_fraction": 0.0}, r"`end_fraction` must be in \(0, 1\], got 0.0"),
         ({"rewind_to_step": 5}, r"`rewind_to_step` must be <= `start_step` \(0\)"),
