@@ -59,13 +59,13 @@ def sortable_keys(scores: Tensor, pruned: Tensor | None = None) -> Tensor:
 
 
 def _all_reduce_sum(tensor: Tensor, group: Any) -> Tensor:
-    if dist.is_available() and dist.is_initialized():
+    if group is not None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 
 def _rank_and_world(group: Any) -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
+    if group is not None:
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
@@ -81,13 +81,16 @@ def _bin_holding(counts: Tensor, k: int) -> tuple[int, int]:
 def lowest_k_mask(keys: Sequence[Tensor], k: int, group: Any = None) -> list[Tensor]:
     """Select exactly the ``k`` smallest keys of the union of ``keys`` over all processes of ``group``.
 
-    Every process calls it with its own local key tensors (the same number of tensors on every process; a tensor
-    may be empty) and the same ``k``. Collectives: three ``all_reduce`` calls (two histograms, the tie counts).
+    With a ``group``, every process of it calls this with its own local key tensors (the same number of tensors
+    on every process; a tensor may be empty) and the same ``k``. Collectives: three ``all_reduce`` calls (two
+    histograms, the tie counts).
 
     Args:
         keys: Flat ``int32`` keys from :func:`sortable_keys`, one tensor per (local shard of a) parameter.
         k: How many entries to select over all processes, in ``[0, total]``.
-        group: The process group (``None``: the default group, or no distribution when it is not initialized).
+        group: The process group whose processes hold the shards (e.g. FSDP2's data-parallel group; the default
+            group is ``torch.distributed.group.WORLD``). ``None``: the tensors are complete here (single process, or
+            replicated as under DDP), nothing is exchanged.
 
     Returns:
         Boolean tensors shaped like ``keys``: ``True`` where the entry is among the ``k`` smallest.

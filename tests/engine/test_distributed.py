@@ -60,7 +60,8 @@ def _worker(rank, world, init_file, out):
     local = [full[0][lo:hi], full[1][small[0] : small[1]]]
     local_pruned = [pruned[0][lo:hi], pruned[1][small[0] : small[1]]]
     k = 101
-    masks = lowest_k_mask([sortable_keys(s, p) for s, p in zip(local, local_pruned, strict=True)], k)
+    keys = [sortable_keys(s, p) for s, p in zip(local, local_pruned, strict=True)]
+    masks = lowest_k_mask(keys, k, group=dist.group.WORLD)
     out[rank] = [m.clone() for m in masks]
     dist.destroy_process_group()
 
