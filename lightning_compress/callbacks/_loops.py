@@ -22,8 +22,9 @@ from lightning_compress.engine.measure import Evaluation
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
-def target_module(pl_module: LightningModule, name: str | None) -> nn.Module:
-    """The network to quantize: ``pl_module`` itself (``name=None``) or its submodule ``name``."""
+def registered_module(pl_module: LightningModule, name: str | None) -> nn.Module:
+    """The module registered as ``name`` (``None``: ``pl_module``), as it is called: a ``torch.compile`` wrapper
+    stays wrapped (hooks that catch its calls go there)."""
     if name is None:
         return pl_module
     modules = dict(pl_module.named_modules())
@@ -33,6 +34,19 @@ def target_module(pl_module: LightningModule, name: str | None) -> nn.Module:
             f"`module`={name!r} is not a submodule of {type(pl_module).__name__}. Its submodules: {children}."
         )
     return modules[name]
+
+
+def target_module(pl_module: LightningModule, name: str | None) -> nn.Module:
+    """The network to quantize: ``pl_module`` itself (``name=None``) or its submodule ``name``, unwrapped from
+    ``torch.compile`` (the original module: its layer names, and what export captures with a dynamic batch)."""
+    return unwrap_compiled(registered_module(pl_module, name))
+
+
+def unwrap_compiled(module: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, else ``module`` itself."""
+    while isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        module = module._orig_mod  # type: ignore[assignment]
+    return module
 
 
 class InputCatcher:
@@ -62,26 +76,112 @@ def _detached_cpu(tree: Any) -> Any:
 
 
 def example_inputs(
-    pl_module: LightningModule, module_name: str | None, catcher: InputCatcher
+    pl_module: LightningModule,
+    module_name: str | None,
+    catcher: InputCatcher,
+    saved: Call | None = None,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Inputs to export (and to measure per-layer error) with: a caught real batch, else ``example_input_array``.
+    """Inputs to export (and to measure per-layer error) with, of a batch of at least 2 rows.
 
-    A real batch comes first: ``example_input_array`` is often zeros of batch size 1, which exports a program that
-    only accepts batch 1 and gives a meaningless quantization error. It is used when the target is the
-    LightningModule itself and no call of it was caught.
+    In order: a real batch caught in this fit (training, validation or sanity check), ``saved`` (the example kept
+    in a checkpoint: a resumed fit that has nothing left to train runs no batch), else ``example_input_array``
+    (for a submodule target, the LightningModule's ``forward`` is run on it and the submodule's call recorded). A
+    real batch comes first: ``example_input_array`` is often zeros, which gives a meaningless quantization error.
+    A batch of 1 is repeated to 2 rows, so that export keeps the batch dimension dynamic.
     """
     if catcher.args is not None:
-        return catcher.args, catcher.kwargs
-    if module_name is None and pl_module.example_input_array is not None:
-        example = pl_module.example_input_array
-        if isinstance(example, dict):
-            return (), _detached_cpu(example)
-        args = example if isinstance(example, tuple) else (example,)
-        return _detached_cpu(args), {}
+        return at_least_two_rows((catcher.args, catcher.kwargs))
+    if saved is not None:
+        return at_least_two_rows(saved)
+    call = _call_of_example_array(pl_module, module_name)
+    if call is not None:
+        return at_least_two_rows(call)
     raise RuntimeError(
         "No example input to export the model with: set `example_input_array` on the LightningModule, or let"
         " at least one training or validation batch run before the conversion."
     )
+
+
+def _call_of_example_array(pl_module: LightningModule, module_name: str | None) -> Call | None:
+    """The call of the target network when the LightningModule runs ``example_input_array`` (``None``: none set)."""
+    example = pl_module.example_input_array
+    if example is None:
+        return None
+    if module_name is None:
+        if isinstance(example, dict):
+            return (), _detached_cpu(example)
+        args = example if isinstance(example, tuple) else (example,)
+        return _detached_cpu(args), {}
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    catcher = InputCatcher()
+    catcher.attach(registered_module(pl_module, module_name))
+    was_training = pl_module.training
+    try:
+        pl_module.eval()  # observers move in training mode only
+        with torch.no_grad():
+            example = move_data_to_device(example, pl_module.device)
+            if isinstance(example, dict):
+                pl_module(**example)
+            elif isinstance(example, tuple):
+                pl_module(*example)
+            else:
+                pl_module(example)
+    finally:
+        catcher.detach()
+        pl_module.train(was_training)
+    if catcher.args is None:
+        raise RuntimeError(
+            f"`example_input_array` went through {type(pl_module).__name__}.forward, which never called "
+            f"`{module_name}`: set `module` to the submodule `forward` calls, or let a batch run first."
+        )
+    return catcher.args, catcher.kwargs
+
+
+def _batch_size(call: Call) -> int | None:
+    """The shared first dimension of every tensor argument with at least one dimension (``None``: none shared)."""
+    sizes = {t.shape[0] for t in torch.utils._pytree.tree_leaves(call) if isinstance(t, Tensor) and t.ndim >= 1}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def at_least_two_rows(call: Call) -> Call:
+    """``call`` with a batch of 1 repeated to 2 rows (export specializes a batch of 1 to a fixed shape)."""
+    if _batch_size(call) != 1:
+        return call
+    return torch.utils._pytree.tree_map(
+        lambda t: torch.cat([t, t]) if isinstance(t, Tensor) and t.ndim >= 1 else t, call
+    )
+
+
+def first_rows(call: Call, rows: int) -> Call:
+    """``call`` with its batch cut to its first ``rows`` rows (unchanged when the batch dimension is unclear)."""
+    size = _batch_size(call)
+    if size is None or size <= rows:
+        return call
+    return torch.utils._pytree.tree_map(
+        lambda t: t[:rows].clone() if isinstance(t, Tensor) and t.ndim >= 1 else t, call
+    )
+
+
+_PLAIN = (Tensor, bool, int, float, str, type(None))
+
+
+def call_to_state(call: Call | None, rows: int = 8) -> dict[str, Any]:
+    """A small example call as checkpoint state (``weights_only`` loads tensors, numbers, strings and containers);
+    ``{}`` when there is none or it holds anything else."""
+    if call is None:
+        return {}
+    args, kwargs = first_rows(call, rows)
+    if not all(isinstance(leaf, _PLAIN) for leaf in torch.utils._pytree.tree_leaves((args, kwargs))):
+        return {}
+    return {"args": list(args), "kwargs": dict(kwargs)}
+
+
+def call_from_state(state: Any) -> Call | None:
+    """The example call saved by :func:`call_to_state` (``None`` when the state holds none)."""
+    if not isinstance(state, dict) or "args" not in state:
+        return None
+    return tuple(state["args"]), dict(state.get("kwargs", {}))
 
 
 class Recorder(nn.Module):
@@ -227,6 +327,10 @@ def evaluate_network(
         RuntimeError: If the trainer has no dataloader for ``loop``, or the loop never called the target.
     """
     dataloaders = trainer.test_dataloaders if loop == "test" else trainer.val_dataloaders
+    if dataloaders is None and loop == "validate" and trainer.state.fn == "fit":
+        # A fit resumed after training ended runs no validation, so its dataloaders were never set up.
+        trainer.fit_loop.epoch_loop.val_loop.setup_data()
+        dataloaders = trainer.val_dataloaders
     if dataloaders is None:
         raise RuntimeError(f"There is no {loop} dataloader to measure the quantized model on.")
     if network is pl_module:

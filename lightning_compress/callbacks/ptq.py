@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal, get_args
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -266,6 +267,12 @@ class PostTrainingQuantCallback(Callback):
     # ----------------------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == TrainerFn.FITTING:  # a reused callback object starts afresh
+            self._catcher.detach()
+            self._catcher = _loops.InputCatcher()
+            self._export_checked = False
+            self.results, self.attempts = {}, []
+            self.quantized_model = self.quantized_program = None
         _loops.target_module(pl_module, self.module)  # a wrong `module` fails now, not after training
         _logging.write_dashboard_layout(trainer)
 
@@ -278,7 +285,7 @@ class PostTrainingQuantCallback(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if "fit" in self.run_on and not self._export_checked:
-            self._catcher.attach(_loops.target_module(pl_module, self.module))
+            self._catcher.attach(_loops.registered_module(pl_module, self.module))
 
     @override
     def on_train_batch_end(
@@ -323,7 +330,7 @@ class PostTrainingQuantCallback(Callback):
         # A float CPU copy is what gets calibrated, converted and timed; the LightningModule is only read.
         float_net = copy.deepcopy(target).cpu().eval()
         calls = self._calibration_calls(trainer, pl_module, float_net, stage)
-        args, kwargs = calls[0]
+        args, kwargs = _loops.at_least_two_rows(calls[0])  # a batch of 1 would export a fixed batch size
         quantized = list(select_modules(float_net, self.include, self.exclude))
         base_skip = [n for n in select_modules(float_net) if n not in quantized]
         sqnr = self._per_layer_sqnr(float_net, calls)

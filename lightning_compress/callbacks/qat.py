@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
@@ -61,7 +62,15 @@ class QATCallback(Callback):
     Checkpoints: the observer state is moved from the checkpoint's model ``state_dict`` into this callback's state,
     so the checkpoint loads with ``strict=True`` into the plain model (``MyModule.load_from_checkpoint(path)``), and
     with this callback in the Trainer (``fit``/``test(ckpt_path=...)``) the prepared model gets its observers back.
-    Outside a Trainer use :meth:`load_checkpoint`.
+    Outside a Trainer use :meth:`load_checkpoint`. The checkpoint also keeps a few rows of a real input of the
+    target network, so a fit resumed after training ended (e.g. a crash during the fit-end conversion) exports and
+    converts without running a batch. A callback object can be reused for a new fit: its state (example input,
+    results, int8 model) is reset in ``setup`` unless a checkpoint restores it.
+
+    The export example is the first call of the target network in this fit (a training, validation or
+    sanity-check batch), else the checkpoint's, else ``example_input_array`` (run through the LightningModule's
+    ``forward`` when ``module`` names a submodule); a batch of 1 is repeated to 2 rows and a ``torch.compile``d
+    network is unwrapped, so the int8 program keeps a dynamic batch dimension.
 
     Example::
 
@@ -139,7 +148,8 @@ class QATCallback(Callback):
         #: The numbers measured at fit end (also logged under ``compress/quant/``).
         self.results: dict[str, float] = {}
         self._phase: QATPhase | None = None  # the phase in force
-        self._catcher = _loops.InputCatcher()
+        self._catcher = _loops.InputCatcher()  # the first call of the target network in this fit
+        self._example: _loops.Call | None = None  # the example call a checkpoint restored
         self._pending_quant_state: dict[str, torch.Tensor] = {}
 
     @property
@@ -203,8 +213,21 @@ class QATCallback(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == TrainerFn.FITTING:  # a reused callback object starts afresh, unless a checkpoint restores it
+            self._reset()
         # Every stage: a checkpoint given to fit/validate/test/predict(ckpt_path=...) loads into the prepared model.
         self.prepare(pl_module)
+
+    def _reset(self) -> None:
+        """Forget everything of a previous fit (its example batch, results and int8 model)."""
+        self._catcher.detach()
+        self._catcher = _loops.InputCatcher()
+        self._example = None
+        self._pending_quant_state = {}
+        self._phase = None
+        self.results = {}
+        self.quantized_model = None
+        self.quantized_program = None
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -217,16 +240,21 @@ class QATCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        caught = (self._catcher.args, self._catcher.kwargs) if self._catcher.args is not None else None
         return {
             "config": {**self.config.to_dict(), "module": self.module},
             "schedule": {**self.schedule.to_dict(), "unit": self.schedule_unit},
             "conversion": self.conversion.to_dict(),
+            # A few rows of a real input: a fit resumed after training ended (a crash in the conversion) runs no
+            # batch, and still has to export the network.
+            "example": _loops.call_to_state(caught or self._example),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning loads the model state (without the observers) before the callbacks: put the observers back now.
         self._pending_quant_state = state_dict.get("quant_state", {})
+        self._example = _loops.call_from_state(state_dict.get("example"))
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -272,8 +300,16 @@ class QATCallback(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._catcher.args is None:  # until one batch is caught (the hot path does nothing more)
-            self._catcher.attach(_loops.target_module(pl_module, self.module))
+            self._catcher.attach(_loops.registered_module(pl_module, self.module))
         self._apply_schedule(trainer, pl_module)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        # Validation and sanity-check batches are real inputs too (a resumed, finished fit may run nothing else).
+        if self._catcher.args is None and trainer.state.fn == TrainerFn.FITTING:
+            self._catcher.attach(_loops.registered_module(pl_module, self.module))
 
     def _apply_schedule(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Put the target network in the schedule's phase for now (only when the phase changes)."""
@@ -293,7 +329,7 @@ class QATCallback(Callback):
         if not self.convert_on_fit_end or not trainer.is_global_zero:
             return
         target = _loops.target_module(pl_module, self.module)
-        args, kwargs = _loops.example_inputs(pl_module, self.module, self._catcher)
+        args, kwargs = _loops.example_inputs(pl_module, self.module, self._catcher, self._example)
         was_training = target.training
         target.eval()
         try:
@@ -332,7 +368,8 @@ class QATCallback(Callback):
             latency=self.latency,
             batch_sizes=_loops.latency_batch_sizes(trainer, self.latency_batch_sizes),
         )
-        results = report.to_metrics()
+        # Layer names as the user wrote them (a `torch.compile`d submodule adds `_orig_mod.` to them).
+        results = {k.replace("_orig_mod.", ""): v for k, v in report.to_metrics().items()}
         results["saved_to"] = report.saved_to  # type: ignore[assignment]
         return results
 

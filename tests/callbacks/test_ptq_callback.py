@@ -534,3 +534,22 @@ def test_artifact_write_error_names_save_path_and_leaves_nothing(tmp_path, monke
     with pytest.raises(ArtifactWriteError, match=r"Cannot write `save_path`=.*ptq_int8\.pt2.*No space left on device"):
         make_trainer(tmp_path, [ptq]).validate(Classifier(mlp()), vector_loader(64), verbose=False)
     assert list(save_path.parent.iterdir()) == []
+
+
+def test_reused_callback_checks_the_new_model_and_forgets_old_results(tmp_path) -> None:
+    ptq = PostTrainingQuantCallback(module="net", latency="off", verbose=False)
+    make_trainer(tmp_path, [ptq], limit_train_batches=2).fit(Classifier(mlp()), vector_loader(128))
+    assert ptq.quantized_model is not None and ptq.results
+    trainer = make_trainer(tmp_path, [ptq], max_epochs=3, limit_train_batches=2)
+    with pytest.raises(Int8ConversionError, match=r"could not capture `DataDependent`"):
+        trainer.fit(Classifier(DataDependent()), vector_loader(128))
+    assert trainer.global_step <= 1  # the new model's export is checked again, at the first batch
+    assert ptq.results == {} and ptq.quantized_model is None and ptq.attempts == []
+
+
+def test_calibration_batch_of_one_exports_a_dynamic_batch(tmp_path) -> None:
+    ptq = PostTrainingQuantCallback(module="net", monitor="val_acc", latency="off", calibration_batches=4)
+    trainer = make_trainer(tmp_path, [ptq], limit_train_batches=4, num_sanity_val_steps=0)
+    trainer.fit(Classifier(mlp()), vector_loader(64, batch_size=1), vector_loader(64))  # validated with batch 64
+    assert ptq.results["int8_val_acc"] >= 0.0
+    assert ptq.quantized_model(torch.randn(5, 16)).shape == (5, 4)

@@ -669,3 +669,111 @@ def test_artifact_write_error_names_save_path_and_keeps_checkpoints(tmp_path, mo
         trainer(tmp_path, [callback, saver], max_epochs=1, enable_checkpointing=True).fit(Classifier(), loader())
     assert list(save_path.parent.iterdir()) == []  # nothing partial, no temporary file
     Classifier.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")  # the checkpoint is intact
+
+
+_CRASH_IN_CONVERSION = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import lightning_compress.callbacks.qat as qat
+from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import TinyClassifier, loader, trainer
+
+qat.convert_to_int8 = lambda *args, **kwargs: os.kill(os.getpid(), 9)  # killed during the fit-end conversion
+saver = ModelCheckpoint(dirpath={ckpt!r}, save_last=True)
+callback = qat.QATCallback(module="net", monitor="val_acc", latency="off", verbose=False)
+fit = trainer({root!r}, [callback, saver], max_epochs=1, enable_checkpointing=True)
+fit.fit(TinyClassifier(), loader(), loader(64))
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter imports lightning and trains (~8 s)
+def test_kill_during_fit_end_conversion_then_resume_completes_it(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parents[1])
+    script = _CRASH_IN_CONVERSION.format(tests=tests, ckpt=str(tmp_path / "ckpt"), root=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr[-2000:]
+    callback = QATCallback(module="net", monitor="val_acc", latency="off", verbose=False)
+    fit = trainer(tmp_path, [callback, FailIfTrained()], max_epochs=1, num_sanity_val_steps=0)
+    fit.fit(TinyClassifier(), loader(), loader(64), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert callback.quantized_model is not None and 0.0 <= callback.results["int8_val_acc"] <= 1.0
+    assert callback.quantized_model(torch.randn(5, 16)).shape == (5, 4)
+
+
+def test_finished_fit_resumed_converts_with_the_example_kept_in_the_checkpoint(tmp_path):
+    """The same resume without a subprocess: no batch runs, the checkpoint's example is exported."""
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = QATCallback(module="net", convert_on_fit_end=False, verbose=False)
+    trainer(tmp_path, [first, saver], max_epochs=1, enable_checkpointing=True).fit(TinyClassifier(), loader())
+    example = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"][first.state_key]["example"]
+    assert example["args"][0].shape == (8, 16) and example["kwargs"] == {}  # a few rows only
+    callback = QATCallback(module="net", latency="off", verbose=False)
+    fit = trainer(tmp_path, [callback, FailIfTrained()], max_epochs=1, num_sanity_val_steps=0)
+    fit.fit(TinyClassifier(), loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert callback.quantized_model is not None and callback.results["int8_bytes"] > 0
+
+
+class _WithExampleArray(TinyClassifier):
+    def __init__(self):
+        super().__init__()
+        self.example_input_array = torch.zeros(1, 16)
+
+
+def test_example_input_array_is_used_for_a_submodule_target(tmp_path):
+    """No batch ever reaches `net` (max_steps=0, no validation): `example_input_array` runs through `forward`."""
+    callback = QATCallback(module="net", latency="off", verbose=False)
+    trainer(tmp_path, [callback], max_steps=0).fit(_WithExampleArray(), loader())
+    assert callback.quantized_model is not None
+    assert callback.quantized_model(torch.randn(3, 16)).shape == (3, 4)  # a batch of 1 exported as a dynamic batch
+
+
+def test_validation_batches_are_caught_too(tmp_path):
+    callback = QATCallback(module="net", latency="off", verbose=False)
+    fit = trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=0)
+    fit.fit(TinyClassifier(), loader(), loader(64))
+    assert callback.quantized_model is not None
+
+
+class _EightFeatures(TinyClassifier):
+    def __init__(self):
+        super().__init__()
+        from helpers import TinyNet
+
+        self.net = TinyNet(features=8)
+
+
+def test_reused_callback_forgets_the_previous_fit(tmp_path):
+    callback = QATCallback(module="net", latency="off", verbose=False)
+    trainer(tmp_path, [callback], max_epochs=1).fit(TinyClassifier(), loader())
+    assert callback.quantized_model is not None and callback.results
+    eight = DataLoader(classification_data(128, features=8), batch_size=32)
+    trainer(tmp_path, [callback], max_epochs=1).fit(_EightFeatures(), eight)  # exported with its own batch
+    assert callback.quantized_model(torch.randn(3, 8)).shape == (3, 4)
+    callback.convert_on_fit_end = False
+    trainer(tmp_path, [callback], max_epochs=1).fit(TinyClassifier(), loader())
+    assert callback.results == {} and callback.quantized_model is None and callback.quantized_program is None
+
+
+def test_training_batch_of_one_exports_a_dynamic_batch(tmp_path):
+    callback = QATCallback(module="net", monitor="val_acc", latency="off", verbose=False)
+    fit = trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=8, num_sanity_val_steps=0)
+    fit.fit(TwoInputModule(), two_input_loader(batch_size=1), two_input_loader(64))  # validated with batch 32
+    assert callback.results["int8_val_acc"] >= 0.0
+
+
+class _CompiledNet(Classifier):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.compile(self.net, backend="eager")
+
+
+@pytest.mark.parametrize("module", ["net", None])
+def test_compiled_submodule_is_unwrapped_for_export(tmp_path, module):
+    callback = QATCallback(module=module, monitor="val_acc", latency="off", verbose=False)
+    trainer(tmp_path, [callback], max_epochs=1).fit(_CompiledNet(), loader(), loader(64))
+    assert callback.results["top1_agreement"] > 0.8  # the int8 validation ran, with a batch of 64
+    assert f"weight_scale/{'fc1' if module else 'net.fc1'}" in callback.results  # names without `_orig_mod`
+    assert callback.quantized_model(torch.randn(3, 16)).shape == (3, 4)

@@ -77,6 +77,24 @@ def _float_islands(model: nn.Module) -> list[str]:
     return names
 
 
+def _outer_unwrapped(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, else ``model``; nothing is modified."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod  # type: ignore[assignment]
+    return model
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """``model`` with every ``torch.compile`` wrapper (``OptimizedModule``) in it replaced, in place, by the module
+    it wraps (a wrapper at the top is unwrapped in the return value). Use on a copy."""
+    model = _outer_unwrapped(model)
+    for parent in list(model.modules()):
+        for key, child in list(parent._modules.items()):
+            if child is not None and isinstance(getattr(child, "_orig_mod", None), nn.Module):
+                parent._modules[key] = unwrap_compiled(child)
+    return model
+
+
 def _check_call(
     model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any] | None, skip: Sequence[str] | str
 ) -> tuple[tuple[Any, ...], dict[str, Any], list[str]]:
@@ -101,18 +119,19 @@ def _float_copy(
     model: nn.Module, config: ConversionConfig, skip: list[str], notes: list[str]
 ) -> tuple[nn.Module, dict[str, tuple[float, float]]]:
     """A float CPU copy to export, and the input ranges QAT learned (``skip`` gets what QAT kept in float)."""
-    float_model = copy.deepcopy(model).cpu()  # the int8 kernels are x86 CPU ones
+    # (a CPU copy: the int8 kernels are x86 CPU ones; `torch.compile` wrappers removed: export would specialize)
+    float_model = unwrap_compiled(copy.deepcopy(_outer_unwrapped(model)).cpu())
     ranges: dict[str, tuple[float, float]] = {}
-    if is_prepared(model):
-        fq = fake_quant_modules(model)
+    if is_prepared(float_model):
+        fq = fake_quant_modules(float_model)
         enabled = {n for n, m in fq.items() if m.is_fake_quant_enabled}
-        ranges = {n: r for n, r in activation_ranges(model).items() if n in enabled}
+        ranges = {n: r for n, r in activation_ranges(float_model).items() if n in enabled}
         if config.mode == "static" and not any(m.quant_config.quantize_activations for m in fq.values()):
             notes.append(
                 "QAT simulated weight-only quantization (`quantize_activations=False`) but `mode='static'` also "
                 "quantizes activations: consider `mode='weight_only'`."
             )
-        islands = [n for n in _float_islands(model) if n not in skip]
+        islands = [n for n in _float_islands(float_model) if n not in skip]
         if islands:
             notes.append(f"Kept in float as during QAT: {', '.join(islands)}.")
             skip += islands
@@ -281,5 +300,5 @@ def convert_to_int8(
         calibration_batches=batches,
         timings=timings,
         notes=notes,
-        signature=call_signature(model),
+        signature=call_signature(_outer_unwrapped(model)),
     )
