@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress.callbacks import _logging, _loops
+from lightning_compress.callbacks import _logging, _loops, _resume
 from lightning_compress.engine.config import (
     LATENCY_MODES,
     QAT_MODES,
@@ -251,7 +251,15 @@ class QATCallback(Callback):
         }
 
     @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        _resume.check_state_key(checkpoint, type(self).__name__, self.state_key, "`module`, `include` or `exclude`")
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # What the fake-quant layers simulate, and when, must be what the observers were trained with.
+        current = self.state_dict()
+        for part in ("config", "schedule"):
+            _resume.check_same_settings(type(self).__name__, state_dict.get(part), current[part])
         # Lightning loads the model state (without the observers) before the callbacks: put the observers back now.
         self._pending_quant_state = state_dict.get("quant_state", {})
         self._example = _loops.call_from_state(state_dict.get("example"))

@@ -777,3 +777,28 @@ def test_compiled_submodule_is_unwrapped_for_export(tmp_path, module):
     assert callback.results["top1_agreement"] > 0.8  # the int8 validation ran, with a batch of 64
     assert f"weight_scale/{'fc1' if module else 'net.fc1'}" in callback.results  # names without `_orig_mod`
     assert callback.quantized_model(torch.randn(3, 16)).shape == (3, 4)
+
+
+def _qat_checkpoint(tmp_path, **kwargs):
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    callback = QATCallback(module="net", convert_on_fit_end=False, verbose=False, **kwargs)
+    trainer(tmp_path, [callback, saver], max_epochs=1, enable_checkpointing=True).fit(Classifier(), loader())
+    return tmp_path / "ckpt" / "last.ckpt"
+
+
+def test_resume_with_changed_settings_names_each_change(tmp_path):
+    ckpt = _qat_checkpoint(tmp_path)
+    changed = QATCallback(module="net", weight_bits=4, activation_observer="histogram", convert_on_fit_end=False)
+    with pytest.raises(
+        ValueError,
+        match=r"`weight_bits`: 8 in the checkpoint, 4 now; `activation_observer`: 'moving_average' in the checkpoint,"
+        r" 'histogram' now",
+    ):
+        trainer(tmp_path, [changed, FailIfTrained()], max_epochs=2).fit(Classifier(), loader(), ckpt_path=ckpt)
+
+
+def test_resume_with_another_selection_is_refused(tmp_path):
+    ckpt = _qat_checkpoint(tmp_path)
+    other = QATCallback(module="net", exclude=["fc2"], convert_on_fit_end=False)
+    with pytest.raises(ValueError, match=r"holds QATCallback state for .*'exclude': None.* `module`, `include`"):
+        trainer(tmp_path, [other, FailIfTrained()], max_epochs=2).fit(Classifier(), loader(), ckpt_path=ckpt)
