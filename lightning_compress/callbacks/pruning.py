@@ -173,6 +173,7 @@ class IterativePruningCallback(Callback):
         self.compact_model: nn.Module | None = None
         self._example: structured.Call | None = None  # a CPU copy of one call of the network (channel pruning)
         self._catch_handle: Any = None
+        self._caught: structured.Call | None = None
 
     def __getattr__(self, name: str) -> Any:
         # The settings read as attributes, as before the config existed (``callback.target_sparsity``).
@@ -230,7 +231,7 @@ class IterativePruningCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == TrainerFn.FITTING:  # a reused callback object starts afresh, unless a checkpoint restores it
             self.pruner, self.results, self._history, self._pending_state = None, {}, [], None
-            self.compact_model, self._example = None, None
+            self.compact_model, self._example, self._caught = None, None, None
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -268,15 +269,24 @@ class IterativePruningCallback(Callback):
             self._build_channel_pruner(trainer, pl_module, (args, example if isinstance(example, dict) else {}))
             return
 
-        # No example input: build the groups from the network's first training call, before its backward.
+        # No example input: catch the network's first training call; the groups are built before its backward.
+        # The latest call is kept: under DDP, Lightning first calls the module with (batch, batch_idx) to redirect
+        # ``training_step`` through ``forward``; the network's own call comes inside it.
         def catch(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self._catch_handle.remove()
-            self._catch_handle = None
-            self._build_channel_pruner(trainer, pl_module, (args, kwargs))
+            self._caught = _detached_cpu((args, kwargs))
 
         self._catch_handle = network.register_forward_pre_hook(catch, with_kwargs=True)
 
-    def _build_channel_pruner(self, trainer: Trainer, pl_module: LightningModule, example: structured.Call) -> None:
+    @override
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        if self.pruner is None and self._caught is not None:
+            self._remove_catch()
+            # Masks start at the end of this step: zeroing weights now would modify tensors saved for backward.
+            self._build_channel_pruner(trainer, pl_module, self._caught, step_now=False)
+
+    def _build_channel_pruner(
+        self, trainer: Trainer, pl_module: LightningModule, example: structured.Call, step_now: bool = True
+    ) -> None:
         network = target_module(pl_module, self.module)
         prefix = f"{self.module}." if self.module else ""
         self._example = _detached_cpu(example)
@@ -294,16 +304,17 @@ class IterativePruningCallback(Callback):
         tensors = dict([*pl_module.named_parameters(), *pl_module.named_buffers()])
         weights = {name: tensors[name] for group in search.groups for name in group.tensors}
         config = self.config.resolve(trainer.estimated_stepping_batches)
-        self._start(trainer, GradualPruner(weights, config, groups=search.groups))
+        self._start(trainer, GradualPruner(weights, config, groups=search.groups), step_now)
 
-    def _start(self, trainer: Trainer, pruner: GradualPruner) -> None:
+    def _start(self, trainer: Trainer, pruner: GradualPruner, step_now: bool = True) -> None:
         self.pruner = pruner
         if self._pending_state is not None:
             self.pruner.load_state_dict(self._pending_state)
             self._history = [(int(s), float(sp), float(m)) for s, sp, m in self._pending_state.get("history", [])]
             self._pending_state = None
         _warn_if_ramp_outlasts_training(self.pruner.config, trainer.estimated_stepping_batches)
-        self._step(trainer)
+        if step_now:
+            self._step(trainer)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
@@ -450,6 +461,9 @@ class IterativePruningCallback(Callback):
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        self._remove_catch()
+
+    def _remove_catch(self) -> None:
         if self._catch_handle is not None:
             self._catch_handle.remove()
             self._catch_handle = None

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import os
 import re
@@ -611,13 +612,21 @@ def export_compact(model: nn.Module, example: Call, path: str | os.PathLike[str]
     ``.pt2`` archive compressed with deflate, atomically. Returns the file size in bytes."""
     model = copy.deepcopy(model).eval()
     args, kwargs = example
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic = torch.utils._pytree.tree_map(
-        lambda t: {0: batch} if isinstance(t, Tensor) and t.dim() else None, (args, kwargs)
-    )
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+
+    def spec(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] >= 2:
+            return {0: torch.export.Dim.AUTO}
+        return None
+
+    dynamic = {name: torch.utils._pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
     try:
         program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
-    except Exception:
+    except Exception as err:
+        warnings.warn(
+            f"The compact model was exported with static shapes (a dynamic batch failed: {type(err).__name__}).",
+            stacklevel=2,
+        )
         program = torch.export.export(model, args, kwargs)
     path = Path(path)
     with tempfile.TemporaryDirectory() as folder, atomic_path(path, "compact_path") as tmp:

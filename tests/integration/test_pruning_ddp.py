@@ -33,3 +33,16 @@ def test_masks_identical_across_ranks(tmp_path, criterion):
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert rank0 == rank1
     assert rank0["zeros"] == round(0.7 * 1280)
+
+
+@pytest.mark.ddp
+def test_channel_masks_identical_across_ranks(tmp_path):
+    pruner = IterativePruningCallback(
+        target_sparsity=0.5, end_step=6, update_every_n_steps=2, structure="channel", round_to=1
+    )
+    fit = trainer(tmp_path, [pruner, MaskChecksums(tmp_path)], strategy="ddp_spawn", devices=2, max_epochs=2)
+    fit.fit(TinyClassifier(), loader())
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank0 == rank1
+    assert rank0["net.fc1.weight"] > 0 and (tmp_path / "compact_model.pt").exists()  # saved by rank zero
