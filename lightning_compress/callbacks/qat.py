@@ -29,6 +29,7 @@ from lightning_compress.engine.config import (
 )
 from lightning_compress.engine.convert import Int8Model, QuantizedModule, convert_to_int8
 from lightning_compress.engine.fake_quant import (
+    check_finite_ranges,
     fake_quant_modules,
     prepare_qat,
     quant_state_keys,
@@ -148,6 +149,7 @@ class QATCallback(Callback):
         #: The numbers measured at fit end (also logged under ``compress/quant/``).
         self.results: dict[str, float] = {}
         self._phase: QATPhase | None = None  # the phase in force
+        self._batch_step = 0  # the optimizer step of the training batch in progress
         self._catcher = _loops.InputCatcher()  # the first call of the target network in this fit
         self._example: _loops.Call | None = None  # the example call a checkpoint restored
         self._pending_quant_state: dict[str, torch.Tensor] = {}
@@ -319,8 +321,17 @@ class QATCallback(Callback):
         if self._catcher.args is None and trainer.state.fn == TrainerFn.FITTING:
             self._catcher.attach(_loops.registered_module(pl_module, self.module))
 
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._phase is not None and self._phase.fake_quant_enabled and not self._phase.observers_frozen:
+            # The observers moved in this batch: fail now, naming the layer, if a NaN/Inf went through them.
+            check_finite_ranges(_loops.target_module(pl_module, self.module), step=self._batch_step)
+
     def _apply_schedule(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Put the target network in the schedule's phase for now (only when the phase changes)."""
+        self._batch_step = trainer.global_step
         now = trainer.global_step if self.schedule_unit == "step" else trainer.current_epoch
         phase = self.schedule.phase(now)
         if phase != self._phase:

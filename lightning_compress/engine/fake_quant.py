@@ -47,6 +47,7 @@ __all__ = [
     "FakeQuantModule",
     "activation_qparams",
     "activation_ranges",
+    "check_finite_ranges",
     "fake_quant_modules",
     "fake_quantize_weight",
     "freeze_batchnorm_stats",
@@ -556,6 +557,42 @@ def _observers(model: nn.Module) -> Iterator[tuple[str, ActivationObserver]]:
     for name, module in fake_quant_modules(model).items():
         if module.observer is not None:
             yield name, module.observer
+
+
+def check_finite_ranges(model: nn.Module, step: int | None = None) -> None:
+    """Raise if an observed input range is NaN or Inf (a NaN/Inf batch, weight or activation went through).
+
+    Cheap enough for every step: the ranges of all layers are checked with one host synchronization, not a pass
+    over the activations.
+
+    Args:
+        model: A model prepared by :func:`prepare_qat`.
+        step: Where training is, named in the error.
+
+    Raises:
+        FloatingPointError: Naming the layers whose range is not finite, and ``step``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 2))
+        >>> _ = prepare_qat(model)
+        >>> _ = model.train()(torch.full((2, 4), float("nan")))
+        >>> check_finite_ranges(model, step=3)
+        Traceback (most recent call last):
+        ...
+        FloatingPointError: The input range observed by layer '0' is NaN or Inf at step 3: ...
+    """
+    observers = [(name, obs) for name, obs in _observers(model) if obs.is_initialized]
+    if not observers:
+        return
+    finite = torch.isfinite(torch.stack([torch.stack([obs.min_val, obs.max_val]) for _, obs in observers]))
+    if bool(finite.all()):
+        return
+    bad = [name for (name, _), ok in zip(observers, finite.all(dim=1).tolist(), strict=True) if not ok]
+    where = f" at step {step}" if step is not None else ""
+    raise FloatingPointError(
+        f"The input range observed by layer {', '.join(map(repr, bad))} is NaN or Inf{where}: a NaN or Inf value"
+        " reached it (a bad batch, or diverging weights: lower the learning rate, clip gradients, check the data)."
+    )
 
 
 def freeze_observers(model: nn.Module, frozen: bool = True) -> None:

@@ -802,3 +802,18 @@ def test_resume_with_another_selection_is_refused(tmp_path):
     other = QATCallback(module="net", exclude=["fc2"], convert_on_fit_end=False)
     with pytest.raises(ValueError, match=r"holds QATCallback state for .*'exclude': None.* `module`, `include`"):
         trainer(tmp_path, [other, FailIfTrained()], max_epochs=2).fit(Classifier(), loader(), ckpt_path=ckpt)
+
+
+class _NaNAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            batch[0].fill_(float("nan"))
+
+
+def test_nan_batch_fails_at_once_naming_the_layer_and_the_step(tmp_path):
+    callback = QATCallback(module="net", latency="off", verbose=False)
+    with pytest.raises(FloatingPointError, match=r"range observed by layer 'fc1', 'fc2' is NaN or Inf at step 5"):
+        trainer(tmp_path, [callback, _NaNAt(5)], max_epochs=2).fit(Classifier(), loader())
