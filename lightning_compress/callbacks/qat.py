@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Any, ClassVar
@@ -12,7 +13,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -150,6 +151,7 @@ class QATCallback(Callback):
         self.results: dict[str, float] = {}
         self._phase: QATPhase | None = None  # the phase in force
         self._batch_step = 0  # the optimizer step of the training batch in progress
+        self._qat_started = True  # whether fake quantization was on at some point of this fit (known at fit end)
         self._catcher = _loops.InputCatcher()  # the first call of the target network in this fit
         self._example: _loops.Call | None = None  # the example call a checkpoint restored
         self._pending_quant_state: dict[str, torch.Tensor] = {}
@@ -165,7 +167,7 @@ class QATCallback(Callback):
     def compression_settings(self) -> dict[str, str | int | float]:
         """The settings ``CompressionReport`` puts in its report and in TensorBoard's HParams tab."""
         return {
-            "quantization": "qat",
+            "quantization": "qat" if self._qat_started else "qat (QAT never started: trained in float)",
             "bits": int(self.config.weight_bits),
             "mode": self.mode,
             "observer": self.config.activation_observer,
@@ -217,6 +219,7 @@ class QATCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == TrainerFn.FITTING:  # a reused callback object starts afresh, unless a checkpoint restores it
             self._reset()
+            _refuse_weight_averaging(trainer)
         # Every stage: a checkpoint given to fit/validate/test/predict(ckpt_path=...) loads into the prepared model.
         self.prepare(pl_module)
 
@@ -227,6 +230,7 @@ class QATCallback(Callback):
         self._example = None
         self._pending_quant_state = {}
         self._phase = None
+        self._qat_started = True
         self.results = {}
         self.quantized_model = None
         self.quantized_program = None
@@ -338,6 +342,18 @@ class QATCallback(Callback):
             apply_phase(_loops.target_module(pl_module, self.module), phase)
             self._phase = phase
 
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Here the length of training is known: a `start` past its end would give a float model labelled QAT.
+        total = trainer.estimated_stepping_batches if self.schedule_unit == "step" else trainer.max_epochs
+        if total is not None and total >= 0 and math.isfinite(total) and self.schedule.start >= total:
+            unit = "optimizer steps" if self.schedule_unit == "step" else "epochs"
+            rank_zero_warn(
+                f"QATCallback: `start`={self.schedule.start} ({self.schedule_unit}s), but training is estimated at"
+                f" {int(total)} {unit}: QAT will never start and the int8 model is converted from a float model"
+                " that never saw fake quantization. Lower `start` or train longer."
+            )
+
     # ----------------------------------------------------------------------------------------------------------
     # Fit end: a real int8 model from a copy, measured
     # ----------------------------------------------------------------------------------------------------------
@@ -348,6 +364,13 @@ class QATCallback(Callback):
         if not self.convert_on_fit_end or not trainer.is_global_zero:
             return
         target = _loops.target_module(pl_module, self.module)
+        self._qat_started = any(m.is_fake_quant_enabled for m in fake_quant_modules(target).values())
+        if not self._qat_started:
+            rank_zero_warn(
+                f"QATCallback: QAT never started (`start`={self.schedule.start} {self.schedule_unit}s, training ended"
+                f" at step {trainer.global_step}, epoch {trainer.current_epoch}): the int8 model is a post-training"
+                " quantization of the float model. Lower `start` or train longer."
+            )
         args, kwargs = _loops.example_inputs(pl_module, self.module, self._catcher, self._example)
         was_training = target.training
         target.eval()
@@ -390,6 +413,7 @@ class QATCallback(Callback):
         # Layer names as the user wrote them (a `torch.compile`d submodule adds `_orig_mod.` to them).
         results = {k.replace("_orig_mod.", ""): v for k, v in report.to_metrics().items()}
         results["saved_to"] = report.saved_to  # type: ignore[assignment]
+        results["qat_started"] = float(self._qat_started)
         return results
 
     def _check_monitor(self, metrics: dict[str, float]) -> None:
@@ -404,7 +428,25 @@ class QATCallback(Callback):
         _logging.log_layer_figure(trainer, f"{PREFIX}/per_layer_sqnr", sqnr, "SQNR (dB), higher is better")
         headline = {k: v for k, v in self.results.items() if "/" not in k or k.startswith(_HEADLINE_PREFIXES)}
         title = f"QAT int8 model ({len(fake_quant_modules(target))} quantized layers)"
+        if not self._qat_started:
+            title += ": QAT never started (converted from the float model)"
         summary = _logging.markdown_summary(title, headline)
         _logging.log_text(trainer, f"{PREFIX}/summary", summary, trainer.global_step)
         if self.verbose:
             rank_zero_info(f"\n{summary}\n")
+
+
+def _refuse_weight_averaging(trainer: Trainer) -> None:
+    """``WeightAveraging`` (and EMA) average every buffer of the model, QAT's observer flags and ranges included,
+    and copy them back into the model: refused, with what to do instead."""
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    callbacks: list[Callback] = getattr(trainer, "callbacks", [])
+    averaging = [type(cb).__name__ for cb in callbacks if isinstance(cb, WeightAveraging)]
+    if averaging:
+        raise ValueError(
+            f"QATCallback cannot be combined with {averaging[0]}: weight averaging averages every buffer of the"
+            " model, including the fake-quant observers' state (boolean flags, and ranges that are infinite until"
+            " QAT starts), and copies the averages back at the end of training. Average the weights in a first"
+            " fit, then fine-tune with QATCallback in a second fit."
+        )

@@ -817,3 +817,26 @@ def test_nan_batch_fails_at_once_naming_the_layer_and_the_step(tmp_path):
     callback = QATCallback(module="net", latency="off", verbose=False)
     with pytest.raises(FloatingPointError, match=r"range observed by layer 'fc1', 'fc2' is NaN or Inf at step 5"):
         trainer(tmp_path, [callback, _NaNAt(5)], max_epochs=2).fit(Classifier(), loader())
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_weight_averaging_is_refused_at_setup(tmp_path, ema):
+    from lightning.pytorch.callbacks import WeightAveraging
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    averager = WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(0.9)) if ema else WeightAveraging()
+    callback = QATCallback(module="net", latency="off", verbose=False)
+    with pytest.raises(ValueError, match=r"QATCallback cannot be combined with WeightAveraging: .* second fit"):
+        trainer(tmp_path, [averager, callback, FailIfTrained()], max_epochs=1).fit(Classifier(), loader())
+
+
+def test_start_past_the_end_of_training_is_warned_and_reported(tmp_path):
+    callback = QATCallback(module="net", start=100, latency="off", verbose=False)
+    expected = r"`start`=100 \(steps\), but training is estimated at 8 optimizer steps"
+    with pytest.warns(UserWarning, match=expected), pytest.warns(UserWarning, match=r"QAT never started"):
+        trainer(tmp_path, [callback], max_epochs=1).fit(Classifier(), loader())
+    assert callback.results["qat_started"] == 0.0
+    assert "QAT never started" in callback.compression_settings()["quantization"]
+    started = QATCallback(module="net", latency="off", verbose=False)
+    trainer(tmp_path, [started], max_epochs=1).fit(Classifier(), loader())
+    assert started.results["qat_started"] == 1.0 and started.compression_settings()["quantization"] == "qat"
