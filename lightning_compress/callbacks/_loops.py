@@ -29,7 +29,7 @@ def registered_module(pl_module: LightningModule, name: str | None) -> nn.Module
         return pl_module
     modules = dict(pl_module.named_modules())
     if name not in modules:
-        children = ", ".join(n for n, _ in pl_module.named_children())
+        children = ", ".join(n for n, _ in pl_module.named_children()) or "none"
         raise ValueError(
             f"`module`={name!r} is not a submodule of {type(pl_module).__name__}. Its submodules: {children}."
         )

@@ -41,7 +41,14 @@ from lightning_compress.engine.fake_quant import prepare_qat
 from lightning_compress.engine.fallback import FallbackAttempt, find_float_layers
 from lightning_compress.engine.measure import Evaluation, measure_int8, per_layer_sqnr
 from lightning_compress.engine.selection import compile_patterns, select_modules
-from lightning_compress.engine.validation import check_batch_sizes, check_choice, check_positive_int
+from lightning_compress.engine.validation import (
+    check_batch_sizes,
+    check_bool,
+    check_choice,
+    check_optional_path,
+    check_optional_str,
+    check_positive_int,
+)
 
 PREFIX = f"{_logging.PREFIX}/ptq"
 #: When the callback runs: at the end of ``fit``, or of a standalone ``validate``/``test``.
@@ -176,15 +183,15 @@ class PostTrainingQuantCallback(Callback):
             raise ValueError(f"`run_on` must be a non-empty list of {', '.join(map(repr, STAGES))}, got {run_on!r}.")
         self.latency = check_choice("latency", latency, LATENCY_MODES)
         self.latency_batch_sizes = check_batch_sizes("latency_batch_sizes", latency_batch_sizes)
-        self.module = module
+        self.module = check_optional_str("module", module)
         self.include = include
         self.exclude = exclude
-        self.monitor = monitor
+        self.monitor = check_optional_str("monitor", monitor)
         self.max_accuracy_drop = None if max_accuracy_drop is None else float(max_accuracy_drop)
         self.max_float_layers = max_float_layers
         self.run_on = stages
-        self.save_path = save_path
-        self.verbose = verbose
+        self.save_path = check_optional_path("save_path", save_path)
+        self.verbose = check_bool("verbose", verbose)
 
         #: The int8 network of the last run (rank zero), called like the target network; ``None`` before.
         self.quantized_model: QuantizedModule | None = None

@@ -39,7 +39,14 @@ from lightning_compress.engine.fake_quant import (
 )
 from lightning_compress.engine.measure import measure_int8
 from lightning_compress.engine.qat import SCHEDULE_UNITS, QATPhase, QATSchedule, ScheduleUnit, apply_phase
-from lightning_compress.engine.validation import check_batch_sizes, check_choice
+from lightning_compress.engine.selection import compile_patterns
+from lightning_compress.engine.validation import (
+    check_batch_sizes,
+    check_bool,
+    check_choice,
+    check_optional_path,
+    check_optional_str,
+)
 
 PREFIX = f"{_logging.PREFIX}/quant"
 _HEADLINE_PREFIXES = ("int8_ms", "float_ms", "float_compiled_ms", "speedup")
@@ -129,18 +136,20 @@ class QATCallback(Callback):
         #: When fake quantization starts and observers / BatchNorm freeze (in ``schedule_unit``s).
         self.schedule = QATSchedule(start, freeze_observers_at, freeze_bn_at)
         self.schedule_unit = check_choice("schedule_unit", schedule_unit, SCHEDULE_UNITS)
-        self.module = module
+        self.module = check_optional_str("module", module)
+        compile_patterns("include", include)
+        compile_patterns("exclude", exclude)
         self.include = include
         self.exclude = exclude
-        self.convert_on_fit_end = convert_on_fit_end
+        self.convert_on_fit_end = check_bool("convert_on_fit_end", convert_on_fit_end)
         check_choice("mode", mode, QAT_MODES)  # QAT simulates int8 activations: no "weight_only"
         #: How the int8 model is built at fit end.
         self.conversion = ConversionConfig(mode=mode)
-        self.save_path = save_path
-        self.monitor = monitor
+        self.save_path = check_optional_path("save_path", save_path)
+        self.monitor = check_optional_str("monitor", monitor)
         self.latency = check_choice("latency", latency, LATENCY_MODES)
         self.latency_batch_sizes = check_batch_sizes("latency_batch_sizes", latency_batch_sizes)
-        self.verbose = verbose
+        self.verbose = check_bool("verbose", verbose)
 
         #: The int8 network produced at fit end (rank zero), called like the target network; ``None`` before.
         self.quantized_model: QuantizedModule | None = None

@@ -81,3 +81,19 @@ def check_batch_sizes(name: str, value: Any) -> list[int] | None:
     if any(isinstance(size, bool) or not isinstance(size, int) or size < 1 for size in value):
         raise ValueError(f"`{name}` must hold positive integers, got {value!r}.")
     return list(value)
+
+
+# --- quantization callbacks ---
+
+
+def check_optional_path(name: str, value: Any) -> str | None:
+    """Check an optional file path (a non-empty string or ``os.PathLike``); returned as a string."""
+    import os
+
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"`{name}` must be a file path (a string) or None, got {value!r}.")
+    return value

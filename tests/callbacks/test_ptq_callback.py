@@ -553,3 +553,19 @@ def test_calibration_batch_of_one_exports_a_dynamic_batch(tmp_path) -> None:
     trainer.fit(Classifier(mlp()), vector_loader(64, batch_size=1), vector_loader(64))  # validated with batch 64
     assert ptq.results["int8_val_acc"] >= 0.0
     assert ptq.quantized_model(torch.randn(5, 16)).shape == (5, 4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"module": ["net"]}, r"`module` must be a non-empty string or None, got \['net'\]"),
+        ({"latency_batch_sizes": 8}, r"`latency_batch_sizes` must be a list of positive integers or None, got 8"),
+        ({"verbose": "no"}, r"`verbose` must be True or False, got 'no'"),
+        ({"quantize_embeddings": "yes"}, r"`quantize_embeddings` must be True or False, got 'yes'"),
+        ({"save_path": 5}, r"`save_path` must be a file path \(a string\) or None, got 5"),
+        ({"monitor": 3}, r"`monitor` must be a non-empty string or None, got 3"),
+    ],
+)
+def test_arguments_of_the_wrong_type_name_the_argument(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        PostTrainingQuantCallback(**kwargs)

@@ -840,3 +840,32 @@ def test_start_past_the_end_of_training_is_warned_and_reported(tmp_path):
     started = QATCallback(module="net", latency="off", verbose=False)
     trainer(tmp_path, [started], max_epochs=1).fit(Classifier(), loader())
     assert started.results["qat_started"] == 1.0 and started.compression_settings()["quantization"] == "qat"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"module": ["net"]}, r"`module` must be a non-empty string or None, got \['net'\]"),
+        ({"latency_batch_sizes": 8}, r"`latency_batch_sizes` must be a list of positive integers or None, got 8"),
+        ({"convert_on_fit_end": "no"}, r"`convert_on_fit_end` must be True or False, got 'no'"),
+        ({"verbose": 1}, r"`verbose` must be True or False, got 1"),
+        ({"monitor": ""}, r"`monitor` must be a non-empty string or None, got ''"),
+        ({"save_path": 5}, r"`save_path` must be a file path \(a string\) or None, got 5"),
+        ({"include": [3]}, r"`include` must be a list of regular expressions \(strings\), got 3"),
+    ],
+)
+def test_arguments_of_the_wrong_type_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QATCallback(**kwargs)
+
+
+def test_a_module_without_children_reads_none(tmp_path):
+    class Flat(L.LightningModule):
+        def training_step(self, batch, batch_idx):
+            return None
+
+        def configure_optimizers(self):
+            return None
+
+    with pytest.raises(ValueError, match=r"Its submodules: none\."):
+        trainer(tmp_path, [QATCallback(module="net")]).fit(Flat(), loader())

@@ -111,7 +111,7 @@ def _check_call(
     unknown = [s for s in skip if s not in modules]
     if unknown:
         names = [n for n, m in modules.items() if n and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-        raise ValueError(f"`skip` names no module: {unknown}. Linear/Conv module names: {', '.join(names)}.")
+        raise ValueError(f"`skip` names no module: {unknown}. Linear/Conv module names: {', '.join(names) or 'none'}.")
     return _to_cpu(example_inputs), _to_cpu(dict(example_kwargs or {})), list(dict.fromkeys(skip))
 
 
