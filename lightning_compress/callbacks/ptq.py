@@ -88,9 +88,14 @@ class PostTrainingQuantCallback(Callback):
        metric) is in :attr:`attempts`, :attr:`results` and the logs; if no attempt meets the budget this is reported
        and the attempt with the smallest drop is kept.
 
+    Under ``strategy="ddp_spawn"`` training runs in spawned processes: in the process that called ``fit`` this
+    callback is a copy that never ran, so :attr:`results` stays empty and :attr:`quantized_model` ``None``. Load the
+    artifact rank zero saved (``save_path``, default ``<log_dir>/ptq_int8.pt2``) with
+    :func:`lightning_compress.load_quantized`, and read the numbers from the logger.
+
     Example::
 
-        ptq = PostTrainingQuantCallback(module="net", monitor="val_acc", max_accuracy_drop=0.5)
+        ptq = PostTrainingQuantCallback(module="net", monitor="val_acc", max_accuracy_drop=0.005)  # half a point
         trainer = Trainer(callbacks=[ptq], max_epochs=5)
         trainer.fit(model, datamodule=data)
         ptq.quantized_model, ptq.results["val_acc_drop"], ptq.results["float_layers"]

@@ -81,6 +81,11 @@ class QATCallback(Callback):
     ``forward`` when ``module`` names a submodule); a batch of 1 is repeated to 2 rows and a ``torch.compile``d
     network is unwrapped, so the int8 program keeps a dynamic batch dimension.
 
+    Under ``strategy="ddp_spawn"`` training runs in spawned processes: in the process that called ``fit`` this
+    callback is a copy that never ran, so :attr:`results` stays empty and :attr:`quantized_model` ``None``. Load the
+    artifact rank zero saved (``save_path``, default ``<log_dir>/qat_int8.pt2``) with
+    :func:`lightning_compress.load_quantized`, and read the numbers from the logger.
+
     Example::
 
         trainer = Trainer(callbacks=[QATCallback(module="net", monitor="val_acc")], max_epochs=10)

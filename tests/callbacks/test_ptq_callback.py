@@ -569,3 +569,21 @@ def test_calibration_batch_of_one_exports_a_dynamic_batch(tmp_path) -> None:
 def test_arguments_of_the_wrong_type_name_the_argument(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         PostTrainingQuantCallback(**kwargs)
+
+
+def test_docs_use_the_unit_of_max_accuracy_drop_and_explain_ddp_spawn() -> None:
+    from pathlib import Path
+
+    from lightning_compress import QATCallback
+
+    root = Path(__file__).parents[2]
+    # (docs/benchmarks.md is written by the bench scripts, whose budget is in percentage points)
+    pages = [root / "README.md", *sorted(p for p in (root / "docs").rglob("*.md") if p.name != "benchmarks.md")]
+    for page in pages:  # points of the metric as logged: 0.5 is half a point only for a metric logged in percent
+        for line in page.read_text().splitlines():
+            assert "max_accuracy_drop=0.5" not in line or "percent" in line, f"{page.name}: {line}"
+    for doc in (QATCallback.__doc__, PostTrainingQuantCallback.__doc__):
+        assert doc is not None and "ddp_spawn" in doc and "load_quantized" in doc
+    for page in ("qat.md", "ptq.md"):
+        text = (root / "docs" / "callbacks" / page).read_text()
+        assert "ddp_spawn" in text and "load_quantized" in text
