@@ -39,6 +39,7 @@ from lightning_compress.engine.convert import (
 )
 from lightning_compress.engine.fake_quant import prepare_qat
 from lightning_compress.engine.fallback import FallbackAttempt, find_float_layers
+from lightning_compress.engine.io import check_writable_dir
 from lightning_compress.engine.measure import Evaluation, measure_int8, per_layer_sqnr
 from lightning_compress.engine.selection import compile_patterns, select_modules
 from lightning_compress.engine.validation import (
@@ -285,7 +286,10 @@ class PostTrainingQuantCallback(Callback):
             self._export_checked = False
             self.results, self.attempts = {}, []
             self.quantized_model = self.quantized_program = None
-        _loops.target_module(pl_module, self.module)  # a wrong `module` fails now, not after training
+        # A wrong `module`, a selection that matches nothing or an unwritable `save_path` fail now, not after training.
+        select_modules(_loops.target_module(pl_module, self.module), self.include, self.exclude)
+        if stage in self.run_on and trainer.is_global_zero:
+            check_writable_dir(_loops.artifact_path(trainer, self.save_path, "ptq_int8.pt2"), "save_path")
         _logging.write_dashboard_layout(trainer)
 
     @override

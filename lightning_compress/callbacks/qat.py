@@ -37,6 +37,7 @@ from lightning_compress.engine.fake_quant import (
     strip_qat,
     sync_observers,
 )
+from lightning_compress.engine.io import check_writable_dir
 from lightning_compress.engine.measure import measure_int8
 from lightning_compress.engine.qat import SCHEDULE_UNITS, QATPhase, QATSchedule, ScheduleUnit, apply_phase
 from lightning_compress.engine.selection import compile_patterns
@@ -234,6 +235,8 @@ class QATCallback(Callback):
         if stage == TrainerFn.FITTING:  # a reused callback object starts afresh, unless a checkpoint restores it
             self._reset()
             _refuse_weight_averaging(trainer)
+            if self.convert_on_fit_end and trainer.is_global_zero:  # fail now, not after training
+                check_writable_dir(_loops.artifact_path(trainer, self.save_path, "qat_int8.pt2"), "save_path")
         # Every stage: a checkpoint given to fit/validate/test/predict(ckpt_path=...) loads into the prepared model.
         self.prepare(pl_module)
 

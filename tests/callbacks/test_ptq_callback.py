@@ -587,3 +587,20 @@ def test_docs_use_the_unit_of_max_accuracy_drop_and_explain_ddp_spawn() -> None:
     for page in ("qat.md", "ptq.md"):
         text = (root / "docs" / "callbacks" / page).read_text()
         assert "ddp_spawn" in text and "load_quantized" in text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"include": ["conv"]}, r"`include` pattern 'conv' matches no"),
+        ({"exclude": ["."]}, r"leaves no .* to compress"),
+        ({"save_path": "SELF"}, r"`save_path`=.* is a directory"),
+    ],
+)
+def test_bad_selection_or_save_path_fails_before_training(tmp_path, kwargs, match) -> None:
+    kwargs = {k: str(tmp_path) if v == "SELF" else v for k, v in kwargs.items()}
+    ptq = PostTrainingQuantCallback(module="net", latency="off", **kwargs)
+    trainer = make_trainer(tmp_path, [ptq], max_epochs=3)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(Classifier(mlp()), vector_loader(128))
+    assert trainer.global_step == 0

@@ -869,3 +869,14 @@ def test_a_module_without_children_reads_none(tmp_path):
 
     with pytest.raises(ValueError, match=r"Its submodules: none\."):
         trainer(tmp_path, [QATCallback(module="net")]).fit(Flat(), loader())
+
+
+def test_unwritable_save_path_fails_before_training(tmp_path):
+    (tmp_path / "file").write_text("x")
+    callback = QATCallback(module="net", save_path=str(tmp_path / "file" / "int8.pt2"))
+    with pytest.raises(ValueError, match=r"`save_path`=.*int8\.pt2.*: its folder cannot be created"):
+        trainer(tmp_path, [callback, FailIfTrained()]).fit(Classifier(), loader())
+    with pytest.raises(ValueError, match=r"`save_path`=.* is a directory"):
+        trainer(tmp_path, [QATCallback(module="net", save_path=str(tmp_path)), FailIfTrained()]).fit(
+            Classifier(), loader()
+        )
