@@ -31,6 +31,7 @@ from lightning_compress.engine.config import (
     Schedule,
     Scope,
 )
+from lightning_compress.engine.distributed import shard_group
 from lightning_compress.engine.measure import compare_latency
 from lightning_compress.engine.pruner import GradualPruner
 from lightning_compress.engine.selection import select_parameters
@@ -257,11 +258,18 @@ class IterativePruningCallback(Callback):
         # early, which would perturb a dataloader that resumes mid-epoch.
         # Pruned weights are re-zeroed right after every optimizer step, automatic or manual optimization alike.
         self._hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
+        weights = select_parameters(pl_module, self.config.include, self.config.exclude)
+        group = shard_group(list(weights.values()))  # FSDP2: masks of the local shards, rankings over all shards
         if self.config.structure != "channel":
-            weights = select_parameters(pl_module, self.config.include, self.config.exclude)
+            config = self.config.resolve(trainer.estimated_stepping_batches)
             with _engine_warnings():
-                self._start(trainer, GradualPruner(weights, self.config.resolve(trainer.estimated_stepping_batches)))
+                self._start(trainer, GradualPruner(weights, config, shard_group=group))
             return
+        if group is not None:
+            raise ValueError(
+                "`structure`='channel' needs the whole network to find its channel groups, but its parameters are"
+                " sharded (FSDP2). Prune unstructured or N:M under sharding, or channels without sharding."
+            )
         network = target_module(pl_module, self.module)
         example = pl_module.example_input_array if self.module is None else None
         if example is not None:

@@ -131,3 +131,27 @@ def local_tensor(tensor: Tensor) -> Tensor:
     else the tensor itself."""
     to_local = getattr(tensor, "to_local", None)
     return to_local() if callable(to_local) else tensor
+
+
+def shard_group(tensors: Sequence[Tensor]) -> Any:
+    """The process group over which ``tensors`` are sharded (FSDP2 ``DTensor`` parameters), or ``None``.
+
+    Raises:
+        ValueError: If only some tensors are sharded, if they are sharded over different or multi-dimensional
+            meshes (tensor parallelism), or along another dimension than rows (``Shard(0)``, FSDP2's layout).
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    sharded = [t for t in tensors if isinstance(t, DTensor)]
+    if not sharded:
+        return None
+    if len(sharded) != len(tensors):
+        raise ValueError("Either all pruned parameters are sharded (FSDP2 DTensors) or none: shard every layer.")
+    meshes = {id(t.device_mesh) for t in sharded}
+    mesh = sharded[0].device_mesh
+    if len(meshes) > 1 or mesh.ndim != 1 or any(tuple(t.placements) != (Shard(0),) for t in sharded):
+        raise ValueError(
+            "Pruning supports FSDP2 sharding by rows over one data-parallel mesh (`fully_shard(...,"
+            " mesh=device_mesh['data_parallel'])`); tensor-parallel or other placements are not supported."
+        )
+    return mesh.get_group()

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import get_args
+from typing import Any, get_args
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lightning_compress.engine.config import Criterion, Scope, Structure
+from lightning_compress.engine.distributed import local_tensor, lowest_k_mask, sortable_keys
 from lightning_compress.engine.validation import check_choice, check_fraction
 
 SCOPES: tuple[str, ...] = get_args(Scope)
@@ -83,6 +85,7 @@ def compute_masks(
     current_masks: Mapping[str, Tensor] | None = None,
     seed: int = 0,
     protected: Collection[str] = (),
+    group: Any = None,
 ) -> dict[str, Tensor]:
     """Compute boolean keep-masks so that a fraction ``sparsity`` of the weights (or channels) is pruned.
 
@@ -99,6 +102,9 @@ def compute_masks(
         seed: Seed of the ``random`` criterion. The same seed gives the same random ranking on every call and every
             rank, so random masks also only grow.
         protected: Names of tensors never pruned (an all-``True`` mask); they do not count in the ranking.
+        group: For sharded weights (FSDP2): the process group whose processes hold the other shards. ``weights``
+            are then this process's local shards, counts are over the whole tensors, and the ranking is exact over
+            all shards (:func:`~lightning_compress.engine.distributed.lowest_k_mask`); unstructured magnitude only.
 
     Returns:
         A new keep-mask (``torch.bool``, shaped like the weight) for every tensor in ``weights``.
@@ -117,6 +123,8 @@ def compute_masks(
     check_choice("structure", structure, STRUCTURES)
     check_choice("criterion", criterion, CRITERIA)
     current_masks = current_masks or {}
+    if group is not None:
+        return _sharded_magnitude_masks(weights, sparsity, scope, structure, criterion, current_masks, protected, group)
     generator = torch.Generator().manual_seed(seed) if criterion == "random" else None
     ranked = {name: w for name, w in weights.items() if name not in protected}
     scores = {name: _scores(w, current_masks.get(name), structure, criterion, generator) for name, w in ranked.items()}
@@ -149,6 +157,46 @@ def compute_masks(
     return masks
 
 
+def _sharded_magnitude_masks(
+    weights: Mapping[str, Tensor],
+    sparsity: float,
+    scope: str,
+    structure: str,
+    criterion: str,
+    current_masks: Mapping[str, Tensor],
+    protected: Collection[str],
+    group: Any,
+) -> dict[str, Tensor]:
+    """:func:`compute_masks` over local shards: exact global counts with histogram collectives, no gather."""
+    if structure != "unstructured" or criterion != "magnitude":
+        raise ValueError(
+            f"Sharded weights (FSDP2) are pruned with `structure`='unstructured' and `criterion`='magnitude', got"
+            f" `structure`={structure!r}, `criterion`={criterion!r}: channel groups and random scores span shards."
+        )
+    ranked = [name for name in weights if name not in protected]
+    keys = {
+        name: sortable_keys(weights[name].detach().abs(), ~current_masks[name] if name in current_masks else None)
+        for name in ranked
+    }
+    numels = torch.tensor([weights[name].numel() for name in ranked], dtype=torch.int64)
+    dist.all_reduce(numels, group=group)  # whole-tensor sizes
+    if scope == "global":
+        chosen = lowest_k_mask([keys[n] for n in ranked], round(sparsity * int(numels.sum())), group)
+        pruned = dict(zip(ranked, chosen, strict=True))
+    else:
+        pruned = {
+            name: lowest_k_mask([keys[name]], round(sparsity * int(total)), group)[0]
+            for name, total in zip(ranked, numels.tolist(), strict=True)
+        }
+    masks = {}
+    for name, w in weights.items():
+        keep = torch.ones_like(w, dtype=torch.bool) if name in protected else ~pruned[name].reshape(w.shape)
+        if name in current_masks:
+            keep &= current_masks[name].to(w.device)
+        masks[name] = keep
+    return masks
+
+
 class MaskApplier:
     """Masks ready for the training hot path: zero pruned weights or gradients in one fused op.
 
@@ -164,20 +212,26 @@ class MaskApplier:
     def __init__(self, weights: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
         names = [n for n in weights if n in masks]
         self._weights = [weights[n] for n in names]
-        self._multipliers = [masks[n].to(device=weights[n].device, dtype=weights[n].dtype) for n in names]
+        local = [local_tensor(w) for w in self._weights]
+        # Sharded (DTensor) weights are masked through their local shard: a DTensor times a plain mask fails.
+        self._sharded = any(shard is not w for shard, w in zip(local, self._weights, strict=True))
+        self._multipliers = [masks[n].to(device=t.device, dtype=t.dtype) for n, t in zip(names, local, strict=True)]
+
+    def _local(self, tensors: list[Tensor]) -> list[Tensor]:
+        return [local_tensor(t) for t in tensors] if self._sharded else tensors
 
     @torch.no_grad()
     def apply(self) -> None:
         """Zero the pruned entries of every weight in place."""
         if self._weights:
-            torch._foreach_mul_(self._weights, self._multipliers)
+            torch._foreach_mul_(self._local(self._weights), self._multipliers)
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
         """Zero the gradients of pruned entries in place, so clipping and optimizer statistics ignore them."""
         pairs = [(w.grad, m) for w, m in zip(self._weights, self._multipliers, strict=True) if w.grad is not None]
         if pairs:
-            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+            torch._foreach_mul_(self._local([g for g, _ in pairs]), [m for _, m in pairs])
 
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)

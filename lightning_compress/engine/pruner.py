@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lightning_compress.engine.config import PruningConfig
+from lightning_compress.engine.distributed import local_tensor
 from lightning_compress.engine.masks import (
     MaskApplier,
     SparsityStats,
@@ -62,9 +64,14 @@ class GradualPruner:
     ``end_step`` (the schedule's intermediate targets do not apply: the pattern has one sparsity), then fixed;
     pruned weights are held at zero, so a recomputation only moves where live weights shrank to zero.
 
+    Sharded weights (FSDP2 ``DTensor`` parameters, ``shard_group`` given): masks, statistics and checkpoints hold
+    this process's rows; the ranking is exact over all shards without a gather
+    (:mod:`~lightning_compress.engine.distributed`), so exactly ``round(s * N)`` weights of the full model are zero.
+
     Raises:
         ValueError: If ``config`` still has ``end_step`` or ``update_every_n_steps`` left open, or
-            ``structure="channel"`` comes without ``groups``.
+            ``structure="channel"`` comes without ``groups``, or sharded weights come with channel structure or
+            rewinding.
     """
 
     def __init__(
@@ -73,6 +80,7 @@ class GradualPruner:
         config: PruningConfig,
         protected: Collection[str] = (),
         groups: Sequence[ChannelGroup] | None = None,
+        shard_group: Any = None,
     ) -> None:
         if not config.is_resolved:
             raise ValueError(
@@ -103,6 +111,13 @@ class GradualPruner:
         self.group_masks: dict[str, Tensor] = {}
         self.weights = weights
         self.config = config
+        #: The process group over which the weights are sharded (FSDP2), else ``None``.
+        self.shard_group = shard_group
+        if shard_group is not None and (config.structure == "channel" or config.rewind_to_step is not None):
+            raise ValueError(
+                "Sharded weights (FSDP2) are pruned with unstructured or N:M masks and without rewinding, got"
+                f" `structure`={config.structure!r}, `rewind_to_step`={config.rewind_to_step!r}."
+            )
         self.protected = tuple(name for name in protected if name in self.weights)
         #: Boolean keep-masks (``True`` = kept) of the weights pruned so far.
         self.masks: dict[str, Tensor] = {}
@@ -168,7 +183,7 @@ class GradualPruner:
             self.masks = self._group_tensor_masks()
         else:
             self.masks = compute_masks(
-                self.weights,
+                self._local_weights(),
                 target,
                 scope=config.scope,
                 structure=config.structure,  # type: ignore[arg-type]  # "unstructured" here
@@ -176,6 +191,7 @@ class GradualPruner:
                 current_masks=self.masks,
                 seed=config.seed,
                 protected=self.protected,
+                group=self.shard_group,
             )
         self._set_masks(target)
         return True
@@ -187,7 +203,7 @@ class GradualPruner:
         if step < config.start_step or (self.masks and step > config.end_step) or not due:
             return False
         self._check_finite(step)
-        masks = n_m_masks(self.weights, *config.n_m)
+        masks = n_m_masks(self._local_weights(), *config.n_m)
         if self.masks and all(torch.equal(masks[n], self.masks[n]) for n in masks):
             return False
         self.masks = masks
@@ -225,8 +241,21 @@ class GradualPruner:
         self._applier.mask_gradients()
 
     def stats(self) -> SparsityStats:
-        """Exact zero counts of the pruned weights, now."""
-        return measure_sparsity(self.weights)
+        """Exact zero counts of the pruned weights, now (of the whole tensors when they are sharded)."""
+        stats = measure_sparsity(self._local_weights())
+        if self.shard_group is None:
+            return stats
+        names = list(stats.numels)
+        counts = torch.tensor([[stats.zeros[n], stats.numels[n]] for n in names], dtype=torch.int64)
+        dist.all_reduce(counts, group=self.shard_group)
+        return SparsityStats(
+            zeros={n: int(c[0]) for n, c in zip(names, counts, strict=True)},
+            numels={n: int(c[1]) for n, c in zip(names, counts, strict=True)},
+        )
+
+    def _local_weights(self) -> dict[str, Tensor]:
+        """The weights, or this process's shards of them."""
+        return {name: local_tensor(w) for name, w in self.weights.items()}
 
     def report(self) -> PruningReport:
         """The measured sparsity against the final target."""
@@ -234,7 +263,19 @@ class GradualPruner:
         return PruningReport(self.config.target_sparsity, self.current_target, self.stats(), channels)
 
     def state_dict(self) -> dict[str, Any]:
-        """Masks (bit-packed) and progress as tensors and plain values (loadable with ``weights_only=True``)."""
+        """Masks (bit-packed) and progress as tensors and plain values (loadable with ``weights_only=True``).
+
+        With sharded weights every process's masks are gathered (a collective: call it on every process), because
+        a distributed checkpoint keeps the callback state of rank zero only; each process loads its own part.
+        """
+        state = self._own_state_dict()
+        if self.shard_group is None:
+            return state
+        parts: list[Any] = [None] * dist.get_world_size(self.shard_group)
+        dist.all_gather_object(parts, {k: state.pop(k) for k in ("masks", "mask_shapes")}, group=self.shard_group)
+        return {**state, "shards": parts}
+
+    def _own_state_dict(self) -> dict[str, Any]:
         return {
             "masks": {name: pack_mask(mask) for name, mask in self.masks.items()},
             "mask_shapes": {name: list(mask.shape) for name, mask in self.masks.items()},
@@ -255,6 +296,8 @@ class GradualPruner:
             ValueError: If a mask names a weight that is not pruned here, has another shape, is truncated, or
                 prunes positions whose weights are not zero.
         """
+        if "shards" in state:
+            state = self._own_shard_state(state)
         shapes = state["mask_shapes"]
         unknown = sorted(set(shapes) - set(self.weights))
         if unknown:
@@ -263,8 +306,9 @@ class GradualPruner:
                 f" (`include`={self.config.include!r}, `exclude`={self.config.exclude!r}) does not contain."
             )
         masks = {}
+        local_weights = self._local_weights()
         for name, shape in shapes.items():
-            weight = self.weights[name]
+            weight = local_weights[name]
             if list(weight.shape) != list(shape):
                 raise ValueError(
                     f"The checkpoint's mask for {name!r} has shape {list(shape)},"
@@ -301,10 +345,26 @@ class GradualPruner:
         }
         self._applier = MaskApplier(self.weights, self.masks)
 
+    def _own_shard_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """This process's masks out of a checkpoint written with sharded weights."""
+        shards = state["shards"]
+        world = dist.get_world_size(self.shard_group) if self.shard_group is not None else 1
+        if len(shards) != world:
+            raise ValueError(
+                f"The checkpoint's pruning masks were written by {len(shards)} sharded processes, this run has {world}:"
+                " resume with the same number of data-parallel processes."
+            )
+        rank = dist.get_rank(self.shard_group) if self.shard_group is not None else 0
+        return {**state, **shards[rank]}
+
     def _check_finite(self, step: int) -> None:
-        for name, weight in self.weights.items():
-            if not bool(torch.isfinite(weight.detach()).all()):
-                bad = int((~torch.isfinite(weight.detach())).sum())
+        local = self._local_weights()
+        bad_counts = torch.tensor([int((~torch.isfinite(w.detach())).sum()) for w in local.values()])
+        if self.shard_group is not None:  # every process raises together (else the others hang in a collective)
+            dist.all_reduce(bad_counts, group=self.shard_group)
+        for name, bad_count in zip(local, bad_counts.tolist(), strict=True):
+            if bad_count:
+                bad = bad_count
                 raise FloatingPointError(
                     f"{bad} entries of {name!r} are NaN or Inf at step {step}: the pruning masks cannot be updated."
                     " Check the loss and the input batches (e.g. `Trainer(detect_anomaly=True)`), or lower the"
