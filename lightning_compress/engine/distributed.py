@@ -99,31 +99,37 @@ def lowest_k_mask(keys: Sequence[Tensor], k: int, group: Any = None) -> list[Ten
         ValueError: If ``k`` is negative or exceeds the number of entries over all processes.
     """
     device = keys[0].device if keys else torch.device("cpu")
-    flat = torch.cat([t.reshape(-1) for t in keys]) if keys else torch.zeros(0, dtype=torch.int32)
-    total = _all_reduce_sum(torch.tensor([flat.numel()], dtype=torch.int64, device=device), group)
+    flats = [t.reshape(-1) for t in keys]  # views: no concatenated copy of all keys
+    total = _all_reduce_sum(torch.tensor([sum(f.numel() for f in flats)], dtype=torch.int64, device=device), group)
     if not 0 <= k <= int(total):
         raise ValueError(f"`k` must be in [0, {int(total)}], got {k}.")
-    selected = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    if k > 0:
-        high = flat >> 16
-        high_counts = _all_reduce_sum(torch.bincount(high, minlength=_HIGH_BINS).to(torch.int64), group)
-        high_bin, below_high = _bin_holding(high_counts, k)
-        in_bin = high == high_bin
-        low_counts = torch.bincount(flat[in_bin] & 0xFFFF, minlength=_LOW_BINS).to(torch.int64)
-        low_counts = _all_reduce_sum(low_counts, group)
-        low_bin, below_low = _bin_holding(low_counts, k - below_high)
-        threshold = (high_bin << 16) | low_bin
-        selected = flat < threshold
-        missing = k - (below_high + below_low)  # entries equal to the threshold still to take
-        ties = flat == threshold
-        rank, world = _rank_and_world(group)
-        tie_counts = torch.zeros(world, dtype=torch.int64, device=flat.device)
-        tie_counts[rank] = int(ties.sum())
-        tie_counts = _all_reduce_sum(tie_counts, group)
-        mine = min(int(tie_counts[rank]), max(0, missing - int(tie_counts[:rank].sum())))
-        if mine:
-            selected |= ties & (torch.cumsum(ties, 0) <= mine)
-    return list(torch.split(selected, [t.numel() for t in keys])) if keys else []
+    if k == 0:
+        return [torch.zeros(f.numel(), dtype=torch.bool, device=f.device) for f in flats]
+    high_counts = torch.zeros(_HIGH_BINS, dtype=torch.int64, device=device)
+    for f in flats:
+        high_counts += torch.bincount(f >> 16, minlength=_HIGH_BINS)
+    high_bin, below_high = _bin_holding(_all_reduce_sum(high_counts, group), k)
+    low_counts = torch.zeros(_LOW_BINS, dtype=torch.int64, device=device)
+    for f in flats:
+        low_counts += torch.bincount(f[(f >> 16) == high_bin] & 0xFFFF, minlength=_LOW_BINS)
+    low_bin, below_low = _bin_holding(_all_reduce_sum(low_counts, group), k - below_high)
+    threshold = (high_bin << 16) | low_bin
+    missing = k - (below_high + below_low)  # entries equal to the threshold still to take
+    ties = [f == threshold for f in flats]
+    rank, world = _rank_and_world(group)
+    tie_counts = torch.zeros(world, dtype=torch.int64, device=device)
+    tie_counts[rank] = sum(int(t.sum()) for t in ties)
+    tie_counts = _all_reduce_sum(tie_counts, group)
+    take = min(int(tie_counts[rank]), max(0, missing - int(tie_counts[:rank].sum())))  # ties this process takes
+    selected = []
+    for f, tie in zip(flats, ties, strict=True):
+        chosen = f < threshold
+        if take > 0:
+            first = tie & (torch.cumsum(tie, 0) <= take)
+            take -= int(first.sum())
+            chosen |= first
+        selected.append(chosen)
+    return selected
 
 
 def local_tensor(tensor: Tensor) -> Tensor:

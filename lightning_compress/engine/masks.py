@@ -123,8 +123,8 @@ def compute_masks(
     check_choice("structure", structure, STRUCTURES)
     check_choice("criterion", criterion, CRITERIA)
     current_masks = current_masks or {}
-    if group is not None:
-        return _sharded_magnitude_masks(weights, sparsity, scope, structure, criterion, current_masks, protected, group)
+    if group is not None or (structure == "unstructured" and criterion == "magnitude"):
+        return _magnitude_masks(weights, sparsity, scope, structure, criterion, current_masks, protected, group)
     generator = torch.Generator().manual_seed(seed) if criterion == "random" else None
     ranked = {name: w for name, w in weights.items() if name not in protected}
     scores = {name: _scores(w, current_masks.get(name), structure, criterion, generator) for name, w in ranked.items()}
@@ -157,7 +157,7 @@ def compute_masks(
     return masks
 
 
-def _sharded_magnitude_masks(
+def _magnitude_masks(
     weights: Mapping[str, Tensor],
     sparsity: float,
     scope: str,
@@ -167,7 +167,8 @@ def _sharded_magnitude_masks(
     protected: Collection[str],
     group: Any,
 ) -> dict[str, Tensor]:
-    """:func:`compute_masks` over local shards: exact global counts with histogram collectives, no gather."""
+    """Unstructured magnitude masks by radix selection over ``int32`` keys (4 bytes per weight, no sort, no copy
+    to the CPU); with a ``group``, over local shards with exact global counts and no gather."""
     if structure != "unstructured" or criterion != "magnitude":
         raise ValueError(
             f"Sharded weights (FSDP2) are pruned with `structure`='unstructured' and `criterion`='magnitude', got"
@@ -179,8 +180,11 @@ def _sharded_magnitude_masks(
         for name in ranked
     }
     numels = torch.tensor([weights[name].numel() for name in ranked], dtype=torch.int64)
-    dist.all_reduce(numels, group=group)  # whole-tensor sizes
-    if scope == "global":
+    if group is not None:
+        dist.all_reduce(numels, group=group)  # whole-tensor sizes
+    if not ranked:
+        pruned: dict[str, Tensor] = {}
+    elif scope == "global":
         chosen = lowest_k_mask([keys[n] for n in ranked], round(sparsity * int(numels.sum())), group)
         pruned = dict(zip(ranked, chosen, strict=True))
     else:
