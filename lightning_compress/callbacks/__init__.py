@@ -1,4 +1,4 @@
-"""Thin Lightning callbacks over :mod:`lightning_compress.engine`."""
+"""Thin Lightning callbacks over ``lightning_compress.engine``."""
 
 from lightning_compress.callbacks.pruning import IterativePruningCallback
 from lightning_compress.callbacks.ptq import PostTrainingQuantCallback

@@ -108,7 +108,7 @@ def write_dashboard_layout(trainer: pl.Trainer, callbacks: Iterable[Any] | None 
 # The HParams plugin keeps the *first* experiment and session-start summaries of a run (TensorBoard stores the first
 # metadata per tag). Lightning's ``TensorBoardLogger`` writes its own (the module's hparams and a placeholder
 # ``hp_metric`` = -1) after the callbacks' ``setup`` when ``default_hp_metric=True``, so the compression settings are
-# declared in ``setup`` (:func:`start_hparams_session`) and their metric values logged at the end (:func:`log_hparams`).
+# declared in ``setup`` (``start_hparams_session``) and their metric values logged at the end (``log_hparams``).
 
 
 def _clean_params(params: Mapping[str, Any]) -> dict[str, int | float | str | bool]:
@@ -121,7 +121,7 @@ def start_hparams_session(trainer: pl.Trainer, params: Mapping[str, Any], metric
 
     Call it early (a callback's ``setup``), before Lightning writes its own hparams session. The metric *values* are
     read by TensorBoard from the scalar summaries with these tags (their last value), logged later by
-    :func:`log_hparams`.
+    ``log_hparams``.
     """
     from torch.utils.tensorboard.summary import hparams
 
@@ -141,7 +141,7 @@ def log_hparams(trainer: pl.Trainer, params: Mapping[str, Any], metrics: Mapping
     """Record settings with their final results: TensorBoard's HParams tab, and the hyperparameters of other loggers.
 
     The metrics are logged as scalars to every logger (TensorBoard's HParams tab reads them from there), the
-    TensorBoard session is declared if :func:`start_hparams_session` was not called earlier, and closed as
+    TensorBoard session is declared if ``start_hparams_session`` was not called earlier, and closed as
     successful.
     """
     from torch.utils.tensorboard.summary import hparams

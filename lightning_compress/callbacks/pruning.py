@@ -61,12 +61,14 @@ class IterativePruningCallback(Callback):
     model has the target sparsity; the averages used for validation before the end of training are not masked.
     A callback object can be reused for a new fit: its state is reset in ``setup`` unless a checkpoint restores it.
 
-    Example::
+    **Example**
 
-        from lightning import Trainer
-        from lightning_compress import IterativePruningCallback
+    ```python
+    from lightning import Trainer
+    from lightning_compress import IterativePruningCallback
 
-        trainer = Trainer(callbacks=[IterativePruningCallback(target_sparsity=0.9, monitor="val_acc")])
+    trainer = Trainer(callbacks=[IterativePruningCallback(target_sparsity=0.9, monitor="val_acc")])
+    ```
 
     Args:
         target_sparsity: Fraction of selected weights that are zero from ``end_step`` on, in [0, 1).
@@ -80,7 +82,7 @@ class IterativePruningCallback(Callback):
             to the target on its own).
         structure: ``"unstructured"`` (single weights), ``"channel"`` (whole channel groups: every producer's output
             rows and biases, the norms' affine entries and every consumer's input columns of a channel are zeroed
-            together, so the channels can be removed exactly; see :mod:`lightning_compress.engine.structured`) or
+            together, so the channels can be removed exactly; see ``lightning_compress.engine.structured``) or
             ``"N:M"`` such as ``"2:4"`` (N of every M consecutive weights along the input dimension kept, Linear and
             Conv weights whose input dimension is a multiple of M; a mask only on CPU: the speedup needs a GPU
             with 2:4 sparse kernels). Channel pruning never prunes the network's output features, keeps
@@ -103,12 +105,12 @@ class IterativePruningCallback(Callback):
             faster at such widths; default 16, measured). ``1`` gives exactly ``round(s * C)`` pruned channels.
         min_channels_per_group: Channel pruning: channels every group keeps, a count (>= 1) or a fraction in (0, 1).
         compact_on_fit_end: Channel pruning: at fit end, on rank zero, remove the pruned channels from a deep copy
-            (:attr:`compact_model`), measure it against the masked model, and save it. ``None``: on for
+            (``compact_model``), measure it against the masked model, and save it. ``None``: on for
             ``structure="channel"``.
         module: The network inside the LightningModule to prune channels of (e.g. ``"net"``); ``None``: the
             LightningModule's own ``forward``.
         compact_path: Where to save the compact model's state dict (``.pt``, rebuilt by
-            :func:`~lightning_compress.load_compact`); the exported program goes next to it as ``.pt2``.
+            ``load_compact``); the exported program goes next to it as ``.pt2``.
             ``None``: ``compact_model.pt`` in the first logger's ``log_dir``, else ``default_root_dir``.
     """
 

@@ -14,7 +14,7 @@ Why a callback and not only a function: it has to act at two moments. The settin
 tab in ``setup``, before Lightning writes its own hparams session (TensorBoard keeps the first one of a run). The
 results are gathered in ``teardown``, which Lightning calls after every callback's ``on_fit_end``, so the report
 sees the int8 measurements whatever the order of the callbacks. The gathering itself is the plain function
-:func:`summarize`, usable without a Trainer.
+``summarize``, usable without a Trainer.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ NO_SETTINGS: dict[str, str | int | float] = {
 
 @runtime_checkable
 class CompressionCallback(Protocol):
-    """What :class:`CompressionReport` reads from a compression callback; the callbacks of this package implement it,
+    """What ``CompressionReport`` reads from a compression callback; the callbacks of this package implement it,
     and so can your own (the report never imports them).
 
     Attributes:
@@ -76,7 +76,7 @@ class CompressionCallback(Protocol):
     results: dict[str, float]
 
     def compression_settings(self) -> dict[str, str | int | float]:
-        """The callback's settings, in the columns of :data:`NO_SETTINGS` (e.g. ``target_sparsity``, ``mode``)."""
+        """The callback's settings, in the columns of ``NO_SETTINGS`` (e.g. ``target_sparsity``, ``mode``)."""
         ...
 
 
@@ -94,7 +94,7 @@ def find_callbacks(callbacks: Iterable[Any]) -> dict[str, CompressionCallback]:
 
 
 def compression_settings(callbacks: Mapping[str, CompressionCallback]) -> dict[str, str | int | float]:
-    """The settings of the callbacks found by :func:`find_callbacks`, in the fixed schema of :data:`NO_SETTINGS`."""
+    """The settings of the callbacks found by ``find_callbacks``, in the fixed schema of ``NO_SETTINGS``."""
     settings = dict(NO_SETTINGS)
     methods = []
     for role in ROLES:
@@ -236,28 +236,30 @@ def _format(key: str, value: float, monitor: str | None) -> str:
 class CompressionReport(Callback):
     r"""Write one summary per run of the compression callbacks' results: loggers, TensorBoard text and HParams, files.
 
-    Add it to a Trainer next to :class:`IterativePruningCallback`, :class:`QATCallback` and/or
+    Add it to a Trainer next to ``IterativePruningCallback``, ``QATCallback`` and/or
     ``PostTrainingQuantCallback`` (in any order), or alone for a dense baseline. After ``fit`` (and after
     ``validate``/``test`` when a PTQ callback quantized the model there) it writes:
 
-    * scalars ``compress/report/<key>`` (the keys of :func:`summarize`) to every logger, and
+    * scalars ``compress/report/<key>`` (the keys of ``summarize``) to every logger, and
       ``compress/report/<monitor>_vs_sparsity`` with step = sparsity in per mille, so that the Custom Scalars tab
       draws the final metric of every run against its sparsity;
     * a markdown table to TensorBoard's Text tab, tag ``compress/report/summary``;
     * ``compression_report.json`` (``run``, ``monitor``, ``settings``, ``results``) and ``compression_report.md``
       in the run directory (the first logger's ``log_dir``, else ``default_root_dir``);
-    * TensorBoard HParams: the settings of :data:`NO_SETTINGS` (the same columns in every run) with the metrics
+    * TensorBoard HParams: the settings of ``NO_SETTINGS`` (the same columns in every run) with the metrics
       ``compress/report/<monitor>``, ``<monitor>_drop``, ``sparsity``, ``nonzero_params``, ``size_bytes``,
       ``size_ratio`` and ``latency_ms/batch_<N>``. This works with ``TensorBoardLogger(default_hp_metric=True)``
       too: the session is declared in ``setup``, before Lightning's placeholder one, which TensorBoard then ignores.
 
     It also writes the custom-scalars layout of all compression callbacks plus its own charts, once per run.
 
-    Example::
+    **Example**
 
-        trainer = Trainer(callbacks=[IterativePruningCallback(0.9, monitor="val_acc"), CompressionReport("val_acc")])
-        trainer.fit(model, datamodule=data)
-        trainer.callbacks[1].results["sparsity"]  # also in <log_dir>/compression_report.json
+    ```python
+    trainer = Trainer(callbacks=[IterativePruningCallback(0.9, monitor="val_acc"), CompressionReport("val_acc")])
+    trainer.fit(model, datamodule=data)
+    trainer.callbacks[1].results["sparsity"]  # also in <log_dir>/compression_report.json
+    ```
 
     Args:
         monitor: A metric the validation logs (e.g. ``"val_acc"``): reported before and after compression.
@@ -302,9 +304,9 @@ class CompressionReport(Callback):
         self.latency_batch_sizes = sizes
         self.hparams = hparams
         self.verbose = verbose
-        #: The summary of the last report (keys of :func:`summarize`); empty before.
+        #: The summary of the last report (keys of ``summarize``); empty before.
         self.results: dict[str, float] = {}
-        #: The compression settings of the run (the columns of :data:`NO_SETTINGS`).
+        #: The compression settings of the run (the columns of ``NO_SETTINGS``).
         self.settings: dict[str, str | int | float] = {}
         #: Where the JSON report was written, ``None`` before.
         self.path: Path | None = None

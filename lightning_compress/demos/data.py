@@ -151,7 +151,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         fallback: What to use when the files are missing: ``None`` (raise ``FileNotFoundError``) or ``"digits"``
             (scikit-learn's 1797 8x8 digits upsampled to 28x28; 1500 train / 297 test, ``val_size`` capped at 300).
 
-    Example:
+    Examples:
         >>> dm = FashionMNISTDataModule(batch_size=64, train_subset=1000)  # doctest: +SKIP
         >>> trainer.fit(ImageClassifier(arch="lenet5"), datamodule=dm)  # doctest: +SKIP
     """

@@ -112,7 +112,7 @@ class ResidualCNN(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-#: Architecture names accepted by :func:`build_model` and ``ImageClassifier(arch=...)``.
+#: Architecture names accepted by ``build_model`` and ``ImageClassifier(arch=...)``.
 ARCHITECTURES: dict[str, type[nn.Module]] = {"mlp": MLP, "lenet5": LeNet5, "resnet": ResidualCNN}
 
 
@@ -141,7 +141,7 @@ class ImageClassifier(pl.LightningModule):
         weight_decay: Weight decay (L2 for ``"adam"`` and ``"sgd"``).
         optimizer: ``"adam"`` or ``"sgd"`` (with momentum 0.9).
 
-    Example:
+    Examples:
         >>> model = ImageClassifier(arch="mlp", lr=1e-3)
         >>> model(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 10])

@@ -16,7 +16,7 @@ Memory: one ``int32`` key per local entry plus a boolean; time: about three pass
 single process (or no process group) the result equals a plain "lowest ``k`` with ties to the lowest index", so the
 same function serves both.
 
-Example:
+Examples:
     >>> scores = [torch.tensor([0.5, 0.1, 0.3]), torch.tensor([0.1, 0.9])]
     >>> [m.tolist() for m in lowest_k_mask([sortable_keys(s) for s in scores], k=3)]
     [[False, True, True], [True, False]]
@@ -86,7 +86,7 @@ def lowest_k_mask(keys: Sequence[Tensor], k: int, group: Any = None) -> list[Ten
     histograms, the tie counts).
 
     Args:
-        keys: Flat ``int32`` keys from :func:`sortable_keys`, one tensor per (local shard of a) parameter.
+        keys: Flat ``int32`` keys from ``sortable_keys``, one tensor per (local shard of a) parameter.
         k: How many entries to select over all processes, in ``[0, total]``.
         group: The process group whose processes hold the shards (e.g. FSDP2's data-parallel group; the default
             group is ``torch.distributed.group.WORLD``). ``None``: the tensors are complete here (single process, or

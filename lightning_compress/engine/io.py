@@ -31,7 +31,7 @@ def atomic_path(path: str | os.PathLike[str], what: str = "save_path") -> Iterat
         ArtifactWriteError: If the folder cannot be created or the file cannot be written, synced or moved (e.g. a
             full disk). The message names ``what``, the path and the OS error.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> target = Path(tempfile.mkdtemp()) / "model.bin"
         >>> with atomic_path(target) as tmp:
@@ -63,7 +63,7 @@ def atomic_path(path: str | os.PathLike[str], what: str = "save_path") -> Iterat
 
 
 def write_atomically(path: str | os.PathLike[str], data: bytes, what: str = "save_path") -> int:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`) and return the number of bytes written."""
+    """Write ``data`` to ``path`` atomically (see ``atomic_path``) and return the number of bytes written."""
     with atomic_path(path, what) as tmp:
         tmp.write_bytes(data)
     return len(data)

@@ -104,7 +104,7 @@ def compute_masks(
         protected: Names of tensors never pruned (an all-``True`` mask); they do not count in the ranking.
         group: For sharded weights (FSDP2): the process group whose processes hold the other shards. ``weights``
             are then this process's local shards, counts are over the whole tensors, and the ranking is exact over
-            all shards (:func:`~lightning_compress.engine.distributed.lowest_k_mask`); unstructured magnitude only.
+            all shards (``lowest_k_mask``); unstructured magnitude only.
 
     Returns:
         A new keep-mask (``torch.bool``, shaped like the weight) for every tensor in ``weights``.
@@ -112,7 +112,7 @@ def compute_masks(
     Raises:
         ValueError: If ``sparsity``, ``scope``, ``structure`` or ``criterion`` is not an allowed value.
 
-    Example:
+    Examples:
         >>> masks = compute_masks({"w": torch.tensor([[0.1, -2.0], [0.5, 3.0]])}, 0.5)
         >>> masks["w"]
         tensor([[False,  True],
@@ -249,7 +249,7 @@ def pack_mask(mask: Tensor) -> Tensor:
 
 
 def unpack_mask(packed: Tensor, shape: torch.Size | list[int] | tuple[int, ...]) -> Tensor:
-    """Inverse of :func:`pack_mask`.
+    """Inverse of ``pack_mask``.
 
     Raises:
         ValueError: If ``packed`` does not hold exactly the bytes a mask of ``shape`` packs into.

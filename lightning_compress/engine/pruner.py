@@ -2,10 +2,10 @@
 
 The pruner owns everything about pruning that does not depend on Lightning: which target the schedule gives at a
 step, when masks are recomputed, applying them in place, rewinding, statistics, and the checkpoint form of its
-state (bit-packed masks, with shape and integrity checks on load). A training loop calls :meth:`GradualPruner.step`
-after every optimizer step and :meth:`GradualPruner.mask_gradients` before it; that is all.
+state (bit-packed masks, with shape and integrity checks on load). A training loop calls ``GradualPruner.step``
+after every optimizer step and ``GradualPruner.mask_gradients`` before it; that is all.
 
-Example:
+Examples:
     >>> from torch import nn
     >>> from lightning_compress.engine.config import PruningConfig
     >>> net = nn.Linear(10, 10)
@@ -53,10 +53,10 @@ class GradualPruner:
     Args:
         weights: The tensors to prune, by name (usually ``nn.Parameter`` objects of a model; they are modified in
             place and never replaced).
-        config: A resolved :class:`~lightning_compress.engine.config.PruningConfig` (see its ``resolve``).
+        config: A resolved ``PruningConfig`` (see its ``resolve``).
         protected: Names of weights never pruned (kept in the statistics).
         groups: With ``structure="channel"``, the channel groups to prune
-            (:func:`~lightning_compress.engine.structured.find_channel_groups`); ``weights`` must then hold every
+            (``find_channel_groups``); ``weights`` must then hold every
             tensor they couple (parameters and BatchNorm running means). Masks cover all of them.
 
     With an ``"N:M"`` structure, weights whose input dimension is not a multiple of ``M`` are left out (with a
@@ -66,7 +66,7 @@ class GradualPruner:
 
     Sharded weights (FSDP2 ``DTensor`` parameters, ``shard_group`` given): masks, statistics and checkpoints hold
     this process's rows; the ranking is exact over all shards without a gather
-    (:mod:`~lightning_compress.engine.distributed`), so exactly ``round(s * N)`` weights of the full model are zero.
+    (``distributed``), so exactly ``round(s * N)`` weights of the full model are zero.
 
     Raises:
         ValueError: If ``config`` still has ``end_step`` or ``update_every_n_steps`` left open, or
@@ -123,7 +123,7 @@ class GradualPruner:
         self.masks: dict[str, Tensor] = {}
         #: The target sparsity the masks were last computed for.
         self.current_target = 0.0
-        #: The last step :meth:`step` was called with (``-1`` before the first call).
+        #: The last step ``step`` was called with (``-1`` before the first call).
         self.last_step = -1
         self._rewind_snapshot: dict[str, Tensor] = {}
         self._applier = MaskApplier({}, {})
@@ -145,7 +145,7 @@ class GradualPruner:
     def step(self, step: int) -> bool:
         """Advance to optimizer step ``step``: update the masks when the schedule's target moved.
 
-        Call it after every optimizer step (and :meth:`apply` right after each ``optimizer.step()``, e.g. as an
+        Call it after every optimizer step (and ``apply`` right after each ``optimizer.step()``, e.g. as an
         optimizer step post-hook, so pruned weights are zero whenever anything else looks at them).
 
         Args:
@@ -287,7 +287,7 @@ class GradualPruner:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore masks and progress saved by :meth:`state_dict`, checking that they fit the weights.
+        """Restore masks and progress saved by ``state_dict``, checking that they fit the weights.
 
         Call it once the weights hold the checkpoint's values: every position a mask prunes must be exactly zero
         in them, else the checkpoint does not belong to these weights (or its masks were altered).

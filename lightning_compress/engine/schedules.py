@@ -48,7 +48,7 @@ def sparsity_at_step(
     Returns:
         The absolute target sparsity in [0, ``final_sparsity``].
 
-    Example:
+    Examples:
         >>> sparsity_at_step(50, final_sparsity=0.9, start_step=0, end_step=100)
         0.7875
     """

@@ -122,7 +122,7 @@ def output_layer_weight(model: nn.Module, layer_types: tuple[type[nn.Module], ..
     is the convention of nearly every model (the head is defined last); a model that defines its head earlier
     should ``exclude`` it explicitly.
 
-    Example:
+    Examples:
         >>> output_layer_weight(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2)))
         '2.weight'
     """

@@ -3,8 +3,8 @@
 **Groups.** Channels are coupled: removing output channel ``c`` of a convolution also removes its bias entry, the
 BatchNorm affine entries ``c``, input column ``c`` of every consumer (``H*W`` columns of a Linear after a flatten),
 and, through a residual add or a concat, the same channel of every other producer of that tensor.
-:func:`find_channel_groups` asks Torch-Pruning's ``DependencyGraph`` (DepGraph, Fang et al. 2023) for these groups
-from one example call, and describes each one as a :class:`ChannelGroup`: for every coupled tensor, the dimension
+``find_channel_groups`` asks Torch-Pruning's ``DependencyGraph`` (DepGraph, Fang et al. 2023) for these groups
+from one example call, and describes each one as a ``ChannelGroup``: for every coupled tensor, the dimension
 and the indices that belong to each channel. Every group is then checked on a copy of the network: one channel is
 masked group-completely and then removed physically, and the two outputs must agree. A group whose removal fails or
 changes the outputs (LayerNorm over a pruned stream, per-head dimensions of attention, the network's own output
@@ -26,7 +26,7 @@ With ``round_to=r > 1`` the number of kept channels of every group is rounded to
 group's full width); the rounding error is carried from group to group, so the total stays within about ``r/2``
 channels of ``round(s * C)`` (the achieved channel sparsity is reported next to the target).
 
-**N:M** (:func:`n_m_masks`): in every run of ``M`` consecutive weights along the input dimension, the ``N`` largest
+**N:M** (``n_m_masks``): in every run of ``M`` consecutive weights along the input dimension, the ``N`` largest
 are kept. On CPU this is a mask only: 2:4 kernels (``torch.sparse.to_sparse_semi_structured``) need a CUDA GPU.
 """
 
@@ -77,7 +77,7 @@ def parse_n_m(structure: str) -> tuple[int, int] | None:
     Raises:
         ValueError: If it looks like ``N:M`` but ``N < 1`` or ``N >= M``.
 
-    Example:
+    Examples:
         >>> parse_n_m("2:4"), parse_n_m("channel")
         ((2, 4), None)
     """
@@ -178,7 +178,7 @@ class ChannelGroup:
 
 @dataclass
 class GroupSearch:
-    """What :func:`find_channel_groups` found.
+    """What ``find_channel_groups`` found.
 
     Attributes:
         groups: The prunable groups, in the dependency graph's order.
@@ -373,9 +373,9 @@ def find_channel_groups(
         rtol: Largest output difference, relative to the output scale, accepted in the removal check.
 
     Returns:
-        A :class:`GroupSearch`; the groups left out are also named in one warning.
+        A ``GroupSearch``; the groups left out are also named in one warning.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4, 2))
         >>> search = find_channel_groups(net, ((torch.randn(1, 1, 4, 4),), {}))
         >>> [(g.name, g.channels, g.tensors) for g in search.groups]
@@ -453,7 +453,7 @@ def compute_group_masks(
     """Channel keep-vectors (``torch.bool``, one per group) for target ``sparsity``.
 
     Args:
-        groups: The groups (:func:`find_channel_groups`).
+        groups: The groups (``find_channel_groups``).
         tensors: Every coupled tensor, by name.
         sparsity: Target fraction of the ``C`` channels pruned.
         scope: ``"global"`` (one ranking over all groups) or ``"local"`` (each group to the target).
@@ -466,7 +466,7 @@ def compute_group_masks(
     Returns:
         ``{group name: keep vector}``.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> search = find_channel_groups(net, ((torch.randn(1, 4),), {}))
         >>> keep = compute_group_masks(search.groups, dict(net.named_parameters()), 0.5)
@@ -538,7 +538,7 @@ def n_m_masks(weights: Mapping[str, Tensor], n: int, m: int) -> dict[str, Tensor
     Linear ``[out, in]``: runs along ``in``; Conv ``[out, in, *kernel]``: along ``in`` at every kernel position. The
     input dimension must be a multiple of ``m``. Ties go to the lower position.
 
-    Example:
+    Examples:
         >>> n_m_masks({"w": torch.tensor([[1.0, -3.0, 2.0, 0.5]])}, 2, 4)["w"]
         tensor([[False,  True,  True, False]])
     """
@@ -590,7 +590,7 @@ def remove_channels(
 
 def save_compact(model: nn.Module, path: str | os.PathLike[str]) -> int:
     """Save a compact model's state dict with the layer shapes that rebuild it (atomically; loadable with
-    ``weights_only=True``). Returns the file size in bytes. Reload with :func:`load_compact` and a freshly built
+    ``weights_only=True``). Returns the file size in bytes. Reload with ``load_compact`` and a freshly built
     instance of the original architecture."""
     shapes = {
         name: {a: int(getattr(m, a)) for a in _SHAPE_ATTRIBUTES if isinstance(getattr(m, a, None), int)}
@@ -641,14 +641,16 @@ def export_compact(model: nn.Module, example: Call, path: str | os.PathLike[str]
 def load_compact(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
     """Load a compact (channel-pruned) model saved at fit end by ``IterativePruningCallback``.
 
-    Example::
+    **Example**
 
-        compact = load_compact("lightning_logs/version_0/compact_model.pt2")  # the exported program
-        compact = load_compact("lightning_logs/version_0/compact_model.pt", model=LeNet5())  # eager, rebuilt
+    ```python
+    compact = load_compact("lightning_logs/version_0/compact_model.pt2")  # the exported program
+    compact = load_compact("lightning_logs/version_0/compact_model.pt", model=LeNet5())  # eager, rebuilt
+    ```
 
     Args:
-        path: A ``.pt2`` file (:func:`export_compact`: returns the exported program as a module called with the
-            network's positional arguments) or a state-dict file (:func:`save_compact`).
+        path: A ``.pt2`` file (``export_compact``: returns the exported program as a module called with the
+            network's positional arguments) or a state-dict file (``save_compact``).
         model: For a state-dict file: a freshly built instance of the original (unpruned) architecture. Its layers
             are shrunk to the saved shapes and the weights loaded (strictly); it is returned.
 
