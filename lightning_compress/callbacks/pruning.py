@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from lightning_compress.callbacks import _figures, _logging
 from lightning_compress.callbacks._loops import artifact_path, latency_batch_sizes, target_module
+from lightning_compress.callbacks._resume import check_same_settings, check_state_key
 from lightning_compress.engine import structured
 from lightning_compress.engine.config import (
     DEFAULT_ROUND_TO,
@@ -238,7 +239,7 @@ class IterativePruningCallback(Callback):
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        _check_state_key(checkpoint, type(self).__name__, self.state_key)
+        check_state_key(checkpoint, type(self).__name__, self.state_key, "`include`, `exclude` or `structure`")
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -251,7 +252,7 @@ class IterativePruningCallback(Callback):
         if self.config.structure == "channel":
             target_module(pl_module, self.module)
         if self._pending_state is not None:
-            _check_same_config(self._pending_state.get("config"), self.config.to_dict())
+            check_same_settings(type(self).__name__, self._pending_state.get("config"), self.config.to_dict())
         _logging.write_dashboard_layout(trainer)
 
     @override
@@ -501,35 +502,6 @@ class IterativePruningCallback(Callback):
 
     def _curve_tag(self) -> str:
         return f"{_logging.PREFIX}/{self.monitor}_vs_sparsity"
-
-
-def _check_same_config(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
-    """Refuse to resume with other pruning settings than the checkpoint's (they would be absorbed silently)."""
-    if saved is None:  # a checkpoint from before the settings were saved
-        return
-    changed = [
-        f"`{key}`: {saved[key]!r} in the checkpoint, {current[key]!r} now"
-        for key in current
-        if key in saved and saved[key] != current[key]
-    ]
-    if changed:
-        raise ValueError(
-            "IterativePruningCallback is resumed with other settings than the checkpoint was written with ("
-            + "; ".join(changed)
-            + "). Resume with the checkpoint's settings, or start a new fit (without `ckpt_path`) to prune differently."
-        )
-
-
-def _check_state_key(checkpoint: dict[str, Any], class_name: str, state_key: str) -> None:
-    """A checkpoint of the same callback under another ``state_key`` means its selection changed: say so."""
-    saved = checkpoint.get("callbacks", {})
-    others = [key for key in saved if key.startswith(f"{class_name}{{") and key != state_key]
-    if others and state_key not in saved:
-        raise ValueError(
-            f"The checkpoint holds {class_name} state for {others[0]}, but this callback is {state_key}: `include`,"
-            " `exclude` or `structure` changed, so its masks would be dropped and pruned weights would grow back."
-            " Resume with the checkpoint's settings, or start a new fit without `ckpt_path`."
-        )
 
 
 def _warn_if_ramp_outlasts_training(config: PruningConfig, total_steps: float) -> None:
