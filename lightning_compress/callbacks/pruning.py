@@ -34,7 +34,7 @@ from lightning_compress.engine.config import (
 )
 from lightning_compress.engine.distributed import shard_group
 from lightning_compress.engine.measure import compare_latency
-from lightning_compress.engine.pruner import GradualPruner
+from lightning_compress.engine.pruner import GradualPruner, PruningReport
 from lightning_compress.engine.selection import select_parameters
 from lightning_compress.engine.validation import check_bool, check_optional_str
 
@@ -372,24 +372,8 @@ class IterativePruningCallback(Callback):
             return
         self.pruner.apply()  # weight averaging (SWA, EMA) may have swapped in weights that were never masked
         report = self.pruner.report()
-        step = trainer.global_step
         self.results = report.to_metrics()
-        final_keys = ("sparsity", "target_reached", "nonzero_params", "dense_bytes", "sparse_bytes")
-        final = {f"{_logging.PREFIX}/final/{key}": self.results[key] for key in final_keys}
-        _logging.log_scalars(trainer, final, step)
-        if not report.target_reached:
-            rank_zero_warn(
-                f"IterativePruningCallback: training ended at step {step} with the masks at sparsity"
-                f" {report.applied_target:.4f}, below `target_sparsity`={report.target_sparsity} (the ramp ends at"
-                f" step {self.pruner.config.end_step}). Train longer, or set `end_step` within the training length."
-            )
-        per_layer = report.stats.per_tensor()
-        figure = _figures.per_layer_bars(per_layer, title="sparsity per layer", xlabel="sparsity", limit_one=True)
-        _logging.log_figure(trainer, f"{_logging.PREFIX}/pruning/per_layer_sparsity", figure, step)
-        summary = report.markdown()
-        _logging.log_text(trainer, f"{_logging.PREFIX}/pruning/summary", summary, step)
-        if self.verbose:
-            rank_zero_info(f"\nIterativePruningCallback summary (step {step}):\n{summary}")
+        self._log_report(trainer, report)
         if self.config.structure == "channel" and self.config.compact_on_fit_end and trainer.is_global_zero:
             self._compact(trainer, pl_module)
 
@@ -463,6 +447,26 @@ class IterativePruningCallback(Callback):
                 f" {results['params_after']:,.0f}, MACs {results['macs_before']:,.0f} -> {results['macs_after']:,.0f},"
                 f" speedup {speed}; saved to {path} (+ .pt2)."
             )
+
+    def _log_report(self, trainer: Trainer, report: PruningReport) -> None:
+        """The final numbers to every logger, the per-layer figure and the summary table to TensorBoard."""
+        step = trainer.global_step
+        final_keys = ("sparsity", "target_reached", "nonzero_params", "dense_bytes", "sparse_bytes")
+        _logging.log_scalars(trainer, {f"{_logging.PREFIX}/final/{key}": self.results[key] for key in final_keys}, step)
+        if not report.target_reached:
+            rank_zero_warn(
+                f"IterativePruningCallback: training ended at step {step} with the masks at sparsity"
+                f" {report.applied_target:.4f}, below `target_sparsity`={report.target_sparsity} (the ramp ends at"
+                f" step {self.pruner.config.end_step if self.pruner else '?'}). Train longer, or set `end_step`"
+                " within the training length."
+            )
+        per_layer = report.stats.per_tensor()
+        figure = _figures.per_layer_bars(per_layer, title="sparsity per layer", xlabel="sparsity", limit_one=True)
+        _logging.log_figure(trainer, f"{_logging.PREFIX}/pruning/per_layer_sparsity", figure, step)
+        summary = report.markdown()
+        _logging.log_text(trainer, f"{_logging.PREFIX}/pruning/summary", summary, step)
+        if self.verbose:
+            rank_zero_info(f"\nIterativePruningCallback summary (step {step}):\n{summary}")
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.pruner is not None:
