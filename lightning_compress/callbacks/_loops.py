@@ -365,3 +365,14 @@ def artifact_path(trainer: Trainer, given: str | None, filename: str) -> Path:
         return Path(given)
     log_dir = next((lg.log_dir for lg in trainer.loggers if getattr(lg, "log_dir", None)), None)
     return Path(log_dir or trainer.default_root_dir) / filename
+
+
+def int8_artifact_path(trainer: Trainer, given: str | None, stem: str, backend: str, auto: bool = False) -> Path:
+    """Where to save the int8 artifact of ``backend``: ``given``, else ``<log_dir>/<stem>.onnx`` (ONNX Runtime) or
+    ``<stem>.pt2`` (Inductor). Under ``backend="auto"`` a given ``.pt2``/``.onnx`` path takes the chosen backend's
+    suffix."""
+    suffix = ".onnx" if backend == "onnxruntime" else ".pt2"
+    path = artifact_path(trainer, given, stem + suffix)
+    if auto and given and path.suffix.lower() in (".pt2", ".onnx"):
+        path = path.with_suffix(suffix)
+    return path

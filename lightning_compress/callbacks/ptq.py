@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
 import torch
@@ -20,9 +21,11 @@ from typing_extensions import override
 
 from lightning_compress.callbacks import _logging, _loops
 from lightning_compress.engine.config import (
+    DEFAULT_BACKEND,
     DEFAULT_OBSERVER,
     DEFAULT_PERCENTILE,
     LATENCY_MODES,
+    Backend,
     ConversionConfig,
     LatencyMode,
     MonitorMode,
@@ -30,12 +33,13 @@ from lightning_compress.engine.config import (
     QuantConfig,
     QuantMode,
 )
-from lightning_compress.engine.convert import (
-    Int8Model,
-    ModelCall,
-    QuantizedModule,
-    check_exportable,
-    convert_to_int8,
+from lightning_compress.engine.convert import Int8Model, ModelCall, check_exportable
+from lightning_compress.engine.convert.backend import (
+    AnyInt8,
+    check_backend,
+    convert_auto,
+    convert_with_backend,
+    int8_module,
 )
 from lightning_compress.engine.fake_quant import prepare_qat
 from lightning_compress.engine.fallback import FallbackAttempt, find_float_layers
@@ -74,11 +78,18 @@ class PostTrainingQuantCallback(Callback):
        through *your* ``validation_step`` (eval mode, no gradients, in a separate CPU loop whose logs are discarded,
        with Lightning's batch transfer hooks), and the arguments the target network receives are recorded. So the
        network is calibrated on exactly what your step feeds it, whatever the batch format.
-    2. **Conversion of a copy** through torchao's pt2e flow (:func:`~lightning_compress.engine.convert
-       .convert_to_int8`): the LightningModule is not modified. The int8 network is :attr:`quantized_model`, an
-       ``nn.Module`` called exactly like the target network (the ``torch.export`` program is
-       :attr:`quantized_program`), saved with ``torch.export.save`` (default ``<log_dir>/ptq_int8.pt2``; reload it
-       with :func:`lightning_compress.load_quantized`).
+    2. **Conversion of a copy** by the ``backend`` (the LightningModule is not modified), calibrated on those
+       recorded calls: ``"onnxruntime"`` (the default) exports the float copy to ONNX and quantizes it in ONNX
+       Runtime's QDQ layout (:func:`~lightning_compress.engine.ort.convert_to_onnx_int8`), saved as
+       ``<log_dir>/ptq_int8.onnx``; ``"inductor"`` goes through torchao's pt2e flow
+       (:func:`~lightning_compress.engine.convert.convert_to_int8`), saved as a compressed ``ptq_int8.pt2`` (the
+       ``torch.export`` program is :attr:`quantized_program`, ``None`` for ONNX Runtime); ``"auto"`` builds both,
+       times them side by side at batch 1 and the validation batch size (alternated, 1 thread) next to ORT fp32 and
+       fp32 eager, and keeps the faster int8 one (``results["backend"]`` and ``results["backend_reason"]``). ORT
+       int8 is the faster int8 model on the benchmark nets (docs/benchmarks.md: ResidualCNN 5.03x fp32 eager at
+       batch 1 and 2.81x at batch 64, pt2e + Inductor 0.82x / 1.94x). The int8 network is :attr:`quantized_model`,
+       an ``nn.Module`` called exactly like the target network for every backend; reload the file with
+       :func:`lightning_compress.load_quantized`.
     3. **Measurement** with your validation logic (your ``validation_step``, or ``test_step`` when run on
        ``trainer.test``) with the float and then the int8 network in place: the ``monitor`` metric and its drop,
        top-1 agreement, per-layer SQNR, size and CPU latency. Logged under ``compress/ptq/`` with a per-layer SQNR
@@ -87,7 +98,9 @@ class PostTrainingQuantCallback(Callback):
        allowed, the layers are ranked by sensitivity (per-layer SQNR, lowest first) and the most sensitive ones are
        kept in float, one more at a time (fewest first), until the budget holds. Every attempt (float layers,
        metric) is in :attr:`attempts`, :attr:`results` and the logs; if no attempt meets the budget this is reported
-       and the attempt with the smallest drop is kept.
+       and the attempt with the smallest drop is kept. The search converts with the callback's backend (ONNX
+       Runtime: the float layers' nodes are excluded from quantization); under ``"auto"`` the backend is chosen on
+       the attempt with no float layer, and the search continues with it.
 
     Under ``strategy="ddp_spawn"`` training runs in spawned processes: in the process that called ``fit`` this
     callback is a copy that never ran, so :attr:`results` stays empty and :attr:`quantized_model` ``None``. Load the
@@ -127,9 +140,12 @@ class PostTrainingQuantCallback(Callback):
             accuracy logged in percent, ``0.5`` does; for a loss (``monitor_mode="min"``), a rise of the loss.
             ``None``: no fallback.
         max_float_layers: At most this many layers kept in float by the fallback (``None``: no limit).
+        backend: ``"onnxruntime"`` (default), ``"inductor"`` or ``"auto"`` (see above). ONNX Runtime has no
+            ``"weight_only"`` mode (use ``"inductor"`` for it) and needs the ``onnx`` extra.
         run_on: When to run: any of ``"fit"`` (end of fit), ``"validate"`` and ``"test"`` (end of a standalone
             ``trainer.validate``/``trainer.test``).
-        save_path: Where to save the int8 program; default ``<logger.log_dir>/ptq_int8.pt2``.
+        save_path: Where to save the int8 model; default ``<logger.log_dir>/ptq_int8.onnx`` (``.pt2`` for
+            ``"inductor"``). Under ``"auto"`` a ``.pt2``/``.onnx`` suffix becomes the chosen backend's.
         latency: ``"compiled"`` (int8 compiled with Inductor, where its int8 kernels are, vs float eager and
             compiled), ``"eager"``, or ``"off"``.
         latency_batch_sizes: Batch sizes to time; default: 1 and the validation batch size.
@@ -152,6 +168,7 @@ class PostTrainingQuantCallback(Callback):
         monitor_mode: MonitorMode = "max",
         max_accuracy_drop: float | None = None,
         max_float_layers: int | None = None,
+        backend: Backend = DEFAULT_BACKEND,
         run_on: list[Stage] | None = None,
         save_path: str | None = None,
         latency: LatencyMode = "compiled",
@@ -197,12 +214,16 @@ class PostTrainingQuantCallback(Callback):
         self.max_float_layers = max_float_layers
         self.run_on = stages
         self.save_path = check_optional_path("save_path", save_path)
+        #: The int8 runtime: ``"onnxruntime"``, ``"inductor"`` or ``"auto"``.
+        self.backend = check_backend(backend, mode, save_path=self.save_path)
         self.verbose = check_bool("verbose", verbose)
 
-        #: The int8 network of the last run (rank zero), called like the target network; ``None`` before.
-        self.quantized_model: QuantizedModule | None = None
+        #: The int8 network of the last run (rank zero), called like the target network; ``None`` before. A
+        #: ``QuantizedModule`` (Inductor) or an ``OrtInt8Model`` (ONNX Runtime).
+        self.quantized_model: nn.Module | None = None
         #: The same int8 network as a ``torch.export.ExportedProgram`` (for :func:`~lightning_compress.engine.convert
-        #: .compile_int8`, :func:`~lightning_compress.engine.convert.int8_weights`), ``None`` before.
+        #: .compile_int8`, :func:`~lightning_compress.engine.convert.int8_weights`) when the Inductor backend made it;
+        #: ``None`` before and for ONNX Runtime (its ONNX bytes are ``quantized_model.onnx_bytes``).
         self.quantized_program: torch.export.ExportedProgram | None = None
         #: The numbers of the last run (also logged under ``compress/ptq/``).
         self.results: dict[str, float | str] = {}
@@ -242,6 +263,7 @@ class PostTrainingQuantCallback(Callback):
             "mode": self.mode,
             "observer": self.observer,
             "calibration_batches": int(self.calibration_batches),
+            "backend": self.backend,
         }
 
     @property
@@ -257,6 +279,7 @@ class PostTrainingQuantCallback(Callback):
                 "module": self.module,
                 "monitor": self.monitor,
                 "max_accuracy_drop": self.max_accuracy_drop,
+                "backend": self.backend,
             }
         }
 
@@ -289,7 +312,7 @@ class PostTrainingQuantCallback(Callback):
         # A wrong `module`, a selection that matches nothing or an unwritable `save_path` fail now, not after training.
         select_modules(_loops.target_module(pl_module, self.module), self.include, self.exclude)
         if stage in self.run_on and trainer.is_global_zero:
-            check_writable_dir(_loops.artifact_path(trainer, self.save_path, "ptq_int8.pt2"), "save_path")
+            check_writable_dir(self._artifact_path(trainer, self.backend), "save_path")
         _logging.write_dashboard_layout(trainer)
 
     @override
@@ -355,14 +378,24 @@ class PostTrainingQuantCallback(Callback):
         calibration = [_as_item(call) for call in calls] if self.mode == "static" else None
         evaluations: list[Evaluation] = []  # one per attempt
 
-        def convert(float_layers: tuple[str, ...]) -> Int8Model:
+        def convert_with(backend: str, float_layers: tuple[str, ...] = ()) -> AnyInt8:
             skip = base_skip + list(float_layers)
-            return convert_to_int8(
-                float_net, args, kwargs, calibration_data=calibration, skip=skip, config=self.conversion
+            return convert_with_backend(
+                backend, float_net, args, kwargs, config=self.conversion, calibration=calibration, float_layers=skip
             )
 
-        def evaluate(int8: Int8Model) -> float | None:
-            evaluations.append(self._evaluate(trainer, pl_module, int8.module(), stage))
+        backend, reason, first = self.backend, None, None
+        if backend == "auto":  # chosen on the attempt with no float layer; the fallback search goes on with it
+            batch_sizes = _loops.latency_batch_sizes(trainer, self.latency_batch_sizes)
+            backend, first, reason = convert_auto(convert_with, float_net, args, kwargs, batch_sizes)
+
+        def convert(float_layers: tuple[str, ...]) -> AnyInt8:
+            if not float_layers and first is not None:
+                return first
+            return convert_with(backend, float_layers)
+
+        def evaluate(int8: AnyInt8) -> float | None:
+            evaluations.append(self._evaluate(trainer, pl_module, int8_module(int8), stage))
             return evaluations[-1].metrics.get(monitor) if monitor else None
 
         fallback = find_float_layers(
@@ -384,12 +417,12 @@ class PostTrainingQuantCallback(Callback):
                 f"{', '.join(fallback.kept.float_layers) or 'none'})."
             )
         int8 = fallback.model
-        self.quantized_program = int8.program
-        self.quantized_model = int8.module()
+        self.quantized_program = int8.program if isinstance(int8, Int8Model) else None
+        self.quantized_model = int8_module(int8)
         report = measure_int8(
             int8,
             float_net,
-            _loops.artifact_path(trainer, self.save_path, "ptq_int8.pt2"),
+            self._artifact_path(trainer, backend),
             args,
             kwargs,
             layer_sqnr=sqnr,
@@ -400,15 +433,22 @@ class PostTrainingQuantCallback(Callback):
             latency=self.latency,
             batch_sizes=_loops.latency_batch_sizes(trainer, self.latency_batch_sizes),
         )
+        kept_float = int8.skipped if isinstance(int8, Int8Model) else int8.float_layers
         results: dict[str, float | str] = dict(report.to_metrics())
-        results["quantized_layers"] = float(len([n for n in quantized if n not in int8.skipped]))
-        results["float_layers"] = ",".join(n for n in int8.skipped if n not in base_skip)
+        results["quantized_layers"] = float(len([n for n in quantized if n not in kept_float]))
+        results["float_layers"] = ",".join(n for n in kept_float if n not in base_skip)
         results.update(self._attempt_results(monitor, fallback.budget_met))
         results["saved_to"] = report.saved_to
-        for note in int8.notes:
+        results["backend"] = backend
+        if reason is not None:
+            results["backend_reason"] = reason
+        for note in int8.notes if isinstance(int8, Int8Model) else []:
             rank_zero_warn(f"PostTrainingQuantCallback: {note}")
         self.results = results
         self._log(trainer, monitor)
+
+    def _artifact_path(self, trainer: Trainer, backend: str) -> Path:
+        return _loops.int8_artifact_path(trainer, self.save_path, "ptq_int8", backend, self.backend == "auto")
 
     # ----------------------------------------------------------------------------------------------------------
     # Calibration
@@ -542,7 +582,10 @@ class PostTrainingQuantCallback(Callback):
         sqnr = {k.removeprefix("sqnr/"): v for k, v in numbers.items() if k.startswith("sqnr/")}
         _logging.log_layer_figure(trainer, f"{PREFIX}/per_layer_sqnr", sqnr, "SQNR (dB), higher is better")
         headline = {k: v for k, v in self.results.items() if "/" not in k or k.startswith(_HEADLINE_PREFIXES)}
-        title = f"PTQ int8 model ({self.mode}, {int(float(self.results['quantized_layers']))} quantized layers)"
+        backend = self.results.get("backend", self.backend)
+        title = (
+            f"PTQ int8 model ({backend}, {self.mode}, {int(float(self.results['quantized_layers']))} quantized layers)"
+        )
         summary = _logging.markdown_summary(title, headline)
         if self.attempts and self.max_accuracy_drop is not None:
             lines = ["", "| attempt | float layers | " + (monitor or "metric") + " |", "|---:|---|---:|"]

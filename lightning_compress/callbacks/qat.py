@@ -19,16 +19,25 @@ from typing_extensions import override
 
 from lightning_compress.callbacks import _logging, _loops, _resume
 from lightning_compress.engine.config import (
+    DEFAULT_BACKEND,
     LATENCY_MODES,
     QAT_MODES,
     ActivationObserverKind,
+    Backend,
     ConversionConfig,
     LatencyMode,
     QATMode,
     QuantConfig,
     WeightBits,
 )
-from lightning_compress.engine.convert import Int8Model, QuantizedModule, convert_to_int8
+from lightning_compress.engine.convert import Int8Model
+from lightning_compress.engine.convert.backend import (
+    AnyInt8,
+    check_backend,
+    convert_auto,
+    convert_with_backend,
+    int8_module,
+)
 from lightning_compress.engine.fake_quant import (
     check_finite_ranges,
     fake_quant_modules,
@@ -62,12 +71,24 @@ class QATCallback(Callback):
     symmetric int8 and layer inputs per-tensor affine uint8, exactly what the int8 conversion produces. Observers
     move only in training mode, so validation, test and predict never change them.
 
-    At fit end a **copy** is converted to a real int8 program through torchao's pt2e flow (the LightningModule stays
-    as it is, so ``trainer.test(ckpt_path=...)``, a second ``fit`` and ``load_from_checkpoint`` keep working). The
-    program is saved with ``torch.export.save`` (reload it with :func:`lightning_compress.load_quantized`) and exposed
-    as :attr:`quantized_model`, an ``nn.Module`` called exactly like the target network (the program itself is
-    :attr:`quantized_program`); then the user's own
-    validation runs with the int8 network in place to measure the metric drop.
+    At fit end a **copy** is converted to a real int8 model (the LightningModule stays as it is, so
+    ``trainer.test(ckpt_path=...)``, a second ``fit`` and ``load_from_checkpoint`` keep working) by the ``backend``:
+
+    * ``"onnxruntime"`` (the default): the stripped float copy is exported to ONNX and quantized in ONNX Runtime's
+      own QDQ layout, *seeded* with what QAT learned (each layer's input ``(scale, zero_point)`` from its observer,
+      its weight grid), the last layer's output kept float; saved as ``<log_dir>/qat_int8.onnx``. It is the faster
+      int8 model on the benchmark nets (docs/benchmarks.md, 1 thread, vs fp32 eager: ResidualCNN 5.03x at batch 1
+      and 2.81x at batch 64, pt2e + Inductor 0.82x / 1.94x; ``.onnx`` 0.28x of fp32) and loads in milliseconds.
+    * ``"inductor"``: torchao's pt2e flow, an ``ExportedProgram`` saved as a compressed ``.pt2`` and compiled by
+      Inductor for speed (3-21 s per new batch shape); :attr:`quantized_program` holds it. Needed for 4-bit weights.
+    * ``"auto"``: both are built and timed side by side at batch 1 and the validation batch size (alternated, 1
+      thread) next to ORT fp32 and fp32 eager; the faster int8 one is kept, and :attr:`results` says which
+      (``"backend"``) and why (``"backend_reason"``, e.g. "int8 does not pay off for this model; ORT fp32 is
+      faster").
+
+    The artifact reloads with :func:`lightning_compress.load_quantized` (either suffix); :attr:`quantized_model` is an
+    ``nn.Module`` called exactly like the target network for every backend. Then the user's own validation runs with
+    the int8 network in place to measure the metric drop.
 
     Checkpoints: the observer state is moved from the checkpoint's model ``state_dict`` into this callback's state,
     so the checkpoint loads with ``strict=True`` into the plain model (``MyModule.load_from_checkpoint(path)``), and
@@ -107,7 +128,10 @@ class QATCallback(Callback):
         convert_on_fit_end: Convert a copy to int8, save and measure it when fit ends.
         mode: Conversion mode: ``"static"`` (int8 weights and activations) or ``"dynamic"`` (int8 weights,
             activations quantized at run time; for Linear-heavy models).
-        save_path: Where to save the int8 program; default ``<logger.log_dir>/qat_int8.pt2``.
+        backend: ``"onnxruntime"`` (default), ``"inductor"`` or ``"auto"`` (see above). ``"onnxruntime"`` and
+            ``"auto"`` need ``weight_bits=8`` and the ``onnx`` extra (``pip install onnx onnxruntime``).
+        save_path: Where to save the int8 model; default ``<logger.log_dir>/qat_int8.onnx`` (``.pt2`` for
+            ``"inductor"``). Under ``"auto"`` a ``.pt2``/``.onnx`` suffix becomes the chosen backend's.
         monitor: A metric the validation logs (e.g. ``"val_acc"``): measured for the fake-quant and the int8 model.
         latency: ``"compiled"`` (int8 compiled with Inductor, where its int8 kernels are, vs float eager and
             compiled), ``"eager"``, or ``"off"``.
@@ -129,6 +153,7 @@ class QATCallback(Callback):
         averaging_constant: float = 0.01,
         convert_on_fit_end: bool = True,
         mode: QATMode = "static",
+        backend: Backend = DEFAULT_BACKEND,
         save_path: str | None = None,
         monitor: str | None = None,
         latency: LatencyMode = "compiled",
@@ -152,18 +177,23 @@ class QATCallback(Callback):
         #: How the int8 model is built at fit end.
         self.conversion = ConversionConfig(mode=mode)
         self.save_path = check_optional_path("save_path", save_path)
+        #: The int8 runtime: ``"onnxruntime"``, ``"inductor"`` or ``"auto"``.
+        self.backend = check_backend(backend, mode, self.config.weight_bits, self.save_path)
         self.monitor = check_optional_str("monitor", monitor)
         self.latency = check_choice("latency", latency, LATENCY_MODES)
         self.latency_batch_sizes = check_batch_sizes("latency_batch_sizes", latency_batch_sizes)
         self.verbose = check_bool("verbose", verbose)
 
-        #: The int8 network produced at fit end (rank zero), called like the target network; ``None`` before.
-        self.quantized_model: QuantizedModule | None = None
+        #: The int8 network produced at fit end (rank zero), called like the target network; ``None`` before. A
+        #: ``QuantizedModule`` (Inductor) or an ``OrtInt8Model`` (ONNX Runtime).
+        self.quantized_model: nn.Module | None = None
         #: The same int8 network as a ``torch.export.ExportedProgram`` (for :func:`~lightning_compress.engine.convert
-        #: .compile_int8`, :func:`~lightning_compress.engine.convert.int8_weights`), ``None`` before.
+        #: .compile_int8`, :func:`~lightning_compress.engine.convert.int8_weights`) when the Inductor backend made it;
+        #: ``None`` before and for ONNX Runtime (its ONNX bytes are ``quantized_model.onnx_bytes``).
         self.quantized_program: torch.export.ExportedProgram | None = None
-        #: The numbers measured at fit end (also logged under ``compress/quant/``).
-        self.results: dict[str, float] = {}
+        #: The numbers measured at fit end (also logged under ``compress/quant/``), with ``"backend"`` (the int8
+        #: runtime used), ``"backend_reason"`` (``"auto"`` only) and ``"saved_to"`` as strings.
+        self.results: dict[str, float | str] = {}
         self._phase: QATPhase | None = None  # the phase in force
         self._batch_step = 0  # the optimizer step of the training batch in progress
         self._qat_started = True  # whether fake quantization was on at some point of this fit (known at fit end)
@@ -186,6 +216,7 @@ class QATCallback(Callback):
             "bits": int(self.config.weight_bits),
             "mode": self.mode,
             "observer": self.config.activation_observer,
+            "backend": self.backend,
         }
 
     @property
@@ -236,7 +267,7 @@ class QATCallback(Callback):
             self._reset()
             _refuse_weight_averaging(trainer)
             if self.convert_on_fit_end and trainer.is_global_zero:  # fail now, not after training
-                check_writable_dir(_loops.artifact_path(trainer, self.save_path, "qat_int8.pt2"), "save_path")
+                check_writable_dir(self._artifact_path(trainer, self.backend), "save_path")
         # Every stage: a checkpoint given to fit/validate/test/predict(ckpt_path=...) loads into the prepared model.
         self.prepare(pl_module)
 
@@ -265,7 +296,7 @@ class QATCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         caught = (self._catcher.args, self._catcher.kwargs) if self._catcher.args is not None else None
         return {
-            "config": {**self.config.to_dict(), "module": self.module},
+            "config": {**self.config.to_dict(), "module": self.module, "backend": self.backend},
             "schedule": {**self.schedule.to_dict(), "unit": self.schedule_unit},
             "conversion": self.conversion.to_dict(),
             # A few rows of a real input: a fit resumed after training ended (a crash in the conversion) runs no
@@ -392,32 +423,53 @@ class QATCallback(Callback):
         was_training = target.training
         target.eval()
         try:
-            int8 = convert_to_int8(target, args, kwargs, config=self.conversion)
-            self.quantized_program = int8.program
-            self.quantized_model = int8.module()
-            self.results = self._measure(trainer, pl_module, target, int8, args, kwargs)
+            backend, int8, reason = self._convert(trainer, target, args, kwargs)
+            self.quantized_program = int8.program if isinstance(int8, Int8Model) else None
+            self.quantized_model = int8_module(int8)
+            self.results = self._measure(trainer, pl_module, target, int8, args, kwargs, backend)
+            self.results["backend"] = backend
+            if reason is not None:
+                self.results["backend_reason"] = reason
         finally:
             target.train(was_training)
         self._log(trainer, target)
+
+    def _convert(
+        self, trainer: Trainer, target: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[str, AnyInt8, str | None]:
+        """The int8 model of the backend (``"auto"``: both built and timed; the backend, model and reason)."""
+
+        def convert(backend: str) -> AnyInt8:
+            return convert_with_backend(backend, target, args, kwargs, config=self.conversion)
+
+        if self.backend != "auto":
+            return self.backend, convert(self.backend), None
+        float_net = strip_qat(copy.deepcopy(target)).eval()
+        sizes = _loops.latency_batch_sizes(trainer, self.latency_batch_sizes)
+        return convert_auto(convert, float_net, args, kwargs, sizes)
+
+    def _artifact_path(self, trainer: Trainer, backend: str) -> Path:
+        return _loops.int8_artifact_path(trainer, self.save_path, "qat_int8", backend, self.backend == "auto")
 
     def _measure(
         self,
         trainer: Trainer,
         pl_module: LightningModule,
         target: nn.Module,
-        int8: Int8Model,
+        int8: AnyInt8,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> dict[str, float]:
+        backend: str,
+    ) -> dict[str, float | str]:
         fake_quant = int8_run = None
         if self.monitor:  # the user's validation with the fake-quant, then the int8 network in place
             fake_quant = _loops.evaluate_network(trainer, pl_module, self.module, target)
             self._check_monitor(fake_quant.metrics)
-            int8_run = _loops.evaluate_network(trainer, pl_module, self.module, int8.module())
+            int8_run = _loops.evaluate_network(trainer, pl_module, self.module, int8_module(int8))
         report = measure_int8(
             int8,
             strip_qat(copy.deepcopy(target)).eval(),
-            _loops.artifact_path(trainer, self.save_path, "qat_int8.pt2"),
+            self._artifact_path(trainer, backend),
             args,
             kwargs,
             fake_quant_model=target,
@@ -428,8 +480,8 @@ class QATCallback(Callback):
             batch_sizes=_loops.latency_batch_sizes(trainer, self.latency_batch_sizes),
         )
         # Layer names as the user wrote them (a `torch.compile`d submodule adds `_orig_mod.` to them).
-        results = {k.replace("_orig_mod.", ""): v for k, v in report.to_metrics().items()}
-        results["saved_to"] = report.saved_to  # type: ignore[assignment]
+        results: dict[str, float | str] = {k.replace("_orig_mod.", ""): v for k, v in report.to_metrics().items()}
+        results["saved_to"] = report.saved_to
         results["qat_started"] = float(self._qat_started)
         return results
 
@@ -444,7 +496,8 @@ class QATCallback(Callback):
         sqnr = {k.removeprefix("sqnr/"): v for k, v in numbers.items() if k.startswith("sqnr/")}
         _logging.log_layer_figure(trainer, f"{PREFIX}/per_layer_sqnr", sqnr, "SQNR (dB), higher is better")
         headline = {k: v for k, v in self.results.items() if "/" not in k or k.startswith(_HEADLINE_PREFIXES)}
-        title = f"QAT int8 model ({len(fake_quant_modules(target))} quantized layers)"
+        backend = self.results.get("backend", self.backend)
+        title = f"QAT int8 model ({backend}, {len(fake_quant_modules(target))} quantized layers)"
         if not self._qat_started:
             title += ": QAT never started (converted from the float model)"
         summary = _logging.markdown_summary(title, headline)

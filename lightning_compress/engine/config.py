@@ -229,6 +229,11 @@ QuantMode = Literal["static", "dynamic", "weight_only"]
 QATMode = Literal["static", "dynamic"]
 #: How the callbacks time float vs int8: compiled with Inductor, eager, or not at all.
 LatencyMode = Literal["compiled", "eager", "off"]
+#: Which runtime the callbacks' int8 model is built for: ``"onnxruntime"`` (ORT's QDQ layout in an
+#: ``InferenceSession``, :func:`~lightning_compress.engine.ort.convert_to_onnx_int8`), ``"inductor"`` (torchao pt2e,
+#: :func:`~lightning_compress.engine.convert.convert_to_int8`, compiled by Inductor) or ``"auto"`` (both built and
+#: timed side by side; the faster int8 one is kept).
+Backend = Literal["inductor", "onnxruntime", "auto"]
 
 WEIGHT_BITS: tuple[int, ...] = get_args(WeightBits)
 ACTIVATION_OBSERVERS: tuple[str, ...] = get_args(ActivationObserverKind)
@@ -236,6 +241,12 @@ OBSERVERS: tuple[str, ...] = get_args(Observer)
 QUANT_MODES: tuple[str, ...] = get_args(QuantMode)
 QAT_MODES: tuple[str, ...] = get_args(QATMode)
 LATENCY_MODES: tuple[str, ...] = get_args(LatencyMode)
+BACKENDS: tuple[str, ...] = get_args(Backend)
+#: The callbacks' default backend: ONNX Runtime int8 is the faster int8 model on the benchmark nets (1 thread, vs
+#: fp32 eager; docs/benchmarks.md "ONNX Runtime int8 backend"): ResidualCNN 5.03x at batch 1 and 2.81x at batch 64
+#: (pt2e + Inductor 0.82x / 1.94x), ``.onnx`` 0.28x of fp32; DESIGN §7: ResNet-ish 5.9-10.6x at batch 1 (Inductor
+#: 2.0-3.6x) and level at batch 64; it loads in milliseconds where Inductor compiles 3-21 s per batch shape.
+DEFAULT_BACKEND: Backend = "onnxruntime"
 
 #: ``(quant_min, quant_max)`` of the weights per number of bits (per-output-channel symmetric).
 WEIGHT_RANGES: dict[int, tuple[int, int]] = {8: (-128, 127), 4: (-8, 7)}

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_compress.engine.convert import Int8Model, compile_int8, save_and_size
+from lightning_compress.engine.convert import Int8Model, compile_int8, model_size_bytes, save_and_size
 from lightning_compress.engine.fake_quant import (
     FakeQuantModule,
     activation_qparams,
@@ -293,9 +293,14 @@ def _with_batch_size(tree: Any, batch_size: int) -> Any:
     return torch.utils._pytree.tree_map(resize, tree)
 
 
+def _int8_callable(int8: Any) -> Any:
+    """The int8 network of a pt2e :class:`Int8Model` (``.module()``) or of an ORT model (the model itself)."""
+    return int8.module() if isinstance(int8, Int8Model) else int8
+
+
 def latency_report(
     float_model: nn.Module,
-    int8: Int8Model,
+    int8: Any,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     batch_sizes: list[int],
@@ -303,19 +308,22 @@ def latency_report(
 ) -> dict[str, float]:
     """Median CPU latency (ms, 1 thread, alternated, after warm-up) of float vs int8 at each batch size.
 
-    ``mode="compiled"`` compiles the int8 program with Inductor (where its int8 kernels are; an eager q/dq graph is
-    slower than float) and compares it with both eager and compiled float. ``mode="eager"`` compares eager runs.
+    ``int8`` is a pt2e :class:`Int8Model` or an ONNX Runtime ``OrtInt8Model`` (run by its session in both modes).
+    ``mode="compiled"`` compiles the pt2e int8 program with Inductor (where its int8 kernels are; an eager q/dq graph
+    is slower than float) and compares the int8 model with both eager and compiled float. ``mode="eager"`` compares
+    eager runs.
     """
     float_model = copy.deepcopy(float_model).eval()
+    pt2e = isinstance(int8, Int8Model)
     if mode == "compiled":
-        int8_fn: Any = compile_int8(int8, dynamic=False)
+        int8_fn: Any = compile_int8(int8, dynamic=False) if pt2e else int8
         float_compiled: Any = torch.compile(float_model, dynamic=False)
     else:
-        int8_fn = int8.module()
+        int8_fn = _int8_callable(int8)
     report: dict[str, float] = {}
     for bs in batch_sizes:
         batch_args, batch_kwargs = _with_batch_size(args, bs), _with_batch_size(kwargs, bs)
-        if not int8.dynamic_batch and bs != _batch_of(args):
+        if pt2e and not int8.dynamic_batch and bs != _batch_of(args):
             continue
         result = compare_latency(float_model, int8_fn, batch_args, kwargs=batch_kwargs, warmup=3, repeats=15)
         report[f"float_ms/batch_{bs}"] = result["a"]["median_ms"]
@@ -430,7 +438,7 @@ class Int8Report:
 
 
 def measure_int8(
-    int8: Int8Model,
+    int8: Any,
     float_model: nn.Module,
     path: str | os.PathLike[str],
     args: tuple[Any, ...],
@@ -450,9 +458,11 @@ def measure_int8(
     The reference is the fake-quant model when ``fake_quant_model`` is given (QAT), else the float model (PTQ).
 
     Args:
-        int8: The converted model.
+        int8: The converted model: a pt2e :class:`Int8Model` (saved as a compressed ``.pt2``) or an ONNX Runtime
+            ``OrtInt8Model`` (saved as ``.onnx``).
         float_model: The float model (its ``state_dict`` size; timed against the int8 model).
-        path: Where to save the artifact (:func:`~lightning_compress.engine.convert.save_int8`).
+        path: Where to save the artifact (:func:`~lightning_compress.engine.convert.save_int8`, or
+            ``OrtInt8Model.save``), atomically.
         args: Positional example inputs (output SQNR, latency).
         kwargs: Keyword example inputs.
         fake_quant_model: A model prepared by :func:`~lightning_compress.engine.fake_quant.prepare_qat`, in eval
@@ -468,7 +478,11 @@ def measure_int8(
     Returns:
         An :class:`Int8Report`.
     """
-    sizes = save_and_size(int8, float_model, Path(path))
+    if isinstance(int8, Int8Model):
+        sizes = save_and_size(int8, float_model, Path(path))
+    else:
+        sizes = {"int8_bytes": float(int8.save(path)), "float_bytes": float(model_size_bytes(float_model))}
+    int8_net = _int8_callable(int8)
     report = Int8Report(
         float_bytes=int(sizes["float_bytes"]),
         int8_bytes=int(sizes["int8_bytes"]),
@@ -483,11 +497,11 @@ def measure_int8(
         try:
             with torch.no_grad():
                 fake_quant_model.eval()  # observers move in training mode only
-                reference_out, int8_out = fake_quant_model(*args, **kwargs), int8.module()(*args, **kwargs)
+                reference_out, int8_out = fake_quant_model(*args, **kwargs), int8_net(*args, **kwargs)
         finally:
             fake_quant_model.train(was_training)
         if isinstance(reference_out, Tensor) and isinstance(int8_out, Tensor):
-            report.output_sqnr_db = sqnr_db(reference_out, int8_out)
+            report.output_sqnr_db = sqnr_db(reference_out.cpu(), int8_out.cpu())
         report.layer_sqnr_db = per_layer_sqnr(None, fake_quant_model, args, kwargs)
         report.activation_scales = {name: scale for name, (scale, _) in activation_qparams(fake_quant_model).items()}
         report.weight_scales = {name: float(s.mean()) for name, s in weight_scales(fake_quant_model).items()}

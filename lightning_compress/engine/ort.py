@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import inspect
 import io
+import json
 import math
 import os
 import statistics
@@ -91,6 +92,8 @@ OPSET = 17
 FLOAT_BACKENDS = ("eager_fp32", "onnxruntime_fp32")
 #: Metadata key of the ONNX model that says how to return the outputs (``"tensor"`` or ``"tuple"``).
 OUTPUT_KIND_KEY = "lightning_compress.output"
+#: Metadata key holding the non-tensor arguments of the example call baked into the graph (JSON, by name).
+FIXED_KEY = "lightning_compress.fixed"
 #: Metadata key holding the conversion mode of an int8 model.
 MODE_KEY = "lightning_compress.mode"
 
@@ -156,6 +159,8 @@ class OrtModel(nn.Module):
         self.output_names: tuple[str, ...] = tuple(o.name for o in self.session.get_outputs())
         meta = self.session.get_modelmeta().custom_metadata_map
         self._as_tuple = meta.get(OUTPUT_KIND_KEY, "tensor" if len(self.output_names) == 1 else "tuple") == "tuple"
+        #: Non-tensor arguments of the export example (baked into the graph): a call may pass them with that value.
+        self.fixed_arguments: dict[str, Any] = json.loads(meta.get(FIXED_KEY, "{}"))
         del onnx
 
     @property
@@ -180,6 +185,14 @@ class OrtModel(nn.Module):
             )
         values = dict(zip(self.input_names, args, strict=False))
         for name, value in kwargs.items():
+            if name in self.fixed_arguments and name not in self.input_names and not isinstance(value, Tensor):
+                baked = self.fixed_arguments[name]
+                if value != baked:
+                    raise TypeError(
+                        f"The argument `{name}` was baked into the ONNX graph as {baked!r} (the export example's "
+                        f"value); it cannot take {value!r}. Convert with an example call that passes the value used."
+                    )
+                continue
             if name not in self.input_names:
                 raise TypeError(
                     f"The ONNX model has no input `{name}`; it was exported with the inputs {list(self.input_names)} "
@@ -328,35 +341,86 @@ def count_quantized_layers(model: bytes | str | os.PathLike[str] | onnx.ModelPro
     return counts
 
 
+#: Ops between a float tensor and the layer that produces it that stay float with it (``head(x) * scale``, a ReLU
+#: or pooling before a layer kept in float, a reshape).
+_TAIL_OPS = (
+    "Mul", "Add", "Sub", "Div", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Flatten",
+    "Transpose", "Squeeze", "Unsqueeze", "Identity",
+)  # fmt: skip
+
+
+def _unquantize(graph: Any, name: str) -> bool:
+    """Remove the ``QuantizeLinear -> DequantizeLinear`` pairs that produce the tensor ``name``, back through the
+    ops of :data:`_TAIL_OPS` to the layer that computes it (in place); whether a layer was reached."""
+    pending, reached_layer = [name], False
+    for _ in range(32):  # a short chain of ops
+        if not pending:
+            break
+        current = pending.pop()
+        producer = {out: node for node in graph.node for out in node.output}
+        consumers: dict[str, int] = {}
+        for node in graph.node:
+            for inp in node.input:
+                consumers[inp] = consumers.get(inp, 0) + 1
+        node = producer.get(current)
+        if node is None:
+            continue
+        if node.op_type == "DequantizeLinear":
+            q = producer.get(node.input[0])
+            if q is None or q.op_type != "QuantizeLinear" or consumers.get(q.output[0], 0) != 1:
+                continue
+            source = q.input[0]
+            layer = producer.get(source)
+            if layer is None or consumers.get(source, 0) != 1:
+                continue
+            layer.output[list(layer.output).index(source)] = current
+            graph.node.remove(q)
+            graph.node.remove(node)
+            node = layer
+        if node.op_type in _LAYER_OPS or node.op_type in _INT8_OPS:
+            reached_layer = True
+        elif node.op_type in _TAIL_OPS:
+            pending.extend(i for i in node.input if i in producer and consumers.get(i, 0) == 1)
+    return reached_layer
+
+
+def _tail_nodes(proto: onnx.ModelProto, tensors: Iterable[str]) -> list[str]:
+    """Names of the :data:`_TAIL_OPS` nodes between each tensor and the layer(s) computing it, in the float graph.
+
+    They are excluded from quantization before :func:`_unquantize` strips the Q/DQ pairs around them: ORT drops a
+    quantized ``Relu`` (the uint8 grid clamps at zero), which a float tensor needs back."""
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    found: list[str] = []
+    pending = list(tensors)
+    while pending and len(found) < 64:
+        node = producer.get(pending.pop())
+        if node is None or node.op_type not in _TAIL_OPS or node.name in found:
+            continue
+        found.append(node.name)
+        pending.extend(i for i in node.input if i in producer)
+    return found
+
+
 def _keep_outputs_float(proto: onnx.ModelProto) -> list[str]:
-    """Remove the ``QuantizeLinear -> DequantizeLinear`` pairs that end at graph outputs (in place).
+    """Remove the ``QuantizeLinear -> DequantizeLinear`` pairs between the last layer and the graph outputs (in
+    place), also through elementwise/shape ops after that layer (``head(x) * scale``): the last layer's output, and
+    what is computed from it, stay float, as in the fake-quant model.
 
     Returns:
         The output names that are now produced in float by their layer.
     """
-    graph = proto.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    kept = []
-    for output in graph.output:
-        dq = producer.get(output.name)
-        if dq is None or dq.op_type != "DequantizeLinear":
-            continue
-        q = producer.get(dq.input[0])
-        if q is None or q.op_type != "QuantizeLinear" or consumers.get(q.output[0], 0) != 1:
-            continue
-        source = q.input[0]
-        layer = producer.get(source)
-        if layer is None or consumers.get(source, 0) != 1:
-            continue
-        layer.output[list(layer.output).index(source)] = output.name
-        graph.node.remove(q)
-        graph.node.remove(dq)
-        kept.append(output.name)
-    return kept
+    return [output.name for output in proto.graph.output if _unquantize(proto.graph, output.name)]
+
+
+def _keep_inputs_float(proto: onnx.ModelProto, nodes: Sequence[str]) -> None:
+    """The activation input of each node in ``nodes`` (layers kept in float) unquantized too, back to the layer that
+    computes it: a float layer computes on the float tensor, as in the fake-quant model (an outlier channel that
+    ruins the uint8 grid of a layer's input is why the accuracy-aware fallback keeps that layer float)."""
+    by_name = {node.name: node for node in proto.graph.node}
+    for name in nodes:
+        node = by_name.get(name)
+        if node is not None and node.input:
+            _unquantize(proto.graph, node.input[0])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -484,7 +548,7 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], che
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     proto = onnx.load_from_string(buffer.getvalue())
-    _set_metadata(proto, {OUTPUT_KIND_KEY: kind})
+    _set_metadata(proto, {OUTPUT_KIND_KEY: kind, FIXED_KEY: json.dumps(wrapper.fixed)})
     if check_batch and dynamic_axes:
         _check_dynamic_batch(model, proto, names, tensors, kwargs, wrapper)
     return _Export(proto, names, "net.")
@@ -796,6 +860,7 @@ def convert_to_onnx_int8(
     calibration_batches: int = 32,
     seed_from_fake_quant: bool = True,
     keep_output_float: bool = True,
+    float_layers: Sequence[str] = (),
     threads: int = 1,
 ) -> OrtInt8Model:
     """Build an int8 model run by ONNX Runtime from a copy of ``model``; ``model`` itself is not modified.
@@ -814,6 +879,9 @@ def convert_to_onnx_int8(
         calibration_batches: At most this many items of ``calibration`` are used.
         seed_from_fake_quant: For a QAT-prepared model, carry its observers' input qparams and its weight grid.
         keep_output_float: Leave the graph outputs unquantized (the last layer's output stays float).
+        float_layers: Names of Linear/Conv modules of ``model`` to keep in float (their nodes are excluded from
+            quantization), e.g. the layers the accuracy-aware fallback of ``PostTrainingQuantCallback`` picks.
+            A QAT-prepared model also keeps in float every layer QAT kept in float.
         threads: ``intra_op_num_threads`` of the session.
 
     Returns:
@@ -849,8 +917,15 @@ def convert_to_onnx_int8(
     exported = _export(net, args, kwargs)
     timings["export"] = time.perf_counter() - start
     layers = _layer_nodes(exported.proto, net, exported.prefix)
-    float_layers = [name for name in layers if fq and name not in fq]
-    exclude = [node.name for name in float_layers for node in layers[name]]
+    if isinstance(float_layers, str):
+        raise ValueError(f"`float_layers` must be a list of module names, got the string {float_layers!r}.")
+    modules = dict(net.named_modules())
+    unknown = [name for name in float_layers if name not in modules]
+    if unknown:
+        raise ValueError(f"`float_layers` names modules that {type(model).__name__} does not have: {unknown}.")
+    wanted = set(float_layers)
+    kept_float = [name for name in layers if (fq and name not in fq) or name in wanted]
+    exclude = [node.name for name in kept_float for node in layers[name]]
     seeded: list[str] = []
     with tempfile.TemporaryDirectory(prefix="lc_ort_") as tmp:
         folder = Path(tmp)
@@ -863,6 +938,10 @@ def convert_to_onnx_int8(
         tick = time.perf_counter()
         try:
             if resolved == "static":
+                by_name = {node.name: node for node in proto.graph.node}
+                float_inputs = [by_name[n].input[0] for n in exclude if n in by_name and by_name[n].input]
+                outputs = [o.name for o in proto.graph.output] if keep_output_float else []
+                tail = _tail_nodes(proto, [*float_inputs, *outputs])
                 overrides: dict[str, list[dict[str, Any]]] = {}
                 if fq:
                     overrides, seeded = _seed_overrides(proto, layers, fq, model)
@@ -878,7 +957,7 @@ def convert_to_onnx_int8(
                         reduce_range=False,
                         activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
-                        nodes_to_exclude=exclude + _attention_internals(proto, net, exported.prefix),
+                        nodes_to_exclude=exclude + tail + _attention_internals(proto, net, exported.prefix),
                         extra_options={"TensorQuantOverrides": overrides} if overrides else {},
                     )
             else:
@@ -907,12 +986,14 @@ def convert_to_onnx_int8(
             ) from err
         timings["quantize"] = time.perf_counter() - tick
         result = onnx.load(str(target))
+    if resolved == "static" and wanted:  # layers the caller keeps float read float inputs too
+        _keep_inputs_float(result, [node.name for name in kept_float if name in wanted for node in layers[name]])
     if keep_output_float and resolved == "static":
         _keep_outputs_float(result)
     _set_metadata(result, {MODE_KEY: resolved})
     timings["total"] = time.perf_counter() - start
     return OrtInt8Model(
-        result.SerializeToString(), threads, seeded_layers=seeded, float_layers=float_layers, timings=timings
+        result.SerializeToString(), threads, seeded_layers=seeded, float_layers=kept_float, timings=timings
     )
 
 

@@ -163,7 +163,7 @@ def test_static_cnn_at_fit_end_leaves_module_unchanged_saves_and_logs(tmp_path) 
     model = Classifier(SmallCNN())
     snapshot = Snapshot()
     ptq = PostTrainingQuantCallback(
-        module="net", monitor="val_acc", observer="minmax", calibration_batches=3, latency="off"
+        backend="inductor", module="net", monitor="val_acc", observer="minmax", calibration_batches=3, latency="off"
     )
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     trainer = make_trainer(tmp_path, [snapshot, ptq], logger=logger, limit_train_batches=4)
@@ -220,7 +220,9 @@ def test_dynamic_transformer_block_standalone_validate_then_test(tmp_path) -> No
     torch.manual_seed(0)
     model = Classifier(TransformerBlock())
     before = copy.deepcopy(model.state_dict())
-    ptq = PostTrainingQuantCallback(module="net", mode="dynamic", monitor="val_acc", latency="off", save_path=None)
+    ptq = PostTrainingQuantCallback(
+        backend="inductor", module="net", mode="dynamic", monitor="val_acc", latency="off", save_path=None
+    )
     trainer = make_trainer(tmp_path, [ptq])
     # No train dataloader under trainer.validate: calibration falls back to the validation data, with a warning.
     with pytest.warns(UserWarning, match="no train dataloader under trainer.validate"):
@@ -257,7 +259,7 @@ def test_pruned_linear_model_keeps_zeros_and_is_four_times_smaller(tmp_path, mod
             w = layer.weight
             w.mul_(w.abs() > w.abs().flatten().kthvalue(w.numel() // 2).values)  # 50% magnitude pruning
     model = Classifier(net)
-    ptq = PostTrainingQuantCallback(module=module, mode=mode, run_on=["validate"], latency="off")
+    ptq = PostTrainingQuantCallback(backend="inductor", module=module, mode=mode, run_on=["validate"], latency="off")
     trainer = make_trainer(tmp_path, [ptq])
     with pytest.warns(UserWarning, match="calibrating on the val dataloader"):
         trainer.validate(model, vector_loader(), verbose=False)
@@ -293,6 +295,7 @@ def outlier_mlp() -> nn.Sequential:
 def test_fallback_keeps_exactly_the_badly_quantizable_layer_in_float(tmp_path) -> None:
     model = Classifier(outlier_mlp())
     ptq = PostTrainingQuantCallback(
+        backend="inductor",
         module="net",
         observer="minmax",
         monitor="val_acc",
@@ -327,6 +330,7 @@ def test_fallback_reports_a_budget_it_cannot_meet(tmp_path) -> None:
         net[2].bias[0] *= 1000.0
         net[4].weight[:, 0] /= 1000.0
     ptq = PostTrainingQuantCallback(
+        backend="inductor",
         module="net",
         observer="minmax",
         monitor="val_acc",
@@ -371,11 +375,13 @@ def test_fallback_reports_a_budget_it_cannot_meet(tmp_path) -> None:
 )
 def test_bad_arguments(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
-        PostTrainingQuantCallback(**kwargs)
+        PostTrainingQuantCallback(backend="inductor", **kwargs)
 
 
 def test_monitor_never_logged_lists_what_is(tmp_path) -> None:
-    ptq = PostTrainingQuantCallback(module="net", monitor="val_f1", run_on=["validate"], latency="off")
+    ptq = PostTrainingQuantCallback(
+        backend="inductor", module="net", monitor="val_f1", run_on=["validate"], latency="off"
+    )
     trainer = make_trainer(tmp_path, [ptq])
     with pytest.raises(ValueError, match=r"`monitor`='val_f1' is not logged by the validation loop. Logged: `val_acc`"):
         trainer.validate(Classifier(mlp()), vector_loader(64), verbose=False)
@@ -383,7 +389,7 @@ def test_monitor_never_logged_lists_what_is(tmp_path) -> None:
 
 
 def test_monitor_never_logged_fails_at_the_first_validation_of_fit(tmp_path) -> None:
-    ptq = PostTrainingQuantCallback(module="net", monitor="val_f1", latency="off")
+    ptq = PostTrainingQuantCallback(backend="inductor", module="net", monitor="val_f1", latency="off")
     trainer = make_trainer(tmp_path, [ptq], max_epochs=3, limit_train_batches=2, num_sanity_val_steps=0)
     with pytest.raises(ValueError, match=r"`monitor`='val_f1' is not logged .* Logged: `val_acc`"):
         trainer.fit(Classifier(mlp()), vector_loader(128), vector_loader(64))
@@ -404,7 +410,7 @@ class DataDependent(nn.Module):
 @pytest.mark.parametrize("module", [None, "net"])
 def test_non_exportable_model_fails_before_training(tmp_path, module) -> None:
     model = Classifier(DataDependent(), example=torch.randn(4, 16))
-    ptq = PostTrainingQuantCallback(module=module, latency="off")
+    ptq = PostTrainingQuantCallback(backend="inductor", module=module, latency="off")
     trainer = make_trainer(tmp_path, [ptq], max_epochs=3, limit_train_batches=2)
     with pytest.raises(
         Int8ConversionError, match=r"torch.export could not capture `(Classifier|DataDependent)`:\n.*data-dependent"
@@ -414,7 +420,7 @@ def test_non_exportable_model_fails_before_training(tmp_path, module) -> None:
 
 
 def test_unknown_module_name_fails_at_setup(tmp_path) -> None:
-    ptq = PostTrainingQuantCallback(module="encoder", latency="off")
+    ptq = PostTrainingQuantCallback(backend="inductor", module="encoder", latency="off")
     trainer = make_trainer(tmp_path, [ptq])
     with pytest.raises(ValueError, match=r"`module`='encoder' is not a submodule of Classifier. Its submodules: net"):
         trainer.validate(Classifier(mlp()), vector_loader(64), verbose=False)
@@ -454,7 +460,13 @@ def test_calibration_records_what_the_step_passes_to_the_network(tmp_path) -> No
     torch.manual_seed(0)
     model = DictBatchModule(MaskedNet())
     ptq = PostTrainingQuantCallback(
-        module="net", observer="minmax", monitor="val_acc", calibration_data="val", run_on=["validate"], latency="off"
+        backend="inductor",
+        module="net",
+        observer="minmax",
+        monitor="val_acc",
+        calibration_data="val",
+        run_on=["validate"],
+        latency="off",
     )
     make_trainer(tmp_path, [ptq]).validate(model, loader, verbose=False)
     # Calibrated on raw values (100x) the uint8 ranges would be 100x too wide and the int8 outputs mostly noise.
@@ -484,6 +496,7 @@ trainer:
     - class_path: lightning_compress.PostTrainingQuantCallback
       init_args:
         mode: static
+        backend: inductor
         observer: moving_average
         calibration_batches: 8
         module: net
@@ -501,7 +514,9 @@ trainer:
 
 
 def test_state_dict_holds_the_config_as_plain_values() -> None:
-    ptq = PostTrainingQuantCallback(module="net", mode="dynamic", calibration_batches=4, monitor="val_acc")
+    ptq = PostTrainingQuantCallback(
+        backend="inductor", module="net", mode="dynamic", calibration_batches=4, monitor="val_acc"
+    )
     config = ptq.state_dict()["config"]
     assert config["mode"] == "dynamic" and config["calibration_batches"] == 4 and config["observer"] == "histogram"
     assert config["module"] == "net" and config["monitor"] == "val_acc"
@@ -530,14 +545,16 @@ def test_artifact_write_error_names_save_path_and_leaves_nothing(tmp_path, monke
 
     monkeypatch.setattr(io.os, "replace", full_disk)
     save_path = tmp_path / "out" / "ptq_int8.pt2"
-    ptq = PostTrainingQuantCallback(module="net", run_on=["validate"], latency="off", save_path=str(save_path))
+    ptq = PostTrainingQuantCallback(
+        backend="inductor", module="net", run_on=["validate"], latency="off", save_path=str(save_path)
+    )
     with pytest.raises(ArtifactWriteError, match=r"Cannot write `save_path`=.*ptq_int8\.pt2.*No space left on device"):
         make_trainer(tmp_path, [ptq]).validate(Classifier(mlp()), vector_loader(64), verbose=False)
     assert list(save_path.parent.iterdir()) == []
 
 
 def test_reused_callback_checks_the_new_model_and_forgets_old_results(tmp_path) -> None:
-    ptq = PostTrainingQuantCallback(module="net", latency="off", verbose=False)
+    ptq = PostTrainingQuantCallback(backend="inductor", module="net", latency="off", verbose=False)
     make_trainer(tmp_path, [ptq], limit_train_batches=2).fit(Classifier(mlp()), vector_loader(128))
     assert ptq.quantized_model is not None and ptq.results
     trainer = make_trainer(tmp_path, [ptq], max_epochs=3, limit_train_batches=2)
@@ -548,7 +565,9 @@ def test_reused_callback_checks_the_new_model_and_forgets_old_results(tmp_path) 
 
 
 def test_calibration_batch_of_one_exports_a_dynamic_batch(tmp_path) -> None:
-    ptq = PostTrainingQuantCallback(module="net", monitor="val_acc", latency="off", calibration_batches=4)
+    ptq = PostTrainingQuantCallback(
+        backend="inductor", module="net", monitor="val_acc", latency="off", calibration_batches=4
+    )
     trainer = make_trainer(tmp_path, [ptq], limit_train_batches=4, num_sanity_val_steps=0)
     trainer.fit(Classifier(mlp()), vector_loader(64, batch_size=1), vector_loader(64))  # validated with batch 64
     assert ptq.results["int8_val_acc"] >= 0.0
@@ -568,7 +587,7 @@ def test_calibration_batch_of_one_exports_a_dynamic_batch(tmp_path) -> None:
 )
 def test_arguments_of_the_wrong_type_name_the_argument(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
-        PostTrainingQuantCallback(**kwargs)
+        PostTrainingQuantCallback(backend="inductor", **kwargs)
 
 
 def test_docs_use_the_unit_of_max_accuracy_drop_and_explain_ddp_spawn() -> None:
@@ -599,8 +618,100 @@ def test_docs_use_the_unit_of_max_accuracy_drop_and_explain_ddp_spawn() -> None:
 )
 def test_bad_selection_or_save_path_fails_before_training(tmp_path, kwargs, match) -> None:
     kwargs = {k: str(tmp_path) if v == "SELF" else v for k, v in kwargs.items()}
-    ptq = PostTrainingQuantCallback(module="net", latency="off", **kwargs)
+    ptq = PostTrainingQuantCallback(backend="inductor", module="net", latency="off", **kwargs)
     trainer = make_trainer(tmp_path, [ptq], max_epochs=3)
     with pytest.raises(ValueError, match=match):
         trainer.fit(Classifier(mlp()), vector_loader(128))
     assert trainer.global_step == 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Backends: ONNX Runtime (the default), "auto", bad values
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_onnxruntime_backend_is_the_default_saves_onnx_and_runs_like_the_network(tmp_path) -> None:
+    import onnxruntime
+
+    from lightning_compress.engine.ort import OrtInt8Model, count_quantized_layers
+
+    torch.manual_seed(0)
+    model = Classifier(SmallCNN())
+    ptq = PostTrainingQuantCallback(module="net", monitor="val_acc", calibration_batches=3, latency="off")
+    assert ptq.backend == "onnxruntime"
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    trainer = make_trainer(tmp_path, [ptq], logger=logger, limit_train_batches=4)
+    trainer.fit(model, image_loader(), image_loader(seed=1))
+
+    results = ptq.results
+    path = tmp_path / "tb" / "version_0" / "ptq_int8.onnx"
+    assert results["saved_to"] == str(path) and path.is_file()
+    assert results["backend"] == "onnxruntime"
+    assert ptq.quantized_program is None and isinstance(ptq.quantized_model, OrtInt8Model)
+    assert results["quantized_layers"] == 3.0 and results["float_layers"] == ""
+    assert {"float_bytes", "int8_bytes", "size_ratio", "float_val_acc", "int8_val_acc", "val_acc_drop"} <= set(results)
+    assert abs(results["val_acc_drop"]) <= 0.1 and results["top1_agreement"] >= 0.9
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x"]
+    assert count_quantized_layers(path) == {"Conv": 2, "Gemm": 1}
+    x = next(iter(image_loader(seed=2)))[0]
+    with torch.no_grad():
+        float_out = model.net.eval()(x)
+        int8_out = ptq.quantized_model(x)
+        torch.testing.assert_close(load_quantized(path)(x), int8_out)
+    assert (float_out.argmax(1) == int8_out.argmax(1)).float().mean() >= 0.9
+
+
+def test_onnxruntime_fallback_keeps_exactly_the_badly_quantizable_layer_in_float(tmp_path) -> None:
+    model = Classifier(outlier_mlp())
+    ptq = PostTrainingQuantCallback(
+        module="net",
+        mode="static",
+        monitor="val_acc",
+        max_accuracy_drop=0.05,  # ORT calibrates with its own min/max: layer "2" float gives a 2.7-point drop
+        calibration_data="val",
+        run_on=["validate"],
+        latency="off",
+    )
+    trainer = make_trainer(tmp_path, [ptq])
+    trainer.validate(model, vector_loader(512, seed=0), verbose=False)
+    results = ptq.results
+    assert results["backend"] == "onnxruntime"
+    assert len(ptq.attempts) == 2
+    assert ptq.attempts[0].float_layers == () and ptq.attempts[0].drop * 100 > 5.0
+    assert [a.within_budget for a in ptq.attempts] == [False, True]
+    assert results["float_layers"] == "2" and results["budget_met"] == 1.0
+    assert results["quantized_layers"] == 2.0
+    # the float layer is float in the ONNX graph: its Gemm reads float weights
+    assert ptq.quantized_model.float_layers == ("2",)
+    assert ptq.quantized_model.num_quantized_layers == 2
+
+
+def test_auto_backend_reports_the_choice_and_why_and_falls_back_with_it(tmp_path) -> None:
+    model = Classifier(trained_mlp())
+    ptq = PostTrainingQuantCallback(
+        backend="auto", module="net", monitor="val_acc", run_on=["validate"], latency="off", latency_batch_sizes=[16]
+    )
+    trainer = make_trainer(tmp_path, [ptq])
+    trainer.validate(model, vector_loader(128, seed=0), verbose=False)
+    results = ptq.results
+    assert results["backend"] in ("onnxruntime", "inductor")
+    reason = results["backend_reason"]
+    assert "at batch 16" in reason and "onnxruntime int8" in reason and "inductor int8" in reason
+    assert str(results["saved_to"]).endswith(".onnx" if results["backend"] == "onnxruntime" else ".pt2")
+    assert ptq.state_dict()["config"]["backend"] == "auto"
+    assert ptq.compression_settings()["backend"] == "auto"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"backend": "tvm"}, r"`backend` must be one of 'inductor', 'onnxruntime', 'auto', got 'tvm'"),
+        ({"mode": "weight_only"}, r"`backend`='onnxruntime' cannot run `mode`='weight_only'.*backend='inductor'"),
+        ({"backend": "auto", "mode": "weight_only"}, r"`backend`='auto' cannot run `mode`='weight_only'"),
+        ({"save_path": "x.pt2"}, r"`save_path`='x.pt2' has the suffix '.pt2', but `backend`='onnxruntime'"),
+    ],
+)
+def test_bad_backend_names_the_argument(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        PostTrainingQuantCallback(**kwargs)

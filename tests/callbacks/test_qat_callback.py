@@ -166,7 +166,9 @@ def test_multi_input_keyword_forward_and_int8_matches_fake_quant(tmp_path):
     module = TwoInputModule()
     params_before = list(module.parameters())
     forward_before = type(module.net).forward
-    callback = QATCallback(module="net", monitor="val_acc", latency="off", save_path=str(tmp_path / "int8.pt2"))
+    callback = QATCallback(
+        backend="inductor", module="net", monitor="val_acc", latency="off", save_path=str(tmp_path / "int8.pt2")
+    )
     trainer(tmp_path, [callback], max_epochs=2).fit(module, two_input_loader(), two_input_loader(64))
 
     assert set(fake_quant_modules(module.net)) == {"main", "side", "head"}
@@ -197,7 +199,7 @@ def test_whole_lightning_module_as_target(tmp_path):
     L.seed_everything(0)
     model = Classifier()
     model.example_input_array = torch.zeros(4, 16)
-    callback = QATCallback(monitor="val_acc", latency="off")
+    callback = QATCallback(backend="inductor", monitor="val_acc", latency="off")
     trainer(tmp_path, [callback], max_epochs=1).fit(model, loader(), loader(64))
     assert set(fake_quant_modules(model)) == {"net.fc1", "net.fc2"}
     assert callback.results["top1_agreement"] >= 0.95
@@ -208,7 +210,7 @@ def test_demo_transformer_trains_with_fake_quant_and_checkpoints_load_strictly(t
     L.seed_everything(0)
     module = TransformerModule()
     saver = ModelCheckpoint(dirpath=tmp_path, filename="last")
-    callback = QATCallback(module="model", convert_on_fit_end=False)
+    callback = QATCallback(backend="inductor", module="model", convert_on_fit_end=False)
     trainer(tmp_path, [callback, saver], max_epochs=1, enable_checkpointing=True).fit(module, token_loader())
     prepared = fake_quant_modules(module.model)
     assert {"decoder", "transformer.encoder.layers.0.linear1", "transformer.decoder.layers.0.linear2"} <= set(prepared)
@@ -225,7 +227,7 @@ def test_demo_transformer_int8(tmp_path):
     """The demo Transformer passes an explicit causal mask to nn.Transformer: it still exports and converts."""
     L.seed_everything(0)
     module = TransformerModule()
-    callback = QATCallback(module="model", monitor="val_nll", latency="off")
+    callback = QATCallback(backend="inductor", module="model", monitor="val_nll", latency="off")
     trainer(tmp_path, [callback], max_epochs=1).fit(module, token_loader(), token_loader())
     inputs, target = next(iter(token_loader()))
     module.eval()
@@ -242,7 +244,7 @@ def test_demo_transformer_int8(tmp_path):
 def test_residual_cnn_with_batchnorm(tmp_path):
     L.seed_everything(0)
     module = ResidualModule()
-    callback = QATCallback(module="net", monitor="val_acc", latency="off", freeze_bn_at=4)
+    callback = QATCallback(backend="inductor", module="net", monitor="val_acc", latency="off", freeze_bn_at=4)
     trainer(tmp_path, [callback], max_epochs=2).fit(module, image_loader(), image_loader(48))
     assert len(fake_quant_modules(module.net)) == 10  # stem, 2 convs per block, 2 shortcut convs, the head
     assert len(int8_weights(callback.quantized_program)) == len(fake_quant_modules(module.net))
@@ -283,7 +285,7 @@ def test_pruning_and_qat_in_one_trainer_give_sparse_int8(tmp_path, qat_first):
     L.seed_everything(0)
     model = Classifier()
     pruning = IterativePruningCallback(target_sparsity=0.8, start_step=0, end_step=12, update_every_n_steps=2)
-    qat = QATCallback(module="net", start=4, latency="off")
+    qat = QATCallback(backend="inductor", module="net", start=4, latency="off")
     keeper = ZeroKeeper()
     callbacks = [qat, pruning] if qat_first else [pruning, qat]
     trainer(tmp_path, [*callbacks, keeper], max_epochs=3).fit(model, loader())
@@ -310,7 +312,7 @@ def test_pruning_and_qat_in_one_trainer_give_sparse_int8(tmp_path, qat_first):
 def test_test_ckpt_path_second_fit_and_load_from_checkpoint_after_qat(tmp_path):
     L.seed_everything(0)
     model = Classifier()
-    callback = QATCallback(module="net", monitor="val_acc", latency="off")
+    callback = QATCallback(backend="inductor", module="net", monitor="val_acc", latency="off")
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
     fit = trainer(tmp_path, [callback, saver], max_epochs=2, enable_checkpointing=True)
     fit.fit(model, loader(), loader(64))
@@ -340,10 +342,10 @@ def test_load_checkpoint_helper_restores_the_fake_quant_model(tmp_path):
     L.seed_everything(0)
     model = Classifier()
     saver = ModelCheckpoint(dirpath=tmp_path, filename="last")
-    callback = QATCallback(module="net", freeze_bn_at=3, convert_on_fit_end=False)
+    callback = QATCallback(backend="inductor", module="net", freeze_bn_at=3, convert_on_fit_end=False)
     trainer(tmp_path, [callback, saver], max_epochs=1, enable_checkpointing=True).fit(model, loader())
 
-    fresh = QATCallback(module="net").load_checkpoint(Classifier(), tmp_path / "last.ckpt")
+    fresh = QATCallback(backend="inductor", module="net").load_checkpoint(Classifier(), tmp_path / "last.ckpt")
     assert _states_equal(_observer_state(fresh), _observer_state(model))
     x = torch.randn(10, 16)
     model.eval()
@@ -358,7 +360,13 @@ def test_load_checkpoint_helper_restores_the_fake_quant_model(tmp_path):
 
 def _resume_callback() -> QATCallback:
     return QATCallback(
-        module="net", start=3, freeze_observers_at=9, freeze_bn_at=12, averaging_constant=0.2, convert_on_fit_end=False
+        backend="inductor",
+        module="net",
+        start=3,
+        freeze_observers_at=9,
+        freeze_bn_at=12,
+        averaging_constant=0.2,
+        convert_on_fit_end=False,
     )
 
 
@@ -390,9 +398,9 @@ def test_resume_mid_qat_is_bitwise_identical(tmp_path, checkpoint_step):
 def test_weights_only_checkpoint_keeps_observers(tmp_path):
     model = Classifier()
     saver = ModelCheckpoint(dirpath=tmp_path, filename="weights", save_weights_only=True)
-    callback = QATCallback(module="net", convert_on_fit_end=False)
+    callback = QATCallback(backend="inductor", module="net", convert_on_fit_end=False)
     trainer(tmp_path, [callback, saver], max_epochs=1, enable_checkpointing=True).fit(model, loader())
-    fresh = QATCallback(module="net").load_checkpoint(Classifier(), tmp_path / "weights.ckpt")
+    fresh = QATCallback(backend="inductor", module="net").load_checkpoint(Classifier(), tmp_path / "weights.ckpt")
     assert _states_equal(_observer_state(fresh), _observer_state(model))
     # Lightning does not run callback checkpoint hooks for weights-only checkpoints: the observer buffers stay in the
     # model state, so the plain class needs strict=False (documented in the README)
@@ -426,7 +434,7 @@ def test_observers_never_move_in_validate_test_predict(tmp_path):
     L.seed_everything(0)
     model = Classifier()
     watch = ObserverWatch()
-    callback = QATCallback(module="net", convert_on_fit_end=False)
+    callback = QATCallback(backend="inductor", module="net", convert_on_fit_end=False)
     fit = trainer(tmp_path, [callback, watch], max_epochs=2, num_sanity_val_steps=0)
     fit.fit(model, loader(), loader(64, seed=1))
     assert watch.validations == 2
@@ -465,7 +473,13 @@ def test_schedule_in_steps_is_applied(tmp_path):
     model = Classifier()
     recorder = ScheduleRecorder()
     callback = QATCallback(
-        module="net", start=3, freeze_observers_at=6, freeze_bn_at=10, averaging_constant=0.5, convert_on_fit_end=False
+        backend="inductor",
+        module="net",
+        start=3,
+        freeze_observers_at=6,
+        freeze_bn_at=10,
+        averaging_constant=0.5,
+        convert_on_fit_end=False,
     )
     trainer(tmp_path, [callback, recorder], max_epochs=2).fit(model, loader())
     expected = {s: (s >= 3, s >= 6, s >= 10) for s in range(16)}
@@ -484,7 +498,13 @@ def test_schedule_in_epochs_is_applied(tmp_path):
     L.seed_everything(0)
     recorder = ScheduleRecorder()
     callback = QATCallback(
-        module="net", start=1, freeze_observers_at=2, freeze_bn_at=3, schedule_unit="epoch", convert_on_fit_end=False
+        backend="inductor",
+        module="net",
+        start=1,
+        freeze_observers_at=2,
+        freeze_bn_at=3,
+        schedule_unit="epoch",
+        convert_on_fit_end=False,
     )
     trainer(tmp_path, [callback, recorder], max_epochs=4).fit(Classifier(), loader())
     assert recorder.by_epoch == {
@@ -504,7 +524,9 @@ def test_artifact_in_logger_dir_load_round_trip_tensorboard_and_eager_latency(tm
     L.seed_everything(0)
     model = Classifier()
     logger = TensorBoardLogger(tmp_path, name="tb")
-    callback = QATCallback(module="net", monitor="val_acc", latency="eager", latency_batch_sizes=[1, 8])
+    callback = QATCallback(
+        backend="inductor", module="net", monitor="val_acc", latency="eager", latency_batch_sizes=[1, 8]
+    )
     trainer(tmp_path, [callback], max_epochs=2, logger=logger).fit(model, loader(), loader(64))
 
     path = callback.results["saved_to"]
@@ -581,7 +603,7 @@ def test_artifact_in_logger_dir_load_round_trip_tensorboard_and_eager_latency(tm
 )
 def test_bad_arguments_rejected_in_init(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        QATCallback(**kwargs)
+        QATCallback(backend="inductor", **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -594,7 +616,7 @@ def test_bad_arguments_rejected_in_init(kwargs, match):
 )
 def test_bad_configuration_rejected_before_training(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        trainer(tmp_path, [QATCallback(latency="off", **kwargs), FailIfTrained()]).fit(
+        trainer(tmp_path, [QATCallback(backend="inductor", latency="off", **kwargs), FailIfTrained()]).fit(
             Classifier(), loader(), loader(64)
         )
 
@@ -604,13 +626,15 @@ def test_monitor_without_validation_loop_rejected_before_training(tmp_path):
         validation_step = None  # type: ignore[assignment]
 
     with pytest.raises(ValueError, match=r"`monitor`='val_acc' needs a validation loop"):
-        trainer(tmp_path, [QATCallback(module="net", monitor="val_acc"), FailIfTrained()]).fit(NoValidation(), loader())
+        trainer(tmp_path, [QATCallback(backend="inductor", module="net", monitor="val_acc"), FailIfTrained()]).fit(
+            NoValidation(), loader()
+        )
 
 
 def test_non_exportable_model_fails_at_conversion_saying_why_and_what_to_change(tmp_path):
     model = NotExportable()
     model.example_input_array = torch.zeros(4, 16)
-    callback = QATCallback(latency="off")
+    callback = QATCallback(backend="inductor", latency="off")
     why_and_fix = r"(?s)could not capture `NotExportable`.*data-dependent.*Common fixes"
     with pytest.raises(Int8ConversionError, match=why_and_fix):
         trainer(tmp_path, [callback], max_epochs=1).fit(model, loader())
@@ -620,14 +644,16 @@ def test_non_exportable_model_fails_at_conversion_saying_why_and_what_to_change(
 def test_copy_of_prepared_module_is_independent(tmp_path):
     """Deepcopy (EMA/SWA-style) of a QAT-prepared module works and shares nothing."""
     model = Classifier()
-    trainer(tmp_path, [QATCallback(module="net", convert_on_fit_end=False)], max_steps=2).fit(model, loader())
+    trainer(tmp_path, [QATCallback(backend="inductor", module="net", convert_on_fit_end=False)], max_steps=2).fit(
+        model, loader()
+    )
     clone = copy.deepcopy(model)
     assert clone.net.fc1.weight is not model.net.fc1.weight
     assert _states_equal(_observer_state(clone), _observer_state(model))
 
 
 def test_state_dict_holds_the_config_as_plain_values():
-    callback = QATCallback(module="net", start=2, freeze_bn_at=5, weight_bits=4, mode="dynamic")
+    callback = QATCallback(backend="inductor", module="net", start=2, freeze_bn_at=5, weight_bits=4, mode="dynamic")
     state = callback.state_dict()
     assert state["config"]["weight_bits"] == 4 and state["config"]["module"] == "net"
     assert state["schedule"] == {"start": 2, "freeze_observers_at": None, "freeze_bn_at": 5, "unit": "step"}
@@ -664,7 +690,7 @@ def test_artifact_write_error_names_save_path_and_keeps_checkpoints(tmp_path, mo
     _failing_replace(monkeypatch, "int8.pt2")
     save_path = tmp_path / "out" / "int8.pt2"
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
-    callback = QATCallback(module="net", latency="off", save_path=str(save_path), verbose=False)
+    callback = QATCallback(backend="inductor", module="net", latency="off", save_path=str(save_path), verbose=False)
     with pytest.raises(ArtifactWriteError, match=r"Cannot write `save_path`=.*int8\.pt2.*No space left on device"):
         trainer(tmp_path, [callback, saver], max_epochs=1, enable_checkpointing=True).fit(Classifier(), loader())
     assert list(save_path.parent.iterdir()) == []  # nothing partial, no temporary file
@@ -680,7 +706,7 @@ from helpers import TinyClassifier, loader, trainer
 
 qat.convert_to_int8 = lambda *args, **kwargs: os.kill(os.getpid(), 9)  # killed during the fit-end conversion
 saver = ModelCheckpoint(dirpath={ckpt!r}, save_last=True)
-callback = qat.QATCallback(module="net", monitor="val_acc", latency="off", verbose=False)
+callback = qat.QATCallback(backend="inductor", module="net", monitor="val_acc", latency="off", verbose=False)
 fit = trainer({root!r}, [callback, saver], max_epochs=1, enable_checkpointing=True)
 fit.fit(TinyClassifier(), loader(), loader(64))
 """
@@ -696,7 +722,7 @@ def test_kill_during_fit_end_conversion_then_resume_completes_it(tmp_path):
     script = _CRASH_IN_CONVERSION.format(tests=tests, ckpt=str(tmp_path / "ckpt"), root=str(tmp_path))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == -9, result.stderr[-2000:]
-    callback = QATCallback(module="net", monitor="val_acc", latency="off", verbose=False)
+    callback = QATCallback(backend="inductor", module="net", monitor="val_acc", latency="off", verbose=False)
     fit = trainer(tmp_path, [callback, FailIfTrained()], max_epochs=1, num_sanity_val_steps=0)
     fit.fit(TinyClassifier(), loader(), loader(64), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert callback.quantized_model is not None and 0.0 <= callback.results["int8_val_acc"] <= 1.0
@@ -706,11 +732,11 @@ def test_kill_during_fit_end_conversion_then_resume_completes_it(tmp_path):
 def test_finished_fit_resumed_converts_with_the_example_kept_in_the_checkpoint(tmp_path):
     """The same resume without a subprocess: no batch runs, the checkpoint's example is exported."""
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    first = QATCallback(module="net", convert_on_fit_end=False, verbose=False)
+    first = QATCallback(backend="inductor", module="net", convert_on_fit_end=False, verbose=False)
     trainer(tmp_path, [first, saver], max_epochs=1, enable_checkpointing=True).fit(TinyClassifier(), loader())
     example = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"][first.state_key]["example"]
     assert example["args"][0].shape == (8, 16) and example["kwargs"] == {}  # a few rows only
-    callback = QATCallback(module="net", latency="off", verbose=False)
+    callback = QATCallback(backend="inductor", module="net", latency="off", verbose=False)
     fit = trainer(tmp_path, [callback, FailIfTrained()], max_epochs=1, num_sanity_val_steps=0)
     fit.fit(TinyClassifier(), loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert callback.quantized_model is not None and callback.results["int8_bytes"] > 0
@@ -724,14 +750,14 @@ class _WithExampleArray(TinyClassifier):
 
 def test_example_input_array_is_used_for_a_submodule_target(tmp_path):
     """No batch ever reaches `net` (max_steps=0, no validation): `example_input_array` runs through `forward`."""
-    callback = QATCallback(module="net", latency="off", verbose=False)
+    callback = QATCallback(backend="inductor", module="net", latency="off", verbose=False)
     trainer(tmp_path, [callback], max_steps=0).fit(_WithExampleArray(), loader())
     assert callback.quantized_model is not None
     assert callback.quantized_model(torch.randn(3, 16)).shape == (3, 4)  # a batch of 1 exported as a dynamic batch
 
 
 def test_validation_batches_are_caught_too(tmp_path):
-    callback = QATCallback(module="net", latency="off", verbose=False)
+    callback = QATCallback(backend="inductor", module="net", latency="off", verbose=False)
     fit = trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=0)
     fit.fit(TinyClassifier(), loader(), loader(64))
     assert callback.quantized_model is not None
@@ -746,7 +772,7 @@ class _EightFeatures(TinyClassifier):
 
 
 def test_reused_callback_forgets_the_previous_fit(tmp_path):
-    callback = QATCallback(module="net", latency="off", verbose=False)
+    callback = QATCallback(backend="inductor", module="net", latency="off", verbose=False)
     trainer(tmp_path, [callback], max_epochs=1).fit(TinyClassifier(), loader())
     assert callback.quantized_model is not None and callback.results
     eight = DataLoader(classification_data(128, features=8), batch_size=32)
@@ -758,7 +784,7 @@ def test_reused_callback_forgets_the_previous_fit(tmp_path):
 
 
 def test_training_batch_of_one_exports_a_dynamic_batch(tmp_path):
-    callback = QATCallback(module="net", monitor="val_acc", latency="off", verbose=False)
+    callback = QATCallback(backend="inductor", module="net", monitor="val_acc", latency="off", verbose=False)
     fit = trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=8, num_sanity_val_steps=0)
     fit.fit(TwoInputModule(), two_input_loader(batch_size=1), two_input_loader(64))  # validated with batch 32
     assert callback.results["int8_val_acc"] >= 0.0
@@ -772,7 +798,7 @@ class _CompiledNet(Classifier):
 
 @pytest.mark.parametrize("module", ["net", None])
 def test_compiled_submodule_is_unwrapped_for_export(tmp_path, module):
-    callback = QATCallback(module=module, monitor="val_acc", latency="off", verbose=False)
+    callback = QATCallback(backend="inductor", module=module, monitor="val_acc", latency="off", verbose=False)
     trainer(tmp_path, [callback], max_epochs=1).fit(_CompiledNet(), loader(), loader(64))
     assert callback.results["top1_agreement"] > 0.8  # the int8 validation ran, with a batch of 64
     assert f"weight_scale/{'fc1' if module else 'net.fc1'}" in callback.results  # names without `_orig_mod`
@@ -781,14 +807,16 @@ def test_compiled_submodule_is_unwrapped_for_export(tmp_path, module):
 
 def _qat_checkpoint(tmp_path, **kwargs):
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
-    callback = QATCallback(module="net", convert_on_fit_end=False, verbose=False, **kwargs)
+    callback = QATCallback(backend="inductor", module="net", convert_on_fit_end=False, verbose=False, **kwargs)
     trainer(tmp_path, [callback, saver], max_epochs=1, enable_checkpointing=True).fit(Classifier(), loader())
     return tmp_path / "ckpt" / "last.ckpt"
 
 
 def test_resume_with_changed_settings_names_each_change(tmp_path):
     ckpt = _qat_checkpoint(tmp_path)
-    changed = QATCallback(module="net", weight_bits=4, activation_observer="histogram", convert_on_fit_end=False)
+    changed = QATCallback(
+        backend="inductor", module="net", weight_bits=4, activation_observer="histogram", convert_on_fit_end=False
+    )
     with pytest.raises(
         ValueError,
         match=r"`weight_bits`: 8 in the checkpoint, 4 now; `activation_observer`: 'moving_average' in the checkpoint,"
@@ -799,7 +827,7 @@ def test_resume_with_changed_settings_names_each_change(tmp_path):
 
 def test_resume_with_another_selection_is_refused(tmp_path):
     ckpt = _qat_checkpoint(tmp_path)
-    other = QATCallback(module="net", exclude=["fc2"], convert_on_fit_end=False)
+    other = QATCallback(backend="inductor", module="net", exclude=["fc2"], convert_on_fit_end=False)
     with pytest.raises(ValueError, match=r"holds QATCallback state for .*'exclude': None.* `module`, `include`"):
         trainer(tmp_path, [other, FailIfTrained()], max_epochs=2).fit(Classifier(), loader(), ckpt_path=ckpt)
 
@@ -814,7 +842,7 @@ class _NaNAt(Callback):
 
 
 def test_nan_batch_fails_at_once_naming_the_layer_and_the_step(tmp_path):
-    callback = QATCallback(module="net", latency="off", verbose=False)
+    callback = QATCallback(backend="inductor", module="net", latency="off", verbose=False)
     with pytest.raises(FloatingPointError, match=r"range observed by layer 'fc1', 'fc2' is NaN or Inf at step 5"):
         trainer(tmp_path, [callback, _NaNAt(5)], max_epochs=2).fit(Classifier(), loader())
 
@@ -825,19 +853,19 @@ def test_weight_averaging_is_refused_at_setup(tmp_path, ema):
     from torch.optim.swa_utils import get_ema_multi_avg_fn
 
     averager = WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(0.9)) if ema else WeightAveraging()
-    callback = QATCallback(module="net", latency="off", verbose=False)
+    callback = QATCallback(backend="inductor", module="net", latency="off", verbose=False)
     with pytest.raises(ValueError, match=r"QATCallback cannot be combined with WeightAveraging: .* second fit"):
         trainer(tmp_path, [averager, callback, FailIfTrained()], max_epochs=1).fit(Classifier(), loader())
 
 
 def test_start_past_the_end_of_training_is_warned_and_reported(tmp_path):
-    callback = QATCallback(module="net", start=100, latency="off", verbose=False)
+    callback = QATCallback(backend="inductor", module="net", start=100, latency="off", verbose=False)
     expected = r"`start`=100 \(steps\), but training is estimated at 8 optimizer steps"
     with pytest.warns(UserWarning, match=expected), pytest.warns(UserWarning, match=r"QAT never started"):
         trainer(tmp_path, [callback], max_epochs=1).fit(Classifier(), loader())
     assert callback.results["qat_started"] == 0.0
     assert "QAT never started" in callback.compression_settings()["quantization"]
-    started = QATCallback(module="net", latency="off", verbose=False)
+    started = QATCallback(backend="inductor", module="net", latency="off", verbose=False)
     trainer(tmp_path, [started], max_epochs=1).fit(Classifier(), loader())
     assert started.results["qat_started"] == 1.0 and started.compression_settings()["quantization"] == "qat"
 
@@ -856,7 +884,7 @@ def test_start_past_the_end_of_training_is_warned_and_reported(tmp_path):
 )
 def test_arguments_of_the_wrong_type_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        QATCallback(**kwargs)
+        QATCallback(backend="inductor", **kwargs)
 
 
 def test_a_module_without_children_reads_none(tmp_path):
@@ -868,15 +896,115 @@ def test_a_module_without_children_reads_none(tmp_path):
             return None
 
     with pytest.raises(ValueError, match=r"Its submodules: none\."):
-        trainer(tmp_path, [QATCallback(module="net")]).fit(Flat(), loader())
+        trainer(tmp_path, [QATCallback(backend="inductor", module="net")]).fit(Flat(), loader())
 
 
 def test_unwritable_save_path_fails_before_training(tmp_path):
     (tmp_path / "file").write_text("x")
-    callback = QATCallback(module="net", save_path=str(tmp_path / "file" / "int8.pt2"))
+    callback = QATCallback(backend="inductor", module="net", save_path=str(tmp_path / "file" / "int8.pt2"))
     with pytest.raises(ValueError, match=r"`save_path`=.*int8\.pt2.*: its folder cannot be created"):
         trainer(tmp_path, [callback, FailIfTrained()]).fit(Classifier(), loader())
     with pytest.raises(ValueError, match=r"`save_path`=.* is a directory"):
-        trainer(tmp_path, [QATCallback(module="net", save_path=str(tmp_path)), FailIfTrained()]).fit(
-            Classifier(), loader()
-        )
+        trainer(
+            tmp_path, [QATCallback(backend="inductor", module="net", save_path=str(tmp_path)), FailIfTrained()]
+        ).fit(Classifier(), loader())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Backends: ONNX Runtime (the default), "auto", bad values
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_onnxruntime_backend_is_the_default_and_runs_like_the_network(tmp_path):
+    import onnxruntime
+
+    from lightning_compress.engine.ort import OrtInt8Model, count_quantized_layers
+
+    L.seed_everything(0)
+    module = TwoInputModule()
+    callback = QATCallback(module="net", monitor="val_acc", latency="off")
+    assert callback.backend == "onnxruntime"
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    trainer(tmp_path, [callback], max_epochs=2, logger=logger).fit(module, two_input_loader(), two_input_loader(64))
+
+    results = callback.results
+    path = tmp_path / "tb" / "version_0" / "qat_int8.onnx"
+    assert results["saved_to"] == str(path) and path.is_file()
+    assert results["backend"] == "onnxruntime" and "backend_reason" not in results
+    assert callback.quantized_program is None
+    assert isinstance(callback.quantized_model, OrtInt8Model)
+    # the .onnx file is a plain ONNX model: a fresh session loads it, and its graph computes int8
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x", "side"]
+    assert sum(count_quantized_layers(path).values()) == 3
+    module.eval()
+    x, side = torch.randn(5, 16), torch.randn(5, 8)
+    with torch.no_grad():
+        fake = module.net(x, side, scale=2.0)
+        int8 = callback.quantized_model(x, side, scale=2.0)  # the network's own call (scale was baked in)
+        assert torch.equal(callback.quantized_model(side=side, x=x, scale=2.0), int8)
+        assert torch.equal(load_quantized(path)(x, side, scale=2.0), int8)
+    assert int8.shape == (5, 4)
+    # (ranges ORT needs that QAT does not learn, e.g. the residual add's output, are calibrated on the example batch)
+    assert torch.allclose(int8, fake, atol=0.2 * fake.abs().max().item())
+    assert results["top1_agreement"] >= 0.95
+    assert results["int8_val_acc"] == pytest.approx(results["fake_quant_val_acc"], abs=0.05)
+    assert {"int8_bytes", "float_bytes", "size_ratio", "int8_vs_fake_quant_sqnr_db", "sqnr/main"} <= set(results)
+    assert results["int8_bytes"] == path.stat().st_size
+    assert callback.compression_settings()["backend"] == "onnxruntime"
+    assert callback.state_dict()["config"]["backend"] == "onnxruntime"
+
+
+def test_onnxruntime_backend_on_a_residual_cnn_agrees_with_the_fake_quant_model(tmp_path):
+    L.seed_everything(0)
+    module = ResidualModule()
+    callback = QATCallback(module="net", monitor="val_acc", latency="off", freeze_bn_at=4)
+    trainer(tmp_path, [callback], max_epochs=2).fit(module, image_loader(), image_loader(48))
+    assert callback.quantized_model.num_quantized_layers == len(fake_quant_modules(module.net))
+    assert callback.results["top1_agreement"] >= 0.95
+    module.eval()
+    x = next(iter(image_loader()))[0]
+    with torch.no_grad():
+        fake, int8 = module(x), callback.quantized_model(x)
+    assert (fake.argmax(1) == int8.argmax(1)).float().mean() >= 0.9
+
+
+def test_auto_backend_times_both_and_reports_the_choice_and_why(tmp_path):
+    L.seed_everything(0)
+    callback = QATCallback(
+        backend="auto", module="net", latency="off", latency_batch_sizes=[8], save_path=str(tmp_path / "m.pt2")
+    )
+    trainer(tmp_path, [callback], max_epochs=1).fit(Classifier(), loader(), loader(64))
+    results = callback.results
+    assert results["backend"] in ("onnxruntime", "inductor")
+    reason = results["backend_reason"]
+    # every candidate is named in the reason, with its speed-up at the timed batch size
+    assert "at batch 8" in reason and "fp32" in reason
+    assert "onnxruntime int8" in reason and "inductor int8" in reason
+    suffix = ".onnx" if results["backend"] == "onnxruntime" else ".pt2"
+    assert results["saved_to"] == str(tmp_path / f"m{suffix}") and (tmp_path / f"m{suffix}").is_file()
+    assert (callback.quantized_program is None) == (results["backend"] == "onnxruntime")
+    with torch.no_grad():
+        assert callback.quantized_model(torch.randn(3, 16)).shape == (3, 4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"backend": "tensorrt"}, r"`backend` must be one of 'inductor', 'onnxruntime', 'auto', got 'tensorrt'"),
+        ({"weight_bits": 4}, r"`backend`='onnxruntime' runs 8-bit weights only, got `weight_bits`=4.*'inductor'"),
+        ({"backend": "auto", "weight_bits": 4}, r"`backend`='auto' runs 8-bit weights only"),
+        ({"save_path": "int8.pt2"}, r"`save_path`='int8.pt2' has the suffix '.pt2', but `backend`='onnxruntime'"),
+        ({"backend": "inductor", "save_path": "a.onnx"}, r"`save_path`='a.onnx' has the suffix '.onnx'"),
+    ],
+)
+def test_bad_backend_names_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QATCallback(**kwargs)
+
+
+def test_resume_with_another_backend_is_refused(tmp_path):
+    callback = QATCallback(backend="inductor", module="net")
+    state = callback.state_dict()
+    with pytest.raises(ValueError, match=r"`backend`: 'inductor' in the checkpoint, 'onnxruntime' now"):
+        QATCallback(module="net").load_state_dict(state)

@@ -330,3 +330,45 @@ def test_choose_backend_times_the_callables_alternated() -> None:
     assert choice.latency_ms["inductor"][4] > choice.latency_ms["eager_fp32"][4] > choice.latency_ms["onnxruntime"][4]
     with pytest.raises(ValueError, match="must contain 'eager_fp32'"):
         choose_backend({"inductor": candidates["inductor"]}, torch.randn(1, 2), [1])
+
+
+def test_float_layers_of_a_float_model_stay_float_and_read_float_inputs() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(32, 16)
+    net = mlp().eval()
+    int8 = convert_to_onnx_int8(net, x[:2], calibration=[x], mode="static", float_layers=["2"])
+    assert int8.float_layers == ("2",) and int8.quantized_layers == {"Gemm": 2}
+    graph = _graph(int8)
+    layer = next(n for n in graph.node if n.op_type == "Gemm" and "/net.2/" in n.name)
+    producers = {o: n for n in graph.node for o in n.output}
+    assert producers[layer.input[0]].op_type != "DequantizeLinear"  # its input is the float ReLU output
+    assert layer.input[1] not in producers  # the float weight initializer itself
+    with torch.no_grad():
+        assert sqnr_db(net(x), int8(x)) > 25.0
+    with pytest.raises(ValueError, match=r"`float_layers` names modules that Sequential does not have: \['fc9'\]"):
+        convert_to_onnx_int8(net, x[:2], mode="static", float_layers=["fc9"])
+
+
+def test_constant_arguments_of_the_example_may_be_passed_with_their_value() -> None:
+    torch.manual_seed(0)
+    net = TwoInputNet().eval()
+    x, y, mask = torch.randn(4, 8), torch.randn(4, 4), torch.ones(4, 16)
+    int8 = convert_to_onnx_int8(net, (x, y), {"mask": mask, "scale": 2.0}, mode="dynamic")
+    assert int8.fixed_arguments == {"scale": 2.0}
+    torch.testing.assert_close(int8(x, y, mask=mask, scale=2.0), int8(x, y, mask=mask))
+    with pytest.raises(TypeError, match=r"`scale` was baked into the ONNX graph as 2.0.*cannot take 3.0"):
+        int8(x, y, mask=mask, scale=3.0)
+
+
+def test_load_quantized_dispatches_on_the_suffix(tmp_path) -> None:
+    from lightning_compress import load_quantized
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 16)
+    int8 = convert_to_onnx_int8(mlp().eval(), x[:2], calibration=[x], mode="static")
+    int8.save(tmp_path / "m.onnx")
+    loaded = load_quantized(tmp_path / "m.onnx")
+    assert isinstance(loaded, OrtInt8Model) and loaded.quantized_layers == int8.quantized_layers
+    torch.testing.assert_close(loaded(x), int8(x))
+    export_onnx(mlp().eval(), x[:2], tmp_path / "f.onnx")
+    assert isinstance(load_quantized(tmp_path / "f.onnx"), OrtFloatModel)

@@ -46,7 +46,7 @@ class ObserverDump(Callback):
 
 @pytest.mark.ddp
 def test_observers_identical_across_ranks(tmp_path):
-    callback = QATCallback(module="net", averaging_constant=0.1, convert_on_fit_end=False)
+    callback = QATCallback(backend="inductor", module="net", averaging_constant=0.1, convert_on_fit_end=False)
     fit = trainer(
         tmp_path,
         [callback, ObserverDump(tmp_path)],
@@ -89,7 +89,9 @@ class WithTorchmetrics(TinyClassifier):
 @pytest.mark.slow
 def test_conversion_on_rank_zero_with_torchmetrics_does_not_hang(tmp_path):
     """Rank zero measures the int8 model alone: its torchmetrics must not wait for the other rank."""
-    callback = QATCallback(module="net", monitor="val_acc", latency="off", save_path=str(tmp_path / "int8.pt2"))
+    callback = QATCallback(
+        backend="inductor", module="net", monitor="val_acc", latency="off", save_path=str(tmp_path / "int8.pt2")
+    )
     fit = trainer(tmp_path, [callback], strategy="ddp_spawn", devices=2, max_epochs=1, num_sanity_val_steps=0)
     fit.fit(WithTorchmetrics(), loader(), loader(64))
     assert (tmp_path / "int8.pt2").is_file()

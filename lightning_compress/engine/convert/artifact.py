@@ -220,20 +220,30 @@ def load_int8(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
     return _load(path)[0]
 
 
-def load_quantized(path: str | os.PathLike[str]) -> QuantizedModule:
-    """Load a saved int8 artifact (``.pt2``) as a module called exactly like the network it was converted from.
+def load_quantized(path: str | os.PathLike[str]) -> nn.Module:
+    """Load a saved int8 artifact (``.pt2`` or ``.onnx``) as a module called like the network it was converted from.
+
+    Dispatches on the suffix: a ``.onnx`` file (the ``backend="onnxruntime"`` artifact) becomes an
+    :class:`~lightning_compress.engine.ort.OrtInt8Model` run by ONNX Runtime (an :class:`~lightning_compress.engine
+    .ort.OrtFloatModel` if its graph has no int8 layer); anything else is read as a ``torch.export`` archive.
 
     Example::
 
-        int8 = load_quantized("lightning_logs/version_0/qat_int8.pt2")
+        int8 = load_quantized("lightning_logs/version_0/qat_int8.onnx")  # or qat_int8.pt2
         logits = int8(images)  # same arguments as the float network's forward
 
     Args:
-        path: A file written by :func:`save_int8` (the QAT and PTQ callbacks write one at fit end).
+        path: A file written by :func:`save_int8` or ``OrtInt8Model.save`` (the QAT and PTQ callbacks write one at
+            fit end).
 
     Returns:
-        A :class:`QuantizedModule` (eager int8 reference computation; :func:`compile_int8` for speed).
+        For ``.pt2``: a :class:`QuantizedModule` (eager int8 reference computation; :func:`compile_int8` for speed).
+        For ``.onnx``: the ONNX Runtime model (fast as it is).
     """
+    if Path(path).suffix.lower() == ".onnx":
+        from lightning_compress.engine.ort import load_onnx
+
+        return load_onnx(path)
     return QuantizedModule(*_load(path))
 
 
