@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import math
 import time
 
@@ -485,3 +486,31 @@ def test_settings_override_the_config_and_calibration_is_capped() -> None:
     result = convert_to_int8(model, (batches[0],), calibration_data=batches, config=config, observer="minmax")
     assert result.calibration_batches == 2
     assert convert_to_int8(model, (batches[0],), config=config, mode="dynamic").mode == "dynamic"
+
+
+def test_pt2_is_written_compressed_and_reloads_identically(tmp_path) -> None:
+    import zipfile
+
+    from lightning_compress.demos.models import ResidualCNN as DemoResidualCNN
+    from lightning_compress.engine.convert.artifact import serialize_int8
+
+    torch.manual_seed(0)
+    model = DemoResidualCNN(widths=(16, 32, 64), num_classes=10).eval()  # the benchmark net, at small width
+    x = torch.randn(4, 1, 28, 28)
+    result = convert_to_int8(model, (x,))
+    plain, compressed = serialize_int8(result, compress=False), serialize_int8(result)
+    assert len(compressed) < 0.6 * len(plain)
+    path = tmp_path / "int8.pt2"
+    size = save_int8(result, path)
+    assert size == len(compressed) == path.stat().st_size == result.size_bytes()
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+        assert members and all(m.compress_type == zipfile.ZIP_DEFLATED for m in members)
+    with zipfile.ZipFile(io.BytesIO(plain)) as raw, zipfile.ZipFile(path) as packed:
+        assert raw.namelist() == packed.namelist()
+        assert all(raw.read(n) == packed.read(n) for n in raw.namelist())
+    assert size <= 0.3 * model_size_bytes(model), (size, model_size_bytes(model))
+    loaded = load_quantized(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.module()(x))
+        assert torch.equal(loaded(x[:3]), result.module()(x[:3]))

@@ -6,6 +6,7 @@ import inspect
 import io
 import json
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +168,7 @@ class Int8Model:
 
     def size_bytes(self) -> int:
         """Size of the saved artifact, in bytes."""
-        return model_size_bytes(self.program)
+        return model_size_bytes(self)
 
 
 def _program_of(obj: torch.export.ExportedProgram | Int8Model) -> torch.export.ExportedProgram:
@@ -196,13 +197,38 @@ def save_int8(
     return write_atomically(path, data, what)
 
 
-def serialize_int8(program: torch.export.ExportedProgram | Int8Model) -> bytes:
-    """The bytes :func:`save_int8` writes: ``torch.export.save`` into memory (with the call signature)."""
+def serialize_int8(program: torch.export.ExportedProgram | Int8Model, compress: bool = True) -> bytes:
+    """The bytes :func:`save_int8` writes: ``torch.export.save`` into memory (with the call signature), the archive
+    rewritten with deflate.
+
+    ``torch.export.save`` stores every member uncompressed (and ~1.2 KB of graph metadata per node, which deflates
+    well): the same archive, each member deflated, is 0.26-0.28x of the fp32 ``state_dict`` on the benchmark nets
+    instead of 0.43-0.52x (DESIGN §7), and ``torch.export.load`` reads it back identically.
+
+    Args:
+        program: The program or :class:`Int8Model`.
+        compress: Deflate the members (``False``: the archive exactly as ``torch.export.save`` writes it).
+    """
     signature = program.signature if isinstance(program, Int8Model) else None
     extra = {SIGNATURE_FILE: json.dumps([spec._asdict() for spec in signature])} if signature is not None else None
     buffer = io.BytesIO()
     torch.export.save(_program_of(program), buffer, extra_files=extra)
-    return buffer.getvalue()
+    return deflate_archive(buffer.getvalue()) if compress else buffer.getvalue()
+
+
+def deflate_archive(data: bytes, level: int = 6) -> bytes:
+    """The zip archive ``data`` with every member deflated (names, order and contents unchanged)."""
+    out = io.BytesIO()
+    with (
+        zipfile.ZipFile(io.BytesIO(data)) as source,
+        zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=level) as target,
+    ):
+        for info in source.infolist():
+            member = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+            member.compress_type = zipfile.ZIP_DEFLATED
+            member.external_attr = info.external_attr
+            target.writestr(member, source.read(info), compress_type=zipfile.ZIP_DEFLATED, compresslevel=level)
+    return out.getvalue()
 
 
 def _load(path: str | os.PathLike[str]) -> tuple[torch.export.ExportedProgram, tuple[ArgSpec, ...] | None]:
@@ -252,15 +278,14 @@ def model_size_bytes(obj: nn.Module | torch.export.ExportedProgram | Int8Model |
 
     Args:
         obj: an ``nn.Module`` (size of ``torch.save(state_dict)``), an ``ExportedProgram``/:class:`Int8Model`
-            (size of ``torch.export.save``), or the path of a saved file (its size).
+            (size of the compressed archive :func:`save_int8` writes), or the path of a saved file (its size).
     """
     if isinstance(obj, (str, os.PathLike)):
         return os.path.getsize(obj)
+    if not isinstance(obj, nn.Module):
+        return len(serialize_int8(obj))
     buffer = io.BytesIO()
-    if isinstance(obj, nn.Module):
-        torch.save(obj.state_dict(), buffer)
-    else:
-        torch.export.save(_program_of(obj), buffer)
+    torch.save(obj.state_dict(), buffer)
     return buffer.getbuffer().nbytes
 
 
