@@ -687,6 +687,7 @@ def test_onnxruntime_fallback_keeps_exactly_the_badly_quantizable_layer_in_float
     assert ptq.quantized_model.num_quantized_layers == 2
 
 
+@pytest.mark.slow  # Inductor compiles the pt2e candidate (~5 s)
 def test_auto_backend_reports_the_choice_and_why_and_falls_back_with_it(tmp_path) -> None:
     model = Classifier(trained_mlp())
     ptq = PostTrainingQuantCallback(

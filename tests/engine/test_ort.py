@@ -372,3 +372,30 @@ def test_load_quantized_dispatches_on_the_suffix(tmp_path) -> None:
     torch.testing.assert_close(loaded(x), int8(x))
     export_onnx(mlp().eval(), x[:2], tmp_path / "f.onnx")
     assert isinstance(load_quantized(tmp_path / "f.onnx"), OrtFloatModel)
+
+
+def test_convert_auto_keeps_the_backend_that_converts_and_says_why_the_other_is_missing() -> None:
+    from lightning_compress.engine.config import ConversionConfig
+    from lightning_compress.engine.convert import Int8ConversionError
+    from lightning_compress.engine.convert.backend import check_backend, convert_auto, convert_with_backend
+
+    torch.manual_seed(0)
+    net, x = mlp().eval(), torch.randn(8, 16)
+
+    def convert(backend: str):
+        if backend == "inductor":
+            raise Int8ConversionError("torch.export cannot capture it\nmore detail")
+        return convert_with_backend(backend, net, (x,), {}, config=ConversionConfig(mode="static"))
+
+    backend, model, reason = convert_auto(convert, net, (x,), {}, [4])
+    assert backend == "onnxruntime" and isinstance(model, OrtInt8Model)
+    assert reason == "onnxruntime int8 (the only one built: inductor failed: torch.export cannot capture it)"
+
+    def nothing(backend: str):
+        raise OrtConversionError(f"{backend} failed")
+
+    with pytest.raises(OrtConversionError, match="onnxruntime failed"):
+        convert_auto(nothing, net, (x,), {}, [4])
+    assert check_backend("onnxruntime", "dynamic") == "onnxruntime"
+    with pytest.raises(ValueError, match=r"`backend`='onnxruntime' cannot run `mode`='weight_only'"):
+        check_backend("onnxruntime", "weight_only")
