@@ -14,9 +14,10 @@ TensorBoard run under one log directory (``<logdir>/<study>/version_N``) with a 
   ``trainer.validate``.
 
 At the end every artifact is loaded back from disk and measured the same way: test accuracy (the 10k test images),
-sparsity and non-zero weights, size on disk (float: the saved ``state_dict``; int8: the ``.pt2`` program) and CPU
-latency at batch 1 and 64 (1 thread, medians of runs alternated with the dense model; float eager, int8 compiled
-with Inductor), each relative to dense. The table is printed and written to ``study.md`` / ``study.json`` in the log
+sparsity and non-zero weights, size on disk (float: the saved ``state_dict``; int8: the ``.onnx`` file of the
+callbacks' default ONNX Runtime backend) and CPU latency at batch 1 and 64 (1 thread, medians of runs alternated with
+the dense model; float eager, int8 run by ONNX Runtime, or compiled with Inductor for a ``.pt2``), each relative to
+dense. The table is printed and written to ``study.md`` / ``study.json`` in the log
 directory, with a cross-run accuracy-vs-sparsity figure in the TensorBoard run ``study``.
 """
 
@@ -264,12 +265,30 @@ def _load(run: StudyRun) -> tuple[Callable[..., Any], Callable[..., Any], dict[s
         stats = measure_sparsity(select_parameters(net, None, None))
         return net, net, {"weights": float(stats.total_numel), "nonzero_weights": float(stats.nonzero)}
     int8 = load_quantized(run.artifact)
-    weights = int8_weights(int8.program).values()
+    if run.artifact.suffix == ".onnx":  # ONNX Runtime (the callbacks' default backend): fast as it is
+        weights = _onnx_int8_weights(run.artifact)
+        deployed: Callable[..., Any] = int8
+    else:  # torch.export program (backend="inductor"): compiled with Inductor
+        weights = list(int8_weights(int8.program).values())
+        deployed = compile_int8(int8.program, dynamic=False)
     counts = {
         "weights": float(sum(w.numel() for w in weights)),
         "nonzero_weights": float(sum(int(w.count_nonzero()) for w in weights)),
     }
-    return int8, compile_int8(int8.program, dynamic=False), counts
+    return int8, deployed, counts
+
+
+def _onnx_int8_weights(path: Path) -> list[torch.Tensor]:
+    """The int8 weight tensors (initializers of rank >= 2) of an int8 ``.onnx`` file."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    return [
+        torch.from_numpy(numpy_helper.to_array(init).copy())
+        for init in proto.graph.initializer
+        if init.data_type == onnx.TensorProto.INT8 and len(init.dims) >= 2
+    ]
 
 
 @torch.no_grad()
@@ -364,10 +383,11 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 NOTES = (
     "Ratios are x dense: below 1.00x is fewer, smaller or faster. "
-    "Accuracy: the Fashion-MNIST test images, each artifact loaded back from disk (int8: its eager program). "
+    "Accuracy: the Fashion-MNIST test images, each artifact loaded back from disk with load_quantized. "
     "Sparsity and non-zero weights: Linear/Conv weights of the artifact (int8 rounding adds a few zeros). "
-    "Size: float = the saved state_dict, int8 = the torch.export .pt2 program; gzipped shows what sparsity saves "
-    "once compressed. Latency: medians, 1 thread, after warm-up; float eager, int8 compiled with Inductor; each "
+    "Size: float = the saved state_dict, int8 = the saved .onnx (ONNX Runtime, the callbacks' default backend); "
+    "gzipped shows what sparsity saves once compressed. Latency: medians, 1 thread, after warm-up; float eager, "
+    "int8 run by ONNX Runtime (a .pt2 from backend='inductor' is compiled with Inductor); each "
     "ratio comes from runs alternated with the dense model (robust to machine load), the absolute times vary with it."
 )
 
