@@ -30,7 +30,7 @@ from lightning_compress.engine.config import (
     QuantConfig,
     WeightBits,
 )
-from lightning_compress.engine.convert import Int8Model
+from lightning_compress.engine.convert import Int8Model, convert_to_int8
 from lightning_compress.engine.convert.backend import (
     AnyInt8,
     check_backend,
@@ -440,6 +440,8 @@ class QATCallback(Callback):
         """The int8 model of the backend (``"auto"``: both built and timed; the backend, model and reason)."""
 
         def convert(backend: str) -> AnyInt8:
+            if backend == "inductor":
+                return convert_to_int8(target, args, kwargs, config=self.conversion)
             return convert_with_backend(backend, target, args, kwargs, config=self.conversion)
 
         if self.backend != "auto":

@@ -716,3 +716,28 @@ def test_auto_backend_reports_the_choice_and_why_and_falls_back_with_it(tmp_path
 def test_bad_backend_names_the_argument(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         PostTrainingQuantCallback(**kwargs)
+
+
+class DictOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"logits": self.fc(x)}
+
+
+def test_a_model_the_onnx_exporter_cannot_take_fails_before_training_quoting_why(tmp_path) -> None:
+    from lightning_compress.engine.ort import OrtConversionError
+
+    ptq = PostTrainingQuantCallback(module="net", latency="off")
+
+    class DictClassifier(Classifier):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x)["logits"], y)
+
+    trainer = make_trainer(tmp_path, [ptq], max_epochs=3, limit_train_batches=2)
+    with pytest.raises(OrtConversionError, match=r"The model returns dict; the ONNX backend supports a tensor"):
+        trainer.fit(DictClassifier(DictOutput()), vector_loader(128))
+    assert trainer.global_step <= 1
