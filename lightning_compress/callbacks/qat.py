@@ -473,6 +473,7 @@ class QATCallback(Callback):
         recorder = _loops.Recorder(target, keep_inputs=True)
         limit = self.conversion.calibration_batches
         _loops.run_inner_loop(trainer, pl_module, self.module, recorder, "validate", loader, limit)
+        target.eval()  # the loop restored the LightningModule's own mode, which reaches the target network
         return [ModelCall(args, kwargs) for args, kwargs in recorder.inputs] or None
 
     def _measure(

@@ -680,6 +680,11 @@ def resolve_mode(model: nn.Module, mode: str = "auto") -> str:
     return "static" if convs else "dynamic"
 
 
+def _has_attention(model: nn.Module) -> bool:
+    attention = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    return any(isinstance(m, attention) for m in model.modules())
+
+
 def _unqualified(name: str) -> str:
     """The scope name the TorchScript exporter gives the module at ``name`` (``torch.onnx.utils``' rule)."""
     atoms = name.split(".")
@@ -958,6 +963,8 @@ def convert_to_onnx_int8(
                         activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
                         nodes_to_exclude=exclude + tail + _attention_internals(proto, net, exported.prefix),
+                        # attention models: only the weight layers (their masks hold -inf; DESIGN §7)
+                        op_types_to_quantize=list(_LAYER_OPS) if _has_attention(net) else None,
                         extra_options={"TensorQuantOverrides": overrides} if overrides else {},
                     )
             else:

@@ -741,3 +741,25 @@ def test_a_model_the_onnx_exporter_cannot_take_fails_before_training_quoting_why
     with pytest.raises(OrtConversionError, match=r"The model returns dict; the ONNX backend supports a tensor"):
         trainer.fit(DictClassifier(DictOutput()), vector_loader(128))
     assert trainer.global_step <= 1
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_onnxruntime_backend_on_a_transformer_block(tmp_path, mode) -> None:
+    from lightning_compress.engine.ort import OrtInt8Model
+
+    torch.manual_seed(0)
+    model = Classifier(TransformerBlock())
+    ptq = PostTrainingQuantCallback(module="net", mode=mode, monitor="val_acc", latency="off", run_on=["validate"])
+    trainer = make_trainer(tmp_path, [ptq])
+    with pytest.warns(UserWarning, match="no train dataloader under trainer.validate"):
+        trainer.validate(model, sequence_loader(seed=1), verbose=False)
+    results = ptq.results
+    assert results["backend"] == "onnxruntime" and str(results["saved_to"]).endswith("ptq_int8.onnx")
+    assert isinstance(ptq.quantized_model, OrtInt8Model) and ptq.quantized_model.mode == mode
+    assert ptq.quantized_model.num_quantized_layers == 6  # embed, qkv, proj, mlp.0, mlp.2, head
+    assert results["top1_agreement"] >= 0.9
+    x = next(iter(sequence_loader(seed=2)))[0]
+    with torch.no_grad():
+        ref = model.net(x)
+        out = ptq.quantized_model(x)
+    assert F.cosine_similarity(ref, out, dim=-1).mean() > 0.99

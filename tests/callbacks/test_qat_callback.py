@@ -1007,3 +1007,20 @@ def test_resume_with_another_backend_is_refused(tmp_path):
     state = callback.state_dict()
     with pytest.raises(ValueError, match=r"`backend`: 'inductor' in the checkpoint, 'onnxruntime' now"):
         QATCallback(module="net").load_state_dict(state)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_onnxruntime_backend_on_the_demo_transformer(tmp_path, mode):
+    """nn.Transformer with an explicit causal mask, token inputs: ORT int8 agrees with the fake-quant model."""
+    L.seed_everything(0)
+    module = TransformerModule()
+    callback = QATCallback(module="model", mode=mode, monitor="val_nll", latency="off")
+    trainer(tmp_path, [callback], max_epochs=1).fit(module, token_loader(), token_loader())
+    inputs, target = next(iter(token_loader()))
+    module.eval()
+    with torch.no_grad():
+        int8 = callback.quantized_model(inputs[:5], target[:5])
+    assert int8.shape == (5 * 8, 50)
+    assert callback.quantized_model.mode == mode and callback.quantized_model.num_quantized_layers > 0
+    assert callback.results["top1_agreement"] >= 0.95
+    assert callback.results["int8_val_nll"] == pytest.approx(callback.results["fake_quant_val_nll"], rel=0.05)
