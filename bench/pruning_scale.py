@@ -10,7 +10,8 @@ process (1 thread) so its peak resident memory (``ru_maxrss``) belongs to it alo
 * ``radix`` — ``compute_masks`` now: ``int32`` keys per tensor, two histogram passes, no concatenation.
 
 Reported: median seconds per update, nanoseconds per weight, and the peak memory above the model's own, in bytes
-per weight. Writes ``bench/pruning_scale_results.json`` and the "pruning at scale" section of docs/benchmarks.md.
+per weight; and the steady training-step overhead of applied masks against dense. Writes
+``bench/pruning_scale_results.json`` and the "pruning at scale" section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -73,10 +74,51 @@ def _measure(args: tuple[str, int, int]) -> dict[str, Any]:
     }
 
 
+def _step_overhead(args: tuple[int, int]) -> dict[str, Any]:
+    """Median SGD step (batch 64) of a square Linear stack with masks re-applied by the post-hook and gradients
+    masked, against the same stack dense; the two alternate step by step."""
+    million, steps = args
+    from lightning_compress.engine.config import PruningConfig
+    from lightning_compress.engine.pruner import GradualPruner
+
+    torch.set_num_threads(1)
+    width = 2048
+    layers = max(1, round(million * 1e6 / width**2))
+
+    def stack() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)])
+
+    dense, pruned = stack(), stack()
+    weights = {n: p for n, p in pruned.named_parameters()}
+    pruner = GradualPruner(weights, PruningConfig(target_sparsity=0.9, end_step=1).resolve(None))
+    pruner.step(1)
+    optimizers = {
+        "dense": torch.optim.SGD(dense.parameters(), lr=1e-3),
+        "pruned": torch.optim.SGD(pruned.parameters(), lr=1e-3),
+    }
+    optimizers["pruned"].register_step_post_hook(lambda *_: pruner.apply())
+    x = torch.randn(64, width)
+    times: dict[str, list[float]] = {"dense": [], "pruned": []}
+    for i in range(steps + 3):
+        for name, model in (("dense", dense), ("pruned", pruned)):
+            start = time.perf_counter()
+            optimizers[name].zero_grad()
+            model(x).square().mean().backward()
+            if name == "pruned":
+                pruner.mask_gradients()
+            optimizers[name].step()
+            if i >= 3:
+                times[name].append(time.perf_counter() - start)
+    dense_ms, pruned_ms = (1000 * statistics.median(times[k]) for k in ("dense", "pruned"))
+    return {"weights": layers * width**2, "dense_ms": dense_ms, "pruned_ms": pruned_ms, "ratio": pruned_ms / dense_ms}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 50], help="model sizes in millions of weights")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=15, help="timed training steps per model for the step overhead")
     args = parser.parse_args()
     env = environment()
     print(f"CPU: {env['cpu']}, torch {env['torch']}, 1 thread")
@@ -88,7 +130,13 @@ def main() -> None:
             result = pool.map(_measure, [job])[0]
         print(json.dumps(result))
         results.append(result)
-    RESULTS.write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
+    steps = []
+    for size in args.sizes:
+        with context.Pool(1) as pool:
+            step = pool.map(_step_overhead, [(size, args.steps)])[0]
+        print(json.dumps(step))
+        steps.append(step)
+    RESULTS.write_text(json.dumps({"environment": env, "results": results, "steps": steps}, indent=2) + "\n")
     rows = [
         (
             f"{r['weights'] / 1e6:.1f}M",
@@ -107,7 +155,17 @@ def main() -> None:
         "`kthvalue` is the method before `engine.distributed` (flat float scores, concatenated, sorted selection on a"
         " CPU copy); `radix` is `compute_masks` now (int32 keys per tensor, two histogram passes, the same exact"
         " masks; under FSDP2 the same code runs on local shards with two histogram all_reduces).\n\n"
-        f"{table}\n"
+        f"{table}\n\n"
+        "Steady training step (SGD, batch 64, masks applied by the optimizer step post-hook and gradients masked, as"
+        " the callback does), alternated with the same stack dense, medians:\n\n"
+        + markdown_table(
+            ["weights", "dense ms", "pruned ms", "ratio"],
+            [
+                (f"{r['weights'] / 1e6:.1f}M", f"{r['dense_ms']:.1f}", f"{r['pruned_ms']:.1f}", f"{r['ratio']:.3f}x")
+                for r in steps
+            ],
+        )
+        + "\n"
     )
     write_benchmarks_section("pruning-scale", section)
     print(section)
