@@ -141,7 +141,8 @@ class PostTrainingQuantCallback(Callback):
             ``None``: no fallback.
         max_float_layers: At most this many layers kept in float by the fallback (``None``: no limit).
         backend: ``"onnxruntime"`` (default), ``"inductor"`` or ``"auto"`` (see above). ONNX Runtime has no
-            ``"weight_only"`` mode (use ``"inductor"`` for it) and needs the ``onnx`` extra.
+            ``"weight_only"`` mode (use ``"inductor"`` for it), calibrates with its own min/max (``observer``,
+            ``percentile`` and ``quantize_embeddings`` apply to ``"inductor"``) and needs ``onnx``/``onnxruntime``.
         run_on: When to run: any of ``"fit"`` (end of fit), ``"validate"`` and ``"test"`` (end of a standalone
             ``trainer.validate``/``trainer.test``).
         save_path: Where to save the int8 model; default ``<logger.log_dir>/ptq_int8.onnx`` (``.pt2`` for

@@ -470,7 +470,9 @@ class QATCallback(Callback):
             loader = next(iter(loader.values()), None)
         if loader is None or not is_overridden("validation_step", pl_module):
             return None
-        recorder = _loops.Recorder(target, keep_inputs=True)
+        # The whole LightningModule as the target: record its own (class) ``forward``, the instance's is swapped.
+        network = type(pl_module).forward.__get__(pl_module) if target is pl_module else target
+        recorder = _loops.Recorder(network, keep_inputs=True)
         limit = self.conversion.calibration_batches
         _loops.run_inner_loop(trainer, pl_module, self.module, recorder, "validate", loader, limit)
         target.eval()  # the loop restored the LightningModule's own mode, which reaches the target network

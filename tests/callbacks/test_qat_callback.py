@@ -1024,3 +1024,16 @@ def test_onnxruntime_backend_on_the_demo_transformer(tmp_path, mode):
     assert callback.quantized_model.mode == mode and callback.quantized_model.num_quantized_layers > 0
     assert callback.results["top1_agreement"] >= 0.95
     assert callback.results["int8_val_nll"] == pytest.approx(callback.results["fake_quant_val_nll"], rel=0.05)
+
+
+def test_whole_lightning_module_as_target_with_onnxruntime(tmp_path):
+    """``module=None`` with ONNX Runtime: calibration and measurement record the LightningModule's own forward."""
+    L.seed_everything(0)
+    model = Classifier()
+    callback = QATCallback(monitor="val_acc", latency="off")
+    trainer(tmp_path, [callback], max_epochs=1).fit(model, loader(), loader(64))
+    assert callback.results["backend"] == "onnxruntime"
+    assert callback.results["top1_agreement"] >= 0.95
+    assert "forward" not in vars(model)
+    with torch.no_grad():
+        assert callback.quantized_model(torch.randn(3, 16)).shape == (3, 4)
