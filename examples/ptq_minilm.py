@@ -145,6 +145,7 @@ def main() -> None:
         run_on=["validate"],
         quantize_embeddings=True,  # the 30522x384 word embedding table is 52% of the model; pt2e leaves it float
         latency="off",  # timed below, on the whole sentence encoder, batch 1 and batch 32
+        backend="inductor",  # compiled below from `ptq.quantized_program` (the default ORT backend has no program)
         save_path=str(Path(tempfile.mkdtemp()) / "minilm_int8.pt2"),
     )
     trainer = L.Trainer(

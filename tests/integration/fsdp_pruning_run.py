@@ -74,6 +74,10 @@ def main() -> None:
         deterministic=True,
     )
     trainer.fit(ShardedClassifier(), ResumableLoader(classification_data()), ckpt_path=resume)
+    # Tear the process group down before the interpreter exits: gloo's threads otherwise sometimes abort the exit.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
