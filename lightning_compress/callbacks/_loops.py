@@ -178,7 +178,7 @@ def call_to_state(call: Call | None, rows: int = 8) -> dict[str, Any]:
 
 
 def call_from_state(state: Any) -> Call | None:
-    """The example call saved by :func:`call_to_state` (``None`` when the state holds none)."""
+    """The example call saved by ``call_to_state`` (``None`` when the state holds none)."""
     if not isinstance(state, dict) or "args" not in state:
         return None
     return tuple(state["args"]), dict(state.get("kwargs", {}))

@@ -80,39 +80,41 @@ class PostTrainingQuantCallback(Callback):
        network is calibrated on exactly what your step feeds it, whatever the batch format.
     2. **Conversion of a copy** by the ``backend`` (the LightningModule is not modified), calibrated on those
        recorded calls: ``"onnxruntime"`` (the default) exports the float copy to ONNX and quantizes it in ONNX
-       Runtime's QDQ layout (:func:`~lightning_compress.engine.ort.convert_to_onnx_int8`), saved as
+       Runtime's QDQ layout (``convert_to_onnx_int8``), saved as
        ``<log_dir>/ptq_int8.onnx``; ``"inductor"`` goes through torchao's pt2e flow
-       (:func:`~lightning_compress.engine.convert.convert_to_int8`), saved as a compressed ``ptq_int8.pt2`` (the
-       ``torch.export`` program is :attr:`quantized_program`, ``None`` for ONNX Runtime); ``"auto"`` builds both,
+       (``convert_to_int8``), saved as a compressed ``ptq_int8.pt2`` (the
+       ``torch.export`` program is ``quantized_program``, ``None`` for ONNX Runtime); ``"auto"`` builds both,
        times them side by side at batch 1 and the validation batch size (alternated, 1 thread) next to ORT fp32 and
        fp32 eager, and keeps the faster int8 one (``results["backend"]`` and ``results["backend_reason"]``). ORT
        int8 is the faster int8 model on the benchmark nets (docs/benchmarks.md: ResidualCNN 5.03x fp32 eager at
-       batch 1 and 2.81x at batch 64, pt2e + Inductor 0.82x / 1.94x). The int8 network is :attr:`quantized_model`,
+       batch 1 and 2.81x at batch 64, pt2e + Inductor 0.82x / 1.94x). The int8 network is ``quantized_model``,
        an ``nn.Module`` called exactly like the target network for every backend; reload the file with
-       :func:`lightning_compress.load_quantized`.
+       ``lightning_compress.load_quantized``.
     3. **Measurement** with your validation logic (your ``validation_step``, or ``test_step`` when run on
        ``trainer.test``) with the float and then the int8 network in place: the ``monitor`` metric and its drop,
        top-1 agreement, per-layer SQNR, size and CPU latency. Logged under ``compress/ptq/`` with a per-layer SQNR
-       figure and a markdown summary, and kept in :attr:`results`.
+       figure and a markdown summary, and kept in ``results``.
     4. **Accuracy-aware fallback** (``max_accuracy_drop`` with ``monitor``): when the int8 metric drops more than
        allowed, the layers are ranked by sensitivity (per-layer SQNR, lowest first) and the most sensitive ones are
        kept in float, one more at a time (fewest first), until the budget holds. Every attempt (float layers,
-       metric) is in :attr:`attempts`, :attr:`results` and the logs; if no attempt meets the budget this is reported
+       metric) is in ``attempts``, ``results`` and the logs; if no attempt meets the budget this is reported
        and the attempt with the smallest drop is kept. The search converts with the callback's backend (ONNX
        Runtime: the float layers' nodes are excluded from quantization); under ``"auto"`` the backend is chosen on
        the attempt with no float layer, and the search continues with it.
 
     Under ``strategy="ddp_spawn"`` training runs in spawned processes: in the process that called ``fit`` this
-    callback is a copy that never ran, so :attr:`results` stays empty and :attr:`quantized_model` ``None``. Load the
+    callback is a copy that never ran, so ``results`` stays empty and ``quantized_model`` ``None``. Load the
     artifact rank zero saved (``save_path``, default ``<log_dir>/ptq_int8.pt2``) with
-    :func:`lightning_compress.load_quantized`, and read the numbers from the logger.
+    ``lightning_compress.load_quantized``, and read the numbers from the logger.
 
-    Example::
+    **Example**
 
-        ptq = PostTrainingQuantCallback(module="net", monitor="val_acc", max_accuracy_drop=0.005)  # half a point
-        trainer = Trainer(callbacks=[ptq], max_epochs=5)
-        trainer.fit(model, datamodule=data)
-        ptq.quantized_model, ptq.results["val_acc_drop"], ptq.results["float_layers"]
+    ```python
+    ptq = PostTrainingQuantCallback(module="net", monitor="val_acc", max_accuracy_drop=0.005)  # half a point
+    trainer = Trainer(callbacks=[ptq], max_epochs=5)
+    trainer.fit(model, datamodule=data)
+    ptq.quantized_model, ptq.results["val_acc_drop"], ptq.results["float_layers"]
+    ```
 
     Args:
         mode: ``"static"`` (int8 weights per channel and uint8 activations per tensor, calibrated; conv nets),
@@ -222,8 +224,8 @@ class PostTrainingQuantCallback(Callback):
         #: The int8 network of the last run (rank zero), called like the target network; ``None`` before. A
         #: ``QuantizedModule`` (Inductor) or an ``OrtInt8Model`` (ONNX Runtime).
         self.quantized_model: nn.Module | None = None
-        #: The same int8 network as a ``torch.export.ExportedProgram`` (for :func:`~lightning_compress.engine.convert
-        #: .compile_int8`, :func:`~lightning_compress.engine.convert.int8_weights`) when the Inductor backend made it;
+        #: The same int8 network as a ``torch.export.ExportedProgram`` (for ``compile_int8``, ``int8_weights``) when the
+        #: Inductor backend made it;
         #: ``None`` before and for ONNX Runtime (its ONNX bytes are ``quantized_model.onnx_bytes``).
         self.quantized_program: torch.export.ExportedProgram | None = None
         #: The numbers of the last run (also logged under ``compress/ptq/``).
@@ -616,7 +618,7 @@ class PostTrainingQuantCallback(Callback):
 
 
 def _as_item(call: Call) -> Any:
-    """A recorded call as a calibration item of :func:`convert_to_int8`."""
+    """A recorded call as a calibration item of ``convert_to_int8``."""
     args, kwargs = call
     if not kwargs:
         return args

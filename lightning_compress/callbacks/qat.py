@@ -82,20 +82,20 @@ class QATCallback(Callback):
       int8 model on the benchmark nets (docs/benchmarks.md, 1 thread, vs fp32 eager: ResidualCNN 5.03x at batch 1
       and 2.81x at batch 64, pt2e + Inductor 0.82x / 1.94x; ``.onnx`` 0.28x of fp32) and loads in milliseconds.
     * ``"inductor"``: torchao's pt2e flow, an ``ExportedProgram`` saved as a compressed ``.pt2`` and compiled by
-      Inductor for speed (3-21 s per new batch shape); :attr:`quantized_program` holds it. Needed for 4-bit weights.
+      Inductor for speed (3-21 s per new batch shape); ``quantized_program`` holds it. Needed for 4-bit weights.
     * ``"auto"``: both are built and timed side by side at batch 1 and the validation batch size (alternated, 1
-      thread) next to ORT fp32 and fp32 eager; the faster int8 one is kept, and :attr:`results` says which
+      thread) next to ORT fp32 and fp32 eager; the faster int8 one is kept, and ``results`` says which
       (``"backend"``) and why (``"backend_reason"``, e.g. "int8 does not pay off for this model; ORT fp32 is
       faster").
 
-    The artifact reloads with :func:`lightning_compress.load_quantized` (either suffix); :attr:`quantized_model` is an
+    The artifact reloads with ``lightning_compress.load_quantized`` (either suffix); ``quantized_model`` is an
     ``nn.Module`` called exactly like the target network for every backend. Then the user's own validation runs with
     the int8 network in place to measure the metric drop.
 
     Checkpoints: the observer state is moved from the checkpoint's model ``state_dict`` into this callback's state,
     so the checkpoint loads with ``strict=True`` into the plain model (``MyModule.load_from_checkpoint(path)``), and
     with this callback in the Trainer (``fit``/``test(ckpt_path=...)``) the prepared model gets its observers back.
-    Outside a Trainer use :meth:`load_checkpoint`. The checkpoint also keeps a few rows of a real input of the
+    Outside a Trainer use ``load_checkpoint``. The checkpoint also keeps a few rows of a real input of the
     target network, so a fit resumed after training ended (e.g. a crash during the fit-end conversion) exports and
     converts without running a batch. A callback object can be reused for a new fit: its state (example input,
     results, int8 model) is reset in ``setup`` unless a checkpoint restores it.
@@ -106,15 +106,17 @@ class QATCallback(Callback):
     network is unwrapped, so the int8 program keeps a dynamic batch dimension.
 
     Under ``strategy="ddp_spawn"`` training runs in spawned processes: in the process that called ``fit`` this
-    callback is a copy that never ran, so :attr:`results` stays empty and :attr:`quantized_model` ``None``. Load the
+    callback is a copy that never ran, so ``results`` stays empty and ``quantized_model`` ``None``. Load the
     artifact rank zero saved (``save_path``, default ``<log_dir>/qat_int8.pt2``) with
-    :func:`lightning_compress.load_quantized`, and read the numbers from the logger.
+    ``lightning_compress.load_quantized``, and read the numbers from the logger.
 
-    Example::
+    **Example**
 
-        trainer = Trainer(callbacks=[QATCallback(module="net", monitor="val_acc")], max_epochs=10)
-        trainer.fit(model, datamodule=data)
-        int8_net = trainer.callbacks[0].quantized_model  # an nn.Module: int8_net(x) like model.net(x)
+    ```python
+    trainer = Trainer(callbacks=[QATCallback(module="net", monitor="val_acc")], max_epochs=10)
+    trainer.fit(model, datamodule=data)
+    int8_net = trainer.callbacks[0].quantized_model  # an nn.Module: int8_net(x) like model.net(x)
+    ```
 
     Args:
         start: When fake quantization starts (in ``schedule_unit``s); before it the model trains in float.
@@ -189,8 +191,8 @@ class QATCallback(Callback):
         #: The int8 network produced at fit end (rank zero), called like the target network; ``None`` before. A
         #: ``QuantizedModule`` (Inductor) or an ``OrtInt8Model`` (ONNX Runtime).
         self.quantized_model: nn.Module | None = None
-        #: The same int8 network as a ``torch.export.ExportedProgram`` (for :func:`~lightning_compress.engine.convert
-        #: .compile_int8`, :func:`~lightning_compress.engine.convert.int8_weights`) when the Inductor backend made it;
+        #: The same int8 network as a ``torch.export.ExportedProgram`` (for ``compile_int8``, ``int8_weights``) when the
+        #: Inductor backend made it;
         #: ``None`` before and for ONNX Runtime (its ONNX bytes are ``quantized_model.onnx_bytes``).
         self.quantized_program: torch.export.ExportedProgram | None = None
         #: The numbers measured at fit end (also logged under ``compress/quant/``), with ``"backend"`` (the int8
@@ -252,9 +254,12 @@ class QATCallback(Callback):
     def load_checkpoint(self, pl_module: LightningModule, checkpoint_path: str | Path) -> LightningModule:
         """Load a checkpoint written during QAT into ``pl_module`` outside a Trainer (model and observer state).
 
-        Example::
+        **Example**
 
-            model = QATCallback(module="net").load_checkpoint(MyModule(), "epoch=3.ckpt")
+        ```python
+        model = QATCallback(module="net").load_checkpoint(MyModule(), "epoch=3.ckpt")
+        ```
+
         """
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         self.prepare(pl_module)

@@ -1,6 +1,6 @@
 """One frozen, validated configuration per workflow.
 
-Each config checks itself once, in ``__post_init__``, with the helpers of :mod:`lightning_compress.engine.validation`
+Each config checks itself once, in ``__post_init__``, with the helpers of ``lightning_compress.engine.validation``
 (errors name the argument, the value received and what is allowed). Allowed values come from the ``Literal`` aliases
 below through ``typing.get_args``, so they are written once. ``to_dict()`` gives plain values (for checkpoints and
 for the resume check).
@@ -30,11 +30,11 @@ MonitorMode = Literal["max", "min"]
 
 # --- pruning (PruningConfig) ---
 
-#: How the target sparsity moves from ``initial_sparsity`` to ``target_sparsity`` (see :mod:`.schedules`).
+#: How the target sparsity moves from ``initial_sparsity`` to ``target_sparsity`` (see ``.schedules``).
 Schedule = Literal["cubic", "linear", "exponential", "constant"]
 #: ``"global"``: one ranking across all selected tensors; ``"local"``: each tensor on its own.
 Scope = Literal["global", "local"]
-#: ``"unstructured"``: single weights; ``"channel"``: whole channel groups (:mod:`.structured`). A string
+#: ``"unstructured"``: single weights; ``"channel"``: whole channel groups (``.structured``). A string
 #: ``"N:M"`` (e.g. ``"2:4"``) is also accepted: N of every M consecutive weights kept.
 Structure = Literal["unstructured", "channel"]
 #: What ranks the weights: their magnitude, or a seeded random score.
@@ -51,7 +51,7 @@ DEFAULT_ROUND_TO = 16
 
 
 def _structure(value: Any) -> str:
-    """Check ``structure``: one of :data:`Structure`, or an ``"N:M"`` string."""
+    """Check ``structure``: one of ``Structure``, or an ``"N:M"`` string."""
     from lightning_compress.engine.structured import parse_n_m
 
     if isinstance(value, str) and (value in get_args(Structure) or parse_n_m(value) is not None):
@@ -76,11 +76,11 @@ def _patterns(name: str, value: Any) -> tuple[str, ...] | None:
 class PruningConfig:
     """Everything that defines a gradual pruning run, validated once.
 
-    The arguments are those of :class:`~lightning_compress.IterativePruningCallback` (documented there), except
+    The arguments are those of ``IterativePruningCallback`` (documented there), except
     ``monitor`` and ``verbose``, which are about reporting, not pruning. ``end_step=None`` and
-    ``update_every_n_steps=None`` are resolved from the length of training with :meth:`resolve`.
+    ``update_every_n_steps=None`` are resolved from the length of training with ``resolve``.
 
-    Example:
+    Examples:
         >>> config = PruningConfig(target_sparsity=0.8).resolve(total_steps=1000)
         >>> config.end_step, config.update_every_n_steps
         (750, 7)
@@ -218,9 +218,9 @@ class PruningConfig:
 
 #: Weight bits simulated by QAT: 8 (int8, [-128, 127]) or 4 ([-8, 7]; the converted model stores them as int8).
 WeightBits = Literal[4, 8]
-#: How a QAT fake-quant layer tracks its input range (see :class:`QuantConfig`).
+#: How a QAT fake-quant layer tracks its input range (see ``QuantConfig``).
 ActivationObserverKind = Literal["minmax", "moving_average", "histogram"]
-#: How static calibration of the int8 conversion sets the activation ranges (see :class:`ConversionConfig`).
+#: How static calibration of the int8 conversion sets the activation ranges (see ``ConversionConfig``).
 Observer = Literal[ActivationObserverKind, "histogram_l2"]
 #: ``"static"``: int8 weights and activations (calibrated ranges); ``"dynamic"``: int8 weights, activations
 #: quantized at run time with their own range (Linear-heavy models); ``"weight_only"``: int8 weights, float compute.
@@ -230,8 +230,8 @@ QATMode = Literal["static", "dynamic"]
 #: How the callbacks time float vs int8: compiled with Inductor, eager, or not at all.
 LatencyMode = Literal["compiled", "eager", "off"]
 #: Which runtime the callbacks' int8 model is built for: ``"onnxruntime"`` (ORT's QDQ layout in an
-#: ``InferenceSession``, :func:`~lightning_compress.engine.ort.convert_to_onnx_int8`), ``"inductor"`` (torchao pt2e,
-#: :func:`~lightning_compress.engine.convert.convert_to_int8`, compiled by Inductor) or ``"auto"`` (both built and
+#: ``InferenceSession``, ``convert_to_onnx_int8``), ``"inductor"`` (torchao pt2e,
+#: ``convert_to_int8``, compiled by Inductor) or ``"auto"`` (both built and
 #: timed side by side; the faster int8 one is kept).
 Backend = Literal["inductor", "onnxruntime", "auto"]
 
@@ -252,7 +252,7 @@ DEFAULT_BACKEND: Backend = "onnxruntime"
 WEIGHT_RANGES: dict[int, tuple[int, int]] = {8: (-128, 127), 4: (-8, 7)}
 #: Default ``percentile`` of the ``"histogram"`` observers (values kept on each side, in percent).
 DEFAULT_PERCENTILE = 99.99
-#: The one default calibration observer, of :func:`~lightning_compress.engine.convert.convert_to_int8` and of
+#: The one default calibration observer, of ``convert_to_int8`` and of
 #: ``PostTrainingQuantCallback``: a histogram clipped at ``percentile`` on each side. Rare outliers do not stretch
 #: the range (torchao's ``"histogram_l2"`` keeps an isolated outlier and wastes the uint8 grid on it: 10+ dB less
 #: output SQNR in ``tests/engine/test_ptq_engine.py``), and it is the same rule as the QAT ``"histogram"`` observer.
@@ -279,7 +279,7 @@ class QuantConfig:
     Raises:
         ValueError: If a value is outside what is allowed (the message names the argument and the choices).
 
-    Example:
+    Examples:
         >>> QuantConfig(weight_bits=4).weight_range
         (-8, 7)
         >>> QuantConfig().to_dict()["activation_observer"]
@@ -313,14 +313,14 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class ConversionConfig:
-    """How :func:`~lightning_compress.engine.convert.convert_to_int8` builds the int8 model. Validated once.
+    """How ``convert_to_int8`` builds the int8 model. Validated once.
 
     Args:
         mode: ``"static"`` (int8 weights per channel + uint8 activations per tensor, calibrated), ``"dynamic"``
             (activation ranges computed at run time; for Linear-heavy models and transformers) or ``"weight_only"``
             (int8 weights, float activations: size only).
         observer: For ``"static"``: how calibration sets the activation ranges not carried over from QAT:
-            ``"histogram"`` (the default, :data:`DEFAULT_OBSERVER`: a histogram of everything seen, clipped at
+            ``"histogram"`` (the default, ``DEFAULT_OBSERVER``: a histogram of everything seen, clipped at
             ``percentile`` on each side), ``"minmax"`` (every value seen), ``"moving_average"`` (moving average of
             each batch's min/max, constant 0.01) or ``"histogram_l2"`` (torchao's x86 default, an L2 error search
             that keeps isolated large outliers).
@@ -336,7 +336,7 @@ class ConversionConfig:
     Raises:
         ValueError: If a value is outside what is allowed (the message names the argument and the choices).
 
-    Example:
+    Examples:
         >>> ConversionConfig(mode="dynamic").to_dict()["mode"]
         'dynamic'
         >>> ConversionConfig(percentile=30)

@@ -1,13 +1,13 @@
 """Training-time fake quantization by module swap.
 
-:func:`prepare_qat` replaces ``nn.Linear`` and ``nn.Conv1d/2d/3d`` modules, in place, by :class:`FakeQuantLinear` /
-:class:`FakeQuantConv1d` / ... that **reuse the very same** ``weight`` and ``bias`` ``Parameter`` objects. Nothing
+``prepare_qat`` replaces ``nn.Linear`` and ``nn.Conv1d/2d/3d`` modules, in place, by ``FakeQuantLinear`` /
+``FakeQuantConv1d`` / ... that **reuse the very same** ``weight`` and ``bias`` ``Parameter`` objects. Nothing
 else changes: the model's ``forward`` is untouched (multi-input and keyword-argument models just work), an optimizer
 built before the swap keeps working, ``copy.deepcopy`` works, and the parameters keep their state_dict keys
 (``fc1.weight`` stays ``fc1.weight``). The only new state_dict entries are small fixed-shape buffers:
 ``<name>.fake_quant_enabled`` and ``<name>.activation_observer.*``.
 
-What is simulated matches torchao's ``X86InductorQuantizer`` (the backend :mod:`lightning_compress.engine.convert`
+What is simulated matches torchao's ``X86InductorQuantizer`` (the backend ``lightning_compress.engine.convert``
 uses to build the real int8 model):
 
 * weights: per-output-channel symmetric, ``scale = max|w| / ((qmax - qmin) / 2)`` recomputed from the current weight
@@ -298,12 +298,12 @@ _ADDED_ATTRIBUTES = ("quant_config", "_fq_enabled")
 
 
 class FakeQuantModule(nn.Module):
-    """Mixin of the fake-quant Linear/Conv modules. Use :func:`prepare_qat` rather than building them directly.
+    """Mixin of the fake-quant Linear/Conv modules. Use ``prepare_qat`` rather than building them directly.
 
     Attributes:
-        quant_config: The :class:`QuantConfig` this module simulates.
+        quant_config: The ``QuantConfig`` this module simulates.
         fake_quant_enabled: 0-dim bool buffer; when ``False`` the module computes exactly like the float one.
-        activation_observer: The input :class:`ActivationObserver` (absent when ``quantize_activations=False``).
+        activation_observer: The input ``ActivationObserver`` (absent when ``quantize_activations=False``).
     """
 
     quant_config: QuantConfig
@@ -467,7 +467,7 @@ def prepare_qat(
     Args:
         model: The model to prepare (modified in place; its ``forward`` is not touched).
         config: What to simulate; defaults to ``QuantConfig()`` (int8 weights, uint8 inputs, moving-average ranges).
-        include: Regular expressions over module names (see :mod:`lightning_compress.engine.selection`); default:
+        include: Regular expressions over module names (see ``lightning_compress.engine.selection``); default:
             every ``nn.Linear``/``nn.ConvNd``. Modules of a *subclass* type (e.g. ``MultiheadAttention.out_proj``)
             are never swapped.
         exclude: Regular expressions of module names to keep in float (e.g. the first conv or the classifier).
@@ -566,13 +566,13 @@ def check_finite_ranges(model: nn.Module, step: int | None = None) -> None:
     over the activations.
 
     Args:
-        model: A model prepared by :func:`prepare_qat`.
+        model: A model prepared by ``prepare_qat``.
         step: Where training is, named in the error.
 
     Raises:
         FloatingPointError: Naming the layers whose range is not finite, and ``step``.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(4, 2))
         >>> _ = prepare_qat(model)
         >>> _ = model.train()(torch.full((2, 4), float("nan")))
@@ -614,7 +614,7 @@ def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 def _keep_bn_in_eval(module: nn.Module, args: Any) -> None:
-    """Forward pre-hook of :func:`freeze_batchnorm_stats`: whatever ``train()`` did, normalize with running stats."""
+    """Forward pre-hook of ``freeze_batchnorm_stats``: whatever ``train()`` did, normalize with running stats."""
     module.training = False
 
 
@@ -657,7 +657,7 @@ def activation_qparams(model: nn.Module) -> dict[str, tuple[float, int]]:
     to include 0, divided into 255 steps (``scale >= 2**-12``). Modules whose observer has seen no data are left
     out.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(4, 2))
@@ -692,7 +692,7 @@ def quant_state_keys(state_dict: Mapping[str, Any]) -> list[str]:
 
 
 def quant_config_dict(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The :class:`QuantConfig` of each fake-quant module, as plain dicts (for logging/hparams)."""
+    """The ``QuantConfig`` of each fake-quant module, as plain dicts (for logging/hparams)."""
     return {name: m.quant_config.to_dict() for name, m in fake_quant_modules(model).items()}
 
 

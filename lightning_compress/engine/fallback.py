@@ -1,11 +1,11 @@
 """Accuracy-aware fallback: keep the most sensitive layers in float until the metric drop is within a budget.
 
-:func:`find_float_layers` is a pure search over two callables the caller supplies: ``convert(float_layers)`` builds
+``find_float_layers`` is a pure search over two callables the caller supplies: ``convert(float_layers)`` builds
 a quantized model with those layers kept in float, and ``evaluate(model)`` measures its metric. It tries no float
 layer first, then the 1, 2, ... first layers of ``ranking`` (most sensitive first, e.g. by increasing per-layer
 SQNR), and stops at the first attempt within the budget.
 
-Example:
+Examples:
     >>> accuracy = {(): 0.80, ("fc2",): 0.86, ("fc2", "fc1"): 0.90}
     >>> result = find_float_layers(
     ...     convert=tuple,  # the "model" is just the tuple of float layers here
@@ -41,7 +41,7 @@ def metric_drop(reference: float, value: float, higher_is_better: bool = True) -
 
 @dataclass(frozen=True)
 class FallbackAttempt:
-    """One conversion tried by :func:`find_float_layers`.
+    """One conversion tried by ``find_float_layers``.
 
     Attributes:
         float_layers: The layers kept in float (most sensitive first).
@@ -59,7 +59,7 @@ class FallbackAttempt:
 
 @dataclass(frozen=True)
 class FallbackResult(Generic[M]):
-    """What :func:`find_float_layers` found.
+    """What ``find_float_layers`` found.
 
     Attributes:
         model: The converted model of the kept attempt.

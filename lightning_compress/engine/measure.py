@@ -110,11 +110,11 @@ def per_layer_sqnr(
       to that layer.
 
     Both models are run in eval mode under ``torch.no_grad()`` (their previous mode is restored), so observers do
-    not move. An int8 ``ExportedProgram`` has no per-layer modules: compare its final outputs with :func:`sqnr_db`.
+    not move. An int8 ``ExportedProgram`` has no per-layer modules: compare its final outputs with ``sqnr_db``.
 
     Args:
         float_model: ``None``, or the float model with the same module names.
-        quant_model: A model prepared by :func:`~lightning_compress.engine.fake_quant.prepare_qat`.
+        quant_model: A model prepared by ``prepare_qat``.
         inputs: Positional input(s) of ``forward`` (a Tensor or a tuple).
         kwargs: Keyword arguments of ``forward``.
 
@@ -221,7 +221,7 @@ def measure_latency(
     """Time ``fn(*inputs, **kwargs)`` (by default under ``torch.no_grad()``).
 
     Args:
-        fn: A model or any callable (e.g. from :func:`~lightning_compress.engine.convert.compile_int8`).
+        fn: A model or any callable (e.g. from ``compile_int8``).
         inputs: Positional input(s) (a Tensor or a tuple).
         warmup: Untimed calls first (compilation, allocator warm-up).
         repeats: Timed calls.
@@ -253,11 +253,11 @@ def compare_latency(
 ) -> dict[str, Any]:
     """Time two callables on the same inputs, *alternating* a and b so that machine noise hits both alike.
 
-    Arguments are those of :func:`measure_latency`.
+    Arguments are those of ``measure_latency``.
 
     Returns:
         ``{"a": {...}, "b": {...}, "ratio": median_b / median_a, "speedup": median_a / median_b}`` where ``a``/``b``
-        are the summaries of :func:`measure_latency` (``speedup > 1`` means b is faster).
+        are the summaries of ``measure_latency`` (``speedup > 1`` means b is faster).
     """
     check_positive_int("warmup", warmup, allow_zero=True)
     check_positive_int("repeats", repeats)
@@ -294,7 +294,7 @@ def _with_batch_size(tree: Any, batch_size: int) -> Any:
 
 
 def _int8_callable(int8: Any) -> Any:
-    """The int8 network of a pt2e :class:`Int8Model` (``.module()``) or of an ORT model (the model itself)."""
+    """The int8 network of a pt2e ``Int8Model`` (``.module()``) or of an ORT model (the model itself)."""
     return int8.module() if isinstance(int8, Int8Model) else int8
 
 
@@ -308,7 +308,7 @@ def latency_report(
 ) -> dict[str, float]:
     """Median CPU latency (ms, 1 thread, alternated, after warm-up) of float vs int8 at each batch size.
 
-    ``int8`` is a pt2e :class:`Int8Model` or an ONNX Runtime ``OrtInt8Model`` (run by its session in both modes).
+    ``int8`` is a pt2e ``Int8Model`` or an ONNX Runtime ``OrtInt8Model`` (run by its session in both modes).
     ``mode="compiled"`` compiles the pt2e int8 program with Inductor (where its int8 kernels are; an eager q/dq graph
     is slower than float) and compares the int8 model with both eager and compiled float. ``mode="eager"`` compares
     eager runs.
@@ -362,7 +362,7 @@ class Evaluation(NamedTuple):
 
 @dataclass
 class Int8Report:
-    """What :func:`measure_int8` measured about an int8 model and the model it was compared with.
+    """What ``measure_int8`` measured about an int8 model and the model it was compared with.
 
     Attributes:
         float_bytes: Size of the float model's serialized ``state_dict``.
@@ -380,7 +380,7 @@ class Int8Report:
         int8_metric: ``monitor`` for the int8 model.
         metric_drop: How much worse the int8 model is, in the metric's units (positive = worse).
         top1_agreement: Share of validation rows where both models predict the same class.
-        latency_ms: Median CPU latencies and speed-ups by batch size (keys of :func:`latency_report`).
+        latency_ms: Median CPU latencies and speed-ups by batch size (keys of ``latency_report``).
     """
 
     float_bytes: int
@@ -410,7 +410,7 @@ class Int8Report:
         Args:
             prefix: Put in front of every key (e.g. ``"compress/quant/"``).
 
-        Example:
+        Examples:
             >>> report = Int8Report(float_bytes=400, int8_bytes=100, layer_sqnr_db={"fc": 35.0})
             >>> report.to_metrics()
             {'float_bytes': 400.0, 'int8_bytes': 100.0, 'size_ratio': 0.25, 'conversion_seconds': 0.0, 'sqnr/fc': 35.0}
@@ -458,25 +458,25 @@ def measure_int8(
     The reference is the fake-quant model when ``fake_quant_model`` is given (QAT), else the float model (PTQ).
 
     Args:
-        int8: The converted model: a pt2e :class:`Int8Model` (saved as a compressed ``.pt2``) or an ONNX Runtime
+        int8: The converted model: a pt2e ``Int8Model`` (saved as a compressed ``.pt2``) or an ONNX Runtime
             ``OrtInt8Model`` (saved as ``.onnx``).
         float_model: The float model (its ``state_dict`` size; timed against the int8 model).
-        path: Where to save the artifact (:func:`~lightning_compress.engine.convert.save_int8`, or
+        path: Where to save the artifact (``save_int8``, or
             ``OrtInt8Model.save``), atomically.
         args: Positional example inputs (output SQNR, latency).
         kwargs: Keyword example inputs.
-        fake_quant_model: A model prepared by :func:`~lightning_compress.engine.fake_quant.prepare_qat`, in eval
+        fake_quant_model: A model prepared by ``prepare_qat``, in eval
             mode: output SQNR of the int8 model against it, its per-layer SQNR and its activation/weight scales.
         layer_sqnr: Per-layer SQNR measured by the caller (used when ``fake_quant_model`` is not given).
         monitor: The name of the compared metric, looked up in both evaluations.
         reference_evaluation: The reference model's run of the user's evaluation.
         int8_evaluation: The int8 model's run of the same evaluation.
         higher_is_better: The direction of ``monitor`` (the sign of the drop).
-        latency: ``"compiled"``, ``"eager"`` or ``"off"`` (see :func:`latency_report`).
+        latency: ``"compiled"``, ``"eager"`` or ``"off"`` (see ``latency_report``).
         batch_sizes: Batch sizes to time.
 
     Returns:
-        An :class:`Int8Report`.
+        An ``Int8Report``.
     """
     if isinstance(int8, Int8Model):
         sizes = save_and_size(int8, float_model, Path(path))

@@ -1,6 +1,6 @@
 """The ONNX Runtime int8 backend: ORT's own QDQ layout, seeded with what QAT learned, run by an ``InferenceSession``.
 
-Pipeline of :func:`convert_to_onnx_int8`, on a *copy* of the model (the input model is never modified):
+Pipeline of ``convert_to_onnx_int8``, on a *copy* of the model (the input model is never modified):
 
 1. the float copy (a QAT-prepared model is stripped of its fake-quant modules, same weights) is exported with the
    TorchScript-based ``torch.onnx.export(..., dynamo=False)`` and a dynamic batch dimension, then checked at another
@@ -10,10 +10,10 @@ Pipeline of :func:`convert_to_onnx_int8`, on a *copy* of the model (the input mo
 3. ``quantize_static`` (QDQ, per-channel symmetric int8 weights, uint8 per-tensor activations), or
    ``quantize_dynamic`` (int8 weights, activations quantized per batch) for Linear-heavy and attention models.
 
-For a model prepared by :func:`~lightning_compress.engine.fake_quant.prepare_qat`, the static conversion is *seeded*:
+For a model prepared by ``prepare_qat``, the static conversion is *seeded*:
 the input of every Conv/Gemm/MatMul node that comes from a fake-quant layer gets exactly the ``(scale, zero_point)``
-that layer's fake-quant op uses (:func:`~lightning_compress.engine.fake_quant.activation_qparams`), and its weight the
-per-channel grid of :func:`~lightning_compress.engine.fake_quant.weight_qparams` (``max|w| / 127.5``; ORT's own
+that layer's fake-quant op uses (``activation_qparams``), and its weight the
+per-channel grid of ``weight_qparams`` (``max|w| / 127.5``; ORT's own
 symmetric int8 grid would be ``max|w| / 127``), both through ``extra_options={"TensorQuantOverrides": ...}``.
 Per-channel symmetric quantization commutes with the BatchNorm folding the exporter does, so the folded weight gets the
 same integers QAT trained with. Layers QAT kept in float stay float. Tensors QAT does not quantize but ORT needs for
@@ -21,8 +21,8 @@ its fused kernels (Conv outputs, residual adds) are calibrated on ``calibration`
 kept in float (the fake-quant model's is float too). In static mode the activation-by-activation MatMuls and Softmax
 of attention are never quantized (DESIGN §7: 93.4% top-1 agreement when they are).
 
-What the result runs is counted from the ONNX graph (:func:`count_quantized_layers`), not from a selection.
-:func:`choose_backend` times already-built callables (alternated, 1 thread) and picks the fastest int8 one.
+What the result runs is counted from the ONNX graph (``count_quantized_layers``), not from a selection.
+``choose_backend`` times already-built callables (alternated, 1 thread) and picks the fastest int8 one.
 
 ``onnx`` and ``onnxruntime`` are imported when a conversion or a session is made.
 """
@@ -88,7 +88,7 @@ __all__ = [
 OrtMode = Literal["static", "dynamic", "auto"]
 #: The ONNX opset of the export (per-channel QDQ needs >= 13).
 OPSET = 17
-#: Names of the float candidates of :func:`choose_backend`; every other candidate is an int8 backend.
+#: Names of the float candidates of ``choose_backend``; every other candidate is an int8 backend.
 FLOAT_BACKENDS = ("eager_fp32", "onnxruntime_fp32")
 #: Metadata key of the ONNX model that says how to return the outputs (``"tensor"`` or ``"tuple"``).
 OUTPUT_KIND_KEY = "lightning_compress.output"
@@ -170,7 +170,7 @@ class OrtModel(nn.Module):
 
     @property
     def size_bytes(self) -> int:
-        """Size of the ``.onnx`` file :meth:`save` writes."""
+        """Size of the ``.onnx`` file ``save`` writes."""
         return len(self._bytes)
 
     def save(self, path: str | os.PathLike[str]) -> int:
@@ -246,7 +246,7 @@ class OrtInt8Model(OrtModel):
 
     Attributes:
         mode: ``"static"`` or ``"dynamic"`` (read from the model's metadata).
-        quantized_layers: Int8 layers per ONNX op type, counted from the graph (:func:`count_quantized_layers`).
+        quantized_layers: Int8 layers per ONNX op type, counted from the graph (``count_quantized_layers``).
     """
 
     def __init__(
@@ -276,7 +276,7 @@ class OrtInt8Model(OrtModel):
 
 
 def load_onnx_int8(path: str | os.PathLike[str], threads: int = 1) -> OrtInt8Model:
-    """Load an int8 ``.onnx`` file (e.g. written by :meth:`OrtInt8Model.save`) as a callable :class:`OrtInt8Model`.
+    """Load an int8 ``.onnx`` file (e.g. written by ``OrtInt8Model.save``) as a callable ``OrtInt8Model``.
 
     Args:
         path: The ``.onnx`` file.
@@ -289,7 +289,7 @@ def load_onnx_int8(path: str | os.PathLike[str], threads: int = 1) -> OrtInt8Mod
 
 
 def load_onnx(path: str | os.PathLike[str], threads: int = 1) -> OrtModel:
-    """Load an ``.onnx`` file: an :class:`OrtInt8Model` if its graph has int8 layers, else an :class:`OrtFloatModel`."""
+    """Load an ``.onnx`` file: an ``OrtInt8Model`` if its graph has int8 layers, else an ``OrtFloatModel``."""
     data = Path(path).read_bytes()
     return OrtInt8Model(data, threads) if count_quantized_layers(data) else OrtFloatModel(data, threads)
 
@@ -351,7 +351,7 @@ _TAIL_OPS = (
 
 def _unquantize(graph: Any, name: str) -> bool:
     """Remove the ``QuantizeLinear -> DequantizeLinear`` pairs that produce the tensor ``name``, back through the
-    ops of :data:`_TAIL_OPS` to the layer that computes it (in place); whether a layer was reached."""
+    ops of ``_TAIL_OPS`` to the layer that computes it (in place); whether a layer was reached."""
     pending, reached_layer = [name], False
     for _ in range(32):  # a short chain of ops
         if not pending:
@@ -385,9 +385,9 @@ def _unquantize(graph: Any, name: str) -> bool:
 
 
 def _tail_nodes(proto: onnx.ModelProto, tensors: Iterable[str]) -> list[str]:
-    """Names of the :data:`_TAIL_OPS` nodes between each tensor and the layer(s) computing it, in the float graph.
+    """Names of the ``_TAIL_OPS`` nodes between each tensor and the layer(s) computing it, in the float graph.
 
-    They are excluded from quantization before :func:`_unquantize` strips the Q/DQ pairs around them: ORT drops a
+    They are excluded from quantization before ``_unquantize`` strips the Q/DQ pairs around them: ORT drops a
     quantized ``Relu`` (the uint8 grid clamps at zero), which a float tensor needs back."""
     producer = {out: node for node in proto.graph.node for out in node.output}
     found: list[str] = []
@@ -871,15 +871,15 @@ def convert_to_onnx_int8(
     """Build an int8 model run by ONNX Runtime from a copy of ``model``; ``model`` itself is not modified.
 
     Args:
-        model: A float network, or one prepared by :func:`~lightning_compress.engine.fake_quant.prepare_qat` (its
+        model: A float network, or one prepared by ``prepare_qat`` (its
             stripped float copy is exported; with ``seed_from_fake_quant`` the int8 model uses the ranges and weight
             grid QAT trained with, and leaves float what QAT left float).
         example_args: Positional example input(s) (a Tensor or a tuple); the batch dimension (0) is exported dynamic.
         example_kwargs: Keyword example inputs; their tensors become named inputs (``forward`` parameter names).
         mode: ``"static"`` (conv nets: ORT fuses QLinearConv/QLinearAdd), ``"dynamic"`` (Linear-heavy and attention
-            models) or ``"auto"`` (:func:`resolve_mode`).
+            models) or ``"auto"`` (``resolve_mode``).
         calibration: Iterable of calls (a Tensor, a tuple of positional arguments, a dict of keywords or a
-            :class:`~lightning_compress.engine.convert.ModelCall`) for the static ranges that are not seeded;
+            ``ModelCall``) for the static ranges that are not seeded;
             ``None`` uses the example call. Ignored in dynamic mode.
         calibration_batches: At most this many items of ``calibration`` are used.
         seed_from_fake_quant: For a QAT-prepared model, carry its observers' input qparams and its weight grid.
@@ -890,7 +890,7 @@ def convert_to_onnx_int8(
         threads: ``intra_op_num_threads`` of the session.
 
     Returns:
-        The :class:`OrtInt8Model`, called like ``model``.
+        The ``OrtInt8Model``, called like ``model``.
 
     Raises:
         OrtConversionError: If the exporter fails (its reason quoted), the batch dimension is not dynamic, ORT cannot
@@ -1011,7 +1011,7 @@ def convert_to_onnx_int8(
 
 @dataclass(frozen=True)
 class BackendChoice:
-    """Which int8 backend :func:`choose_backend` kept, the measurements behind it, and why in one line.
+    """Which int8 backend ``choose_backend`` kept, the measurements behind it, and why in one line.
 
     Attributes:
         backend: The fastest int8 backend (``None`` when no int8 candidate was given).
@@ -1054,16 +1054,16 @@ def _label(name: str) -> str:
 def choose_from_latencies(
     latency_ms: Mapping[str, Mapping[int, float]], speedup: Mapping[str, Mapping[int, float]] | None = None
 ) -> BackendChoice:
-    """Pick the fastest int8 backend from measured latencies (the pure part of :func:`choose_backend`).
+    """Pick the fastest int8 backend from measured latencies (the pure part of ``choose_backend``).
 
     Args:
         latency_ms: Median latency by candidate name and batch size; must contain ``"eager_fp32"``. Names in
-            :data:`FLOAT_BACKENDS` are float, every other name is an int8 backend.
+            ``FLOAT_BACKENDS`` are float, every other name is an int8 backend.
         speedup: ``eager_fp32 / candidate`` by candidate and batch size when measured in alternated pairs; default:
             the ratio of the medians in ``latency_ms``.
 
     Returns:
-        The :class:`BackendChoice`; candidates are ranked by the geometric mean of their speed-ups over the batch
+        The ``BackendChoice``; candidates are ranked by the geometric mean of their speed-ups over the batch
         sizes.
 
     Raises:
@@ -1152,12 +1152,12 @@ def choose_backend(
     """Time already-built models side by side and keep the fastest int8 one.
 
     Each candidate is timed against ``candidates["eager_fp32"]`` with
-    :func:`~lightning_compress.engine.measure.compare_latency` (calls alternated, medians, ``threads`` threads) at
+    ``compare_latency`` (calls alternated, medians, ``threads`` threads) at
     every batch size (the example tensors repeated along dim 0), and ranked by the geometric mean of its speed-ups.
 
     Args:
         candidates: Callables by backend name, e.g. ``{"inductor": ..., "onnxruntime": ..., "onnxruntime_fp32": ...,
-            "eager_fp32": ...}``; ``"eager_fp32"`` is required; names in :data:`FLOAT_BACKENDS` are float.
+            "eager_fp32": ...}``; ``"eager_fp32"`` is required; names in ``FLOAT_BACKENDS`` are float.
         example_args: Positional example input(s) (a Tensor or a tuple).
         batch_sizes: Batch sizes to time (e.g. 1 and the validation batch size).
         example_kwargs: Keyword example inputs.
@@ -1166,7 +1166,7 @@ def choose_backend(
         threads: ``torch.set_num_threads`` during the timing (an ORT session has its own thread count).
 
     Returns:
-        A :class:`BackendChoice` with the numbers and a one-line reason.
+        A ``BackendChoice`` with the numbers and a one-line reason.
 
     Raises:
         ValueError: If ``"eager_fp32"`` is missing or ``batch_sizes`` is empty.

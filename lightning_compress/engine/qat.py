@@ -1,12 +1,12 @@
 """When quantization-aware training does what: a pure schedule, and one function that applies its phases.
 
-:class:`QATSchedule` maps a point in training (an optimizer step or an epoch, as the caller counts) to a
-:class:`QATPhase`: whether fake quantization is on, whether the activation observers are frozen and whether the
-BatchNorm statistics are frozen. :func:`apply_phase` puts a model prepared by
-:func:`~lightning_compress.engine.fake_quant.prepare_qat` in that phase. The QAT callback only computes "now"
+``QATSchedule`` maps a point in training (an optimizer step or an epoch, as the caller counts) to a
+``QATPhase``: whether fake quantization is on, whether the activation observers are frozen and whether the
+BatchNorm statistics are frozen. ``apply_phase`` puts a model prepared by
+``prepare_qat`` in that phase. The QAT callback only computes "now"
 (``trainer.global_step`` or ``trainer.current_epoch``) and applies the phase when it changes.
 
-Example:
+Examples:
     >>> schedule = QATSchedule(start=2, freeze_observers_at=4, freeze_bn_at=3)
     >>> [tuple(schedule.phase(t)) for t in (0, 2, 3, 4)]
     [(False, False, False), (True, False, False), (True, False, True), (True, True, True)]
@@ -92,12 +92,12 @@ class QATSchedule:
 
 
 def apply_phase(model: nn.Module, phase: QATPhase) -> None:
-    """Put a model prepared by :func:`~lightning_compress.engine.fake_quant.prepare_qat` in ``phase``.
+    """Put a model prepared by ``prepare_qat`` in ``phase``.
 
     Enables or disables fake quantization, freezes (after making the ranges identical on every process of a
     distributed job) or unfreezes the observers, and freezes or unfreezes the BatchNorm statistics. Idempotent.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> from lightning_compress.engine.fake_quant import prepare_qat
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))

@@ -2,20 +2,20 @@
 
 ``torch.export`` (dynamic batch) → ``prepare_pt2e`` with ``X86InductorQuantizer`` → calibration → ``convert_pt2e``
 → unused float tensors dropped → ``torch.export`` again, so the result is a ``torch.export.ExportedProgram`` that
-:func:`save_int8` / :func:`load_int8` store with ``torch.export.save`` / ``torch.export.load``.
+``save_int8`` / ``load_int8`` store with ``torch.export.save`` / ``torch.export.load``.
 
-The input model is never modified. When it was prepared by :func:`~lightning_compress.engine.fake_quant.prepare_qat`,
+The input model is never modified. When it was prepared by ``prepare_qat``,
 the conversion starts from a stripped float copy, reuses the input ranges learned by the fake-quant observers
 (instead of re-calibrating them) and keeps in float what QAT kept in float, so the int8 model computes what the
 fake-quant model simulated.
 
 The converted program holds quantize/dequantize ops around float kernels: run eagerly (``program.module()``) it is
-correct but 1.5-6x *slower* than fp32; :func:`compile_int8` lowers it with Inductor (``freezing=True``) to the real
+correct but 1.5-6x *slower* than fp32; ``compile_int8`` lowers it with Inductor (``freezing=True``) to the real
 int8 kernels. torchao is imported lazily (only when converting).
 
-Modules: :mod:`.pipeline` (:func:`convert_to_int8`), :mod:`.export` (export with a dynamic batch,
-:func:`check_exportable`), :mod:`.observers` (calibration observers), :mod:`.quantizer` (the x86 quantizer per mode),
-:mod:`.embedding` (:class:`Int8Embedding`) and :mod:`.artifact` (:class:`Int8Model`, :class:`QuantizedModule`, save,
+Modules: ``.pipeline`` (``convert_to_int8``), ``.export`` (export with a dynamic batch,
+``check_exportable``), ``.observers`` (calibration observers), ``.quantizer`` (the x86 quantizer per mode),
+``.embedding`` (``Int8Embedding``) and ``.artifact`` (``Int8Model``, ``QuantizedModule``, save,
 load, size, compile). Everything public is re-exported here.
 """
 

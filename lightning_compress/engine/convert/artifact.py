@@ -71,8 +71,8 @@ class QuantizedModule(nn.Module):
     keep their exported value. ``train()``/``eval()`` only set the flag: the int8 graph always computes inference.
 
     Args:
-        program: The int8 program (from :func:`convert_to_int8` or :func:`load_int8`).
-        signature: The parameters of the original ``forward`` (:func:`call_signature`); ``None``: calls are passed
+        program: The int8 program (from ``convert_to_int8`` or ``load_int8``).
+        signature: The parameters of the original ``forward`` (``call_signature``); ``None``: calls are passed
             to the program as they are.
 
     Attributes:
@@ -136,11 +136,11 @@ class QuantizedModule(nn.Module):
 
 @dataclass
 class Int8Model:
-    """The result of :func:`convert_to_int8`.
+    """The result of ``convert_to_int8``.
 
     Attributes:
-        program: The int8 ``ExportedProgram`` (save it with :func:`save_int8`, run it with ``program.module()`` or
-            :func:`compile_int8`).
+        program: The int8 ``ExportedProgram`` (save it with ``save_int8``, run it with ``program.module()`` or
+            ``compile_int8``).
         mode: ``"static"``, ``"dynamic"`` or ``"weight_only"``.
         dynamic_batch: Whether the program accepts any batch size (else only the example's shapes).
         skipped: Module names kept in float.
@@ -162,8 +162,8 @@ class Int8Model:
     signature: tuple[ArgSpec, ...] | None = None
 
     def module(self) -> QuantizedModule:
-        """The program as an eager :class:`QuantizedModule`, called like the float network (slow q/dq reference
-        computation; see :func:`compile_int8`)."""
+        """The program as an eager ``QuantizedModule``, called like the float network (slow q/dq reference
+        computation; see ``compile_int8``)."""
         return QuantizedModule(self.program, self.signature)
 
     def size_bytes(self) -> int:
@@ -184,9 +184,9 @@ def save_int8(
 ) -> int:
     """Save the int8 program with ``torch.export.save`` (conventionally ``*.pt2``); returns the file size in bytes.
 
-    An :class:`Int8Model` also stores the call signature of the converted network (for :func:`load_quantized`).
-    The archive is serialized in memory first, then written atomically (:func:`~lightning_compress.engine.io
-    .write_atomically`): ``torch.export.save`` aborts the whole process when a write to a file fails (e.g. a full
+    An ``Int8Model`` also stores the call signature of the converted network (for ``load_quantized``).
+    The archive is serialized in memory first, then written atomically (``write_atomically``): ``torch.export.save``
+    aborts the whole process when a write to a file fails (e.g. a full
     disk), and a crash during the write must not leave a truncated ``.pt2`` at ``path``.
 
     Raises:
@@ -198,7 +198,7 @@ def save_int8(
 
 
 def serialize_int8(program: torch.export.ExportedProgram | Int8Model, compress: bool = True) -> bytes:
-    """The bytes :func:`save_int8` writes: ``torch.export.save`` into memory (with the call signature), the archive
+    """The bytes ``save_int8`` writes: ``torch.export.save`` into memory (with the call signature), the archive
     rewritten with deflate.
 
     ``torch.export.save`` stores every member uncompressed (and ~1.2 KB of graph metadata per node, which deflates
@@ -206,7 +206,7 @@ def serialize_int8(program: torch.export.ExportedProgram | Int8Model, compress: 
     instead of 0.43-0.52x (DESIGN §7), and ``torch.export.load`` reads it back identically.
 
     Args:
-        program: The program or :class:`Int8Model`.
+        program: The program or ``Int8Model``.
         compress: Deflate the members (``False``: the archive exactly as ``torch.export.save`` writes it).
     """
     signature = program.signature if isinstance(program, Int8Model) else None
@@ -241,8 +241,8 @@ def _load(path: str | os.PathLike[str]) -> tuple[torch.export.ExportedProgram, t
 
 
 def load_int8(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
-    """Load the ``ExportedProgram`` saved by :func:`save_int8` (for :func:`compile_int8` or :func:`int8_weights`;
-    to run it, :func:`load_quantized` gives a module called like the original network)."""
+    """Load the ``ExportedProgram`` saved by ``save_int8`` (for ``compile_int8`` or ``int8_weights``;
+    to run it, ``load_quantized`` gives a module called like the original network)."""
     return _load(path)[0]
 
 
@@ -250,20 +250,22 @@ def load_quantized(path: str | os.PathLike[str]) -> nn.Module:
     """Load a saved int8 artifact (``.pt2`` or ``.onnx``) as a module called like the network it was converted from.
 
     Dispatches on the suffix: a ``.onnx`` file (the ``backend="onnxruntime"`` artifact) becomes an
-    :class:`~lightning_compress.engine.ort.OrtInt8Model` run by ONNX Runtime (an :class:`~lightning_compress.engine
-    .ort.OrtFloatModel` if its graph has no int8 layer); anything else is read as a ``torch.export`` archive.
+    ``OrtInt8Model`` run by ONNX Runtime (an ``OrtFloatModel`` if its graph has no int8 layer); anything else is read as
+    a ``torch.export`` archive.
 
-    Example::
+    **Example**
 
-        int8 = load_quantized("lightning_logs/version_0/qat_int8.onnx")  # or qat_int8.pt2
-        logits = int8(images)  # same arguments as the float network's forward
+    ```python
+    int8 = load_quantized("lightning_logs/version_0/qat_int8.onnx")  # or qat_int8.pt2
+    logits = int8(images)  # same arguments as the float network's forward
+    ```
 
     Args:
-        path: A file written by :func:`save_int8` or ``OrtInt8Model.save`` (the QAT and PTQ callbacks write one at
+        path: A file written by ``save_int8`` or ``OrtInt8Model.save`` (the QAT and PTQ callbacks write one at
             fit end).
 
     Returns:
-        For ``.pt2``: a :class:`QuantizedModule` (eager int8 reference computation; :func:`compile_int8` for speed).
+        For ``.pt2``: a ``QuantizedModule`` (eager int8 reference computation; ``compile_int8`` for speed).
         For ``.onnx``: the ONNX Runtime model (fast as it is).
     """
     if Path(path).suffix.lower() == ".onnx":
@@ -277,8 +279,8 @@ def model_size_bytes(obj: nn.Module | torch.export.ExportedProgram | Int8Model |
     """Serialized size in bytes.
 
     Args:
-        obj: an ``nn.Module`` (size of ``torch.save(state_dict)``), an ``ExportedProgram``/:class:`Int8Model`
-            (size of the compressed archive :func:`save_int8` writes), or the path of a saved file (its size).
+        obj: an ``nn.Module`` (size of ``torch.save(state_dict)``), an ``ExportedProgram``/``Int8Model``
+            (size of the compressed archive ``save_int8`` writes), or the path of a saved file (its size).
     """
     if isinstance(obj, (str, os.PathLike)):
         return os.path.getsize(obj)
@@ -302,7 +304,7 @@ def compile_int8(program: torch.export.ExportedProgram | Int8Model, dynamic: boo
     The first call compiles (seconds to a minute); calls run under ``torch.no_grad()``.
 
     Args:
-        program: The program from :func:`convert_to_int8` or :func:`load_int8`.
+        program: The program from ``convert_to_int8`` or ``load_int8``.
         dynamic: Passed to ``torch.compile``. ``False`` (default) compiles for the shapes of the first call (and
             recompiles for new ones), which also works for conv→flatten→linear models where dynamic compilation
             fails.

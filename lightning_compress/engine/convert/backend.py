@@ -1,10 +1,10 @@
 """One int8 conversion for each backend of the callbacks, and the measured choice between them (``"auto"``).
 
-``"inductor"`` is :func:`~lightning_compress.engine.convert.convert_to_int8` (torchao pt2e, an ``ExportedProgram``
-compiled by Inductor), ``"onnxruntime"`` is :func:`~lightning_compress.engine.ort.convert_to_onnx_int8` (ORT's own
+``"inductor"`` is ``convert_to_int8`` (torchao pt2e, an ``ExportedProgram``
+compiled by Inductor), ``"onnxruntime"`` is ``convert_to_onnx_int8`` (ORT's own
 QDQ layout in an ``InferenceSession``, seeded from the fake-quant observers of a QAT model). ``"auto"`` builds both
-and :func:`choose_int8` times them side by side with ORT fp32 and fp32 eager
-(:func:`~lightning_compress.engine.ort.choose_backend`: alternated calls, 1 thread, batch 1 and the validation batch
+and ``choose_int8`` times them side by side with ORT fp32 and fp32 eager
+(``choose_backend``: alternated calls, 1 thread, batch 1 and the validation batch
 size) and keeps the faster int8 one. ``onnx``/``onnxruntime`` are imported only for those backends.
 """
 
@@ -26,7 +26,7 @@ from lightning_compress.engine.validation import check_choice
 if TYPE_CHECKING:
     from lightning_compress.engine.ort import BackendChoice, OrtInt8Model
 
-#: What a conversion returns: a pt2e :class:`Int8Model` or an ORT ``OrtInt8Model``.
+#: What a conversion returns: a pt2e ``Int8Model`` or an ORT ``OrtInt8Model``.
 AnyInt8 = Union[Int8Model, "OrtInt8Model"]
 
 __all__ = [
@@ -80,7 +80,7 @@ def check_backend(backend: Any, mode: str, weight_bits: int = 8, save_path: str 
 
 
 def backend_of(int8: Any) -> str:
-    """``"inductor"`` for an :class:`Int8Model`, ``"onnxruntime"`` for an ``OrtInt8Model``."""
+    """``"inductor"`` for an ``Int8Model``, ``"onnxruntime"`` for an ``OrtInt8Model``."""
     return "inductor" if isinstance(int8, Int8Model) else "onnxruntime"
 
 
@@ -145,7 +145,7 @@ def choose_int8(
     Inductor programs are compiled for each batch shape (``dynamic=False``) during the untimed warm-up.
 
     Returns:
-        The :class:`~lightning_compress.engine.ort.BackendChoice` (``backend``, ``reason``, latencies, speed-ups).
+        The ``BackendChoice`` (``backend``, ``reason``, latencies, speed-ups).
     """
     from lightning_compress.engine.ort import OrtConversionError, choose_backend, export_onnx
 
@@ -165,14 +165,14 @@ def convert_auto(
     kwargs: dict[str, Any],
     batch_sizes: Sequence[int],
 ) -> tuple[str, AnyInt8, str]:
-    """``backend="auto"``: convert with both backends (``convert(name)``), time them (:func:`choose_int8`), keep the
+    """``backend="auto"``: convert with both backends (``convert(name)``), time them (``choose_int8``), keep the
     faster int8 one.
 
     A backend whose conversion fails is left out (its error is in the reason); when both fail, the ONNX Runtime
     error is raised.
 
     Returns:
-        ``(backend, int8 model, reason)``; the reason is the :class:`~lightning_compress.engine.ort.BackendChoice`
+        ``(backend, int8 model, reason)``; the reason is the ``BackendChoice``
         line, e.g. ``"onnxruntime int8 is 2.81x at batch 64, 5.03x at batch 1 vs fp32 eager; ..."`` or ``"int8 does
         not pay off for this model; ORT fp32 is faster (...)"``.
     """

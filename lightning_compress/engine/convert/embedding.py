@@ -30,7 +30,7 @@ class Int8Embedding(nn.Module):
 
 
 def _quantize_embeddings(model: nn.Module, skip: Sequence[str]) -> list[str]:
-    """Swap the plain ``nn.Embedding`` modules of ``model`` (not inside a ``skip`` name) for :class:`Int8Embedding`."""
+    """Swap the plain ``nn.Embedding`` modules of ``model`` (not inside a ``skip`` name) for ``Int8Embedding``."""
     names = []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Embedding or module.max_norm is not None:

@@ -48,7 +48,7 @@ class ModelCall(NamedTuple):
 
 def _as_call(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """A calibration item (a Tensor, a tuple/list of positional arguments, a dict of keywords or a
-    :class:`ModelCall`) as (args, kwargs)."""
+    ``ModelCall``) as (args, kwargs)."""
     if isinstance(batch, ModelCall):
         return tuple(batch.args), dict(batch.kwargs)
     if isinstance(batch, Tensor):
@@ -222,7 +222,7 @@ def convert_to_int8(
     """Build an int8 ``ExportedProgram`` from a copy of ``model`` (which is left untouched).
 
     Args:
-        model: A float model, or one prepared with :func:`~lightning_compress.engine.fake_quant.prepare_qat`. For a
+        model: A float model, or one prepared with ``prepare_qat``. For a
             prepared model the conversion: starts from a stripped float copy; reuses the learned input ranges of
             the fake-quant modules (when their observers have seen data and fake quantization is enabled); bakes
             4-bit weights onto their grid; and keeps in float the Linear/Conv modules and attention blocks that QAT
@@ -231,17 +231,17 @@ def convert_to_int8(
             least 2 so the batch dimension can stay dynamic.
         example_kwargs: Keyword arguments of ``forward``.
         calibration_data: For ``"static"``: an iterable of model inputs (a Tensor, a tuple of positional
-            arguments, a dict of keyword arguments or a :class:`ModelCall` with both, per item) used to calibrate
+            arguments, a dict of keyword arguments or a ``ModelCall`` with both, per item) used to calibrate
             the activation ranges not taken over from fake-quant observers (at most ``calibration_batches`` items).
             When ``None``, ``example_inputs`` is the only calibration batch (noted).
         skip: Module names kept in float (with everything inside them), e.g. for accuracy-aware fallback.
         config: How to convert (mode, observer, percentile, calibration batches, embeddings, dynamic batch); see
-            :class:`~lightning_compress.engine.config.ConversionConfig`. Default: ``ConversionConfig()`` (static).
-        **settings: Fields of :class:`~lightning_compress.engine.config.ConversionConfig` that replace those of
+            ``ConversionConfig``. Default: ``ConversionConfig()`` (static).
+        **settings: Fields of ``ConversionConfig`` that replace those of
             ``config``, e.g. ``mode="dynamic"`` or ``observer="minmax"``.
 
     Returns:
-        An :class:`Int8Model` with the ``program`` and what happened (timings, notes, carried ranges).
+        An ``Int8Model`` with the ``program`` and what happened (timings, notes, carried ranges).
 
     Raises:
         ValueError: On a bad ``mode``, an unknown ``skip`` name or a bad ``example_inputs``.
