@@ -376,3 +376,27 @@ def int8_artifact_path(trainer: Trainer, given: str | None, stem: str, backend: 
     if auto and given and path.suffix.lower() in (".pt2", ".onnx"):
         path = path.with_suffix(suffix)
     return path
+
+
+def check_exportable_for(backend: str, network: nn.Module, call: Call) -> None:
+    """Fail before training, quoting the exporter, when ``backend`` will not be able to convert ``network``.
+
+    ``"auto"`` fails only if neither backend can take the model.
+    """
+    from lightning_compress.engine.convert import Int8ConversionError, check_exportable
+    from lightning_compress.engine.ort import OrtConversionError, export_onnx
+
+    if backend == "inductor":
+        check_exportable(network, call[0], call[1])
+        return
+    args, kwargs = at_least_two_rows(call)
+    if backend == "onnxruntime":
+        export_onnx(network, args, example_kwargs=kwargs)  # raises OrtConversionError quoting the exporter's reason
+        return
+    try:
+        export_onnx(network, args, example_kwargs=kwargs)
+    except OrtConversionError as ort_error:
+        try:
+            check_exportable(network, call[0], call[1])
+        except Int8ConversionError as pt2e_error:
+            raise Int8ConversionError(f"{ort_error}\n\nAnd for the 'inductor' backend: {pt2e_error}") from None

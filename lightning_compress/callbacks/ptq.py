@@ -33,7 +33,7 @@ from lightning_compress.engine.config import (
     QuantConfig,
     QuantMode,
 )
-from lightning_compress.engine.convert import Int8ConversionError, Int8Model, ModelCall, check_exportable
+from lightning_compress.engine.convert import Int8Model, ModelCall
 from lightning_compress.engine.convert.backend import (
     AnyInt8,
     check_backend,
@@ -339,23 +339,7 @@ class PostTrainingQuantCallback(Callback):
     def _check_exportable(self, pl_module: LightningModule, call: Call) -> None:
         self._export_checked = True
         self._catcher.detach()
-        target = _loops.target_module(pl_module, self.module)
-        if self.backend == "inductor":
-            check_exportable(target, call[0], call[1])
-            return
-        from lightning_compress.engine.ort import OrtConversionError, export_onnx
-
-        args, kwargs = _loops.at_least_two_rows(call)
-        if self.backend == "onnxruntime":
-            export_onnx(target, args, example_kwargs=kwargs)  # raises OrtConversionError quoting the exporter's reason
-            return
-        try:  # "auto": one backend that can take the model is enough
-            export_onnx(target, args, example_kwargs=kwargs)
-        except OrtConversionError as ort_error:
-            try:
-                check_exportable(target, call[0], call[1])
-            except Int8ConversionError as pt2e_error:
-                raise Int8ConversionError(f"{ort_error}\n\nAnd for the 'inductor' backend: {pt2e_error}") from None
+        _loops.check_exportable_for(self.backend, _loops.target_module(pl_module, self.module), call)
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

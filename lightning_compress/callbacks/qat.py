@@ -204,6 +204,8 @@ class QATCallback(Callback):
         self._catcher = _loops.InputCatcher()  # the first call of the target network in this fit
         self._example: _loops.Call | None = None  # the example call a checkpoint restored
         self._pending_quant_state: dict[str, torch.Tensor] = {}
+        self._export_checked = False  # the fit-end conversion was tried on the first training batch
+        self._monitor_checked = False
 
     @property
     def mode(self) -> str:
@@ -286,6 +288,8 @@ class QATCallback(Callback):
         self._pending_quant_state = {}
         self._phase = None
         self._qat_started = True
+        self._export_checked = False
+        self._monitor_checked = False
         self.results = {}
         self.quantized_model = None
         self.quantized_program = None
@@ -384,9 +388,26 @@ class QATCallback(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if not self._export_checked and self._catcher.args is not None:
+            self._check_exportable(trainer, pl_module)
         if self._phase is not None and self._phase.fake_quant_enabled and not self._phase.observers_frozen:
             # The observers moved in this batch: fail now, naming the layer, if a NaN/Inf went through them.
             check_finite_ranges(_loops.target_module(pl_module, self.module), step=self._batch_step)
+
+    def _check_exportable(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """After the first training batch: the fit-end conversion would fail? Then fail now, not after training."""
+        self._export_checked = True
+        if self.convert_on_fit_end and trainer.is_global_zero:
+            float_copy = strip_qat(copy.deepcopy(_loops.target_module(pl_module, self.module))).eval()
+            _loops.check_exportable_for(self.backend, float_copy, (self._catcher.args or (), self._catcher.kwargs))
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Without a sanity check, the first validation tells whether `monitor` is logged at all (not the fit end).
+        first = not self._monitor_checked and not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING
+        if self.monitor and self.convert_on_fit_end and first:
+            self._monitor_checked = True
+            self._check_monitor({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
 
     def _apply_schedule(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Put the target network in the schedule's phase for now (only when the phase changes)."""

@@ -1037,3 +1037,32 @@ def test_whole_lightning_module_as_target_with_onnxruntime(tmp_path):
     assert "forward" not in vars(model)
     with torch.no_grad():
         assert callback.quantized_model(torch.randn(3, 16)).shape == (3, 4)
+
+
+class _StepCounter(Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_train_batch_end(self, *args):
+        self.steps += 1
+
+
+def test_a_model_that_cannot_be_converted_fails_after_the_first_batch_not_after_training(tmp_path):
+    """The fit-end export is tried on the first caught batch (a stripped float copy), so an export failure stops
+    the fit at step 1 instead of after the whole training. (The ONNX exporter traces the branch instead of failing,
+    so the pt2e backend shows it.)"""
+    counter = _StepCounter()
+    callback = QATCallback(backend="inductor", latency="off")
+    with pytest.raises(Int8ConversionError, match=r"could not capture `NotExportable`"):
+        trainer(tmp_path, [callback, counter], max_epochs=5).fit(NotExportable(), loader())
+    assert counter.steps <= 1
+
+
+def test_monitor_never_logged_fails_at_the_first_validation_without_a_sanity_check(tmp_path):
+    counter = _StepCounter()
+    callback = QATCallback(monitor="val_f1", latency="off")
+    with pytest.raises(ValueError, match=r"`monitor`='val_f1' is not logged"):
+        trainer(tmp_path, [callback, counter], max_epochs=5, num_sanity_val_steps=0).fit(
+            Classifier(), loader(), loader(64)
+        )
+    assert counter.steps == 8  # one epoch of 256/32 batches, then the first validation
