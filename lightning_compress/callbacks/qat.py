@@ -39,8 +39,10 @@ from lightning_compress.engine.convert.backend import (
     int8_module,
 )
 from lightning_compress.engine.fake_quant import (
+    ActivationObserver,
     check_finite_ranges,
     fake_quant_modules,
+    input_observers,
     prepare_qat,
     quant_state_keys,
     strip_qat,
@@ -205,6 +207,7 @@ class QATCallback(Callback):
         self._example: _loops.Call | None = None  # the example call a checkpoint restored
         self._pending_quant_state: dict[str, torch.Tensor] = {}
         self._export_checked = False  # the fit-end conversion was tried on the first training batch
+        self._observers: list[tuple[str, ActivationObserver]] | None = None
         self._monitor_checked = False
 
     @property
@@ -290,6 +293,7 @@ class QATCallback(Callback):
         self._qat_started = True
         self._export_checked = False
         self._monitor_checked = False
+        self._observers = None
         self.results = {}
         self.quantized_model = None
         self.quantized_program = None
@@ -392,7 +396,9 @@ class QATCallback(Callback):
             self._check_exportable(trainer, pl_module)
         if self._phase is not None and self._phase.fake_quant_enabled and not self._phase.observers_frozen:
             # The observers moved in this batch: fail now, naming the layer, if a NaN/Inf went through them.
-            check_finite_ranges(_loops.target_module(pl_module, self.module), step=self._batch_step)
+            if self._observers is None:  # collected once per fit: the hot path only reads their ranges
+                self._observers = input_observers(_loops.target_module(pl_module, self.module))
+            check_finite_ranges(self._observers, step=self._batch_step)
 
     def _check_exportable(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """After the first training batch: the fit-end conversion would fail? Then fail now, not after training."""

@@ -559,14 +559,20 @@ def _observers(model: nn.Module) -> Iterator[tuple[str, ActivationObserver]]:
             yield name, module.observer
 
 
-def check_finite_ranges(model: nn.Module, step: int | None = None) -> None:
+def input_observers(model: nn.Module) -> list[tuple[str, ActivationObserver]]:
+    """The activation observers of a prepared model, by layer name (collect once, check every step)."""
+    return list(_observers(model))
+
+
+def check_finite_ranges(model: nn.Module | Sequence[tuple[str, ActivationObserver]], step: int | None = None) -> None:
     """Raise if an observed input range is NaN or Inf (a NaN/Inf batch, weight or activation went through).
 
     Cheap enough for every step: the ranges of all layers are checked with one host synchronization, not a pass
     over the activations.
 
     Args:
-        model: A model prepared by ``prepare_qat``.
+        model: A model prepared by ``prepare_qat``, or its ``input_observers`` (collected once: walking the
+            modules every step is Python work the training step does not need).
         step: Where training is, named in the error.
 
     Raises:
@@ -581,7 +587,8 @@ def check_finite_ranges(model: nn.Module, step: int | None = None) -> None:
         ...
         FloatingPointError: The input range observed by layer '0' is NaN or Inf at step 3: ...
     """
-    observers = [(name, obs) for name, obs in _observers(model) if obs.is_initialized]
+    pairs = _observers(model) if isinstance(model, nn.Module) else model
+    observers = [(name, obs) for name, obs in pairs if obs.is_initialized]
     if not observers:
         return
     finite = torch.isfinite(torch.stack([torch.stack([obs.min_val, obs.max_val]) for _, obs in observers]))
