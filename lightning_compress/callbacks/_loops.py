@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_compress.engine.measure import Evaluation
@@ -47,6 +48,28 @@ def unwrap_compiled(module: nn.Module) -> nn.Module:
     while isinstance(getattr(module, "_orig_mod", None), nn.Module):
         module = module._orig_mod  # type: ignore[assignment]
     return module
+
+
+def channel_removal(trainer: Trainer, pl_module: LightningModule, name: str | None, owner: str) -> Any:
+    """The ``ChannelRemoval`` of a channel-pruning callback of this fit on the same network (the int8 model is then
+    the compact network), else ``None``; a pruning callback on another network is named in a warning."""
+    target = target_module(pl_module, name)
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        removal_of = getattr(callback, "channel_removal", None)
+        if getattr(callback, "compression_role", None) != "pruning" or not callable(removal_of):
+            continue
+        removal = removal_of()
+        if removal is None:
+            continue
+        if target_module(pl_module, callback.module) is not target:
+            rank_zero_warn(
+                f"{owner}: channel pruning targets `module`={callback.module!r} and quantization {name!r}: the int8"
+                " model is converted from the masked network, pruned channels not removed. Give both callbacks the"
+                " same `module` to convert the compact network."
+            )
+            return None
+        return removal
+    return None
 
 
 class InputCatcher:

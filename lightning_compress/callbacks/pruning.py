@@ -396,6 +396,17 @@ class IterativePruningCallback(Callback):
         # Applied in on_fit_start, once the selected parameters are known (Lightning restores callbacks earlier).
         self._pending_state = state_dict or None
 
+    def channel_removal(self) -> structured.ChannelRemoval | None:
+        """The removal of the pruned channels, which ``QATCallback`` and ``PostTrainingQuantCallback`` apply to
+        their float copy so that the int8 model is the compact network (channel structure with
+        ``compact_on_fit_end``); ``None`` otherwise."""
+        if self.pruner is None or self._example is None or not self.pruner.groups:
+            return None
+        if self.config.structure != "channel" or not self.config.compact_on_fit_end:
+            return None
+        keep = {name: mask.detach().cpu() for name, mask in self.pruner.group_masks.items()}
+        return structured.ChannelRemoval(self.pruner.groups, keep, self._example)
+
     # ----------------------------------------------------------------------------------------------------------
     # Internals
     # ----------------------------------------------------------------------------------------------------------

@@ -380,11 +380,19 @@ class PostTrainingQuantCallback(Callback):
         monitor = self._check_monitor(float_run.metrics, stage) if self.monitor else None
         calibration = [_as_item(call) for call in calls] if self.mode == "static" else None
         evaluations: list[Evaluation] = []  # one per attempt
+        compact = _loops.channel_removal(trainer, pl_module, self.module, "PostTrainingQuantCallback")
 
         def convert_with(backend: str, float_layers: tuple[str, ...] = ()) -> AnyInt8:
             skip = base_skip + list(float_layers)
             return convert_with_backend(
-                backend, float_net, args, kwargs, config=self.conversion, calibration=calibration, float_layers=skip
+                backend,
+                float_net,
+                args,
+                kwargs,
+                config=self.conversion,
+                calibration=calibration,
+                float_layers=skip,
+                compact=compact,
             )
 
         backend, reason, first = self.backend, None, None
@@ -443,6 +451,7 @@ class PostTrainingQuantCallback(Callback):
         results.update(self._attempt_results(monitor, fallback.budget_met))
         results["saved_to"] = report.saved_to
         results["backend"] = backend
+        results["compact"] = float(compact is not None)
         if reason is not None:
             results["backend_reason"] = reason
         for note in int8.notes if isinstance(int8, Int8Model) else []:

@@ -294,6 +294,7 @@ class QATCallback(Callback):
         self._export_checked = False
         self._monitor_checked = False
         self._observers = None
+        self._compact = False
         self.results = {}
         self.quantized_model = None
         self.quantized_program = None
@@ -462,6 +463,7 @@ class QATCallback(Callback):
             self.quantized_model = int8_module(int8)
             self.results = self._measure(trainer, pl_module, target, int8, args, kwargs, backend)
             self.results["backend"] = backend
+            self.results["compact"] = float(self._compact)
             if reason is not None:
                 self.results["backend_reason"] = reason
         finally:
@@ -474,11 +476,15 @@ class QATCallback(Callback):
         """The int8 model of the backend (``"auto"``: both built and timed; the backend, model and reason)."""
 
         calibration = self._ort_calibration(trainer, target) if self.backend != "inductor" else None
+        compact = _loops.channel_removal(trainer, trainer.lightning_module, self.module, "QATCallback")
+        self._compact = compact is not None
 
         def convert(backend: str) -> AnyInt8:
             if backend == "inductor":
-                return convert_to_int8(target, args, kwargs, config=self.conversion)
-            return convert_with_backend(backend, target, args, kwargs, config=self.conversion, calibration=calibration)
+                return convert_to_int8(target, args, kwargs, config=self.conversion, compact=compact)
+            return convert_with_backend(
+                backend, target, args, kwargs, config=self.conversion, calibration=calibration, compact=compact
+            )
 
         if self.backend != "auto":
             return self.backend, convert(self.backend), None
@@ -556,7 +562,8 @@ class QATCallback(Callback):
         _logging.log_layer_figure(trainer, f"{PREFIX}/per_layer_sqnr", sqnr, "SQNR (dB), higher is better")
         headline = {k: v for k, v in self.results.items() if "/" not in k or k.startswith(_HEADLINE_PREFIXES)}
         backend = self.results.get("backend", self.backend)
-        title = f"QAT int8 model ({backend}, {len(fake_quant_modules(target))} quantized layers)"
+        network = "compact network, pruned channels removed, " if self.results.get("compact") else ""
+        title = f"QAT int8 model ({network}{backend}, {len(fake_quant_modules(target))} quantized layers)"
         if not self._qat_started:
             title += ": QAT never started (converted from the float model)"
         summary = _logging.markdown_summary(title, headline)

@@ -867,6 +867,7 @@ def convert_to_onnx_int8(
     keep_output_float: bool = True,
     float_layers: Sequence[str] = (),
     threads: int = 1,
+    compact: Callable[[nn.Module], nn.Module] | None = None,
 ) -> OrtInt8Model:
     """Build an int8 model run by ONNX Runtime from a copy of ``model``; ``model`` itself is not modified.
 
@@ -888,6 +889,9 @@ def convert_to_onnx_int8(
             quantization), e.g. the layers the accuracy-aware fallback of ``PostTrainingQuantCallback`` picks.
             A QAT-prepared model also keeps in float every layer QAT kept in float.
         threads: ``intra_op_num_threads`` of the session.
+        compact: Applied to the stripped float copy before export, e.g. a ``structured.ChannelRemoval`` so that
+            the int8 model is the channel-pruned network with its pruned channels removed. It must keep module
+            names: the QAT ranges are carried by name, and the weight grid is recomputed from the kept weights.
 
     Returns:
         The ``OrtInt8Model``, called like ``model``.
@@ -918,6 +922,8 @@ def convert_to_onnx_int8(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     net = _float_copy(model)
+    if compact is not None:
+        net = compact(net).eval()
     fq = fake_quant_modules(model) if seed_from_fake_quant else {}
     exported = _export(net, args, kwargs)
     timings["export"] = time.perf_counter() - start

@@ -588,10 +588,48 @@ def remove_channels(
     return compact
 
 
+@dataclass(frozen=True)
+class ChannelRemoval:
+    """The channel removal of one pruning run, to apply to copies of the same network (``compact=`` of the int8
+    conversions: QAT/PTQ then convert the compact network, pruned channels removed, then int8).
+
+    Attributes:
+        groups: The pruned groups (names relative to the network it is applied to).
+        keep: ``{group name: bool vector of kept channels}``.
+        example: One call of the network (any device: moved to the network's).
+
+    Examples:
+        >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4, 2))
+        >>> example = ((torch.randn(1, 1, 4, 4),), {})
+        >>> group = find_channel_groups(net, example).groups[0]
+        >>> keep = {group.name: torch.arange(8) < 4}
+        >>> ChannelRemoval([group], keep, example)(net)[0].out_channels
+        4
+    """
+
+    groups: Sequence[ChannelGroup]
+    keep: Mapping[str, Tensor]
+    example: Call
+
+    def __call__(self, network: nn.Module) -> nn.Module:
+        """A copy of ``network`` (masked with these masks) with the pruned channels removed."""
+        device = next(iter(network.parameters()), torch.empty(0)).device
+        example = torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, self.example)
+        return remove_channels(network, self.groups, self.keep, example)
+
+
+def _float(model: nn.Module) -> nn.Module:
+    """``model`` (a copy) with fake quantization stripped: the saved forms are float networks."""
+    from lightning_compress.engine.fake_quant import is_prepared, strip_qat
+
+    return strip_qat(model) if is_prepared(model) else model
+
+
 def save_compact(model: nn.Module, path: str | os.PathLike[str]) -> int:
     """Save a compact model's state dict with the layer shapes that rebuild it (atomically; loadable with
     ``weights_only=True``). Returns the file size in bytes. Reload with ``load_compact`` and a freshly built
-    instance of the original architecture."""
+    instance of the original architecture. Fake quantization (QAT in the same fit) is stripped: a float network."""
+    model = _float(copy.deepcopy(model))
     shapes = {
         name: {a: int(getattr(m, a)) for a in _SHAPE_ATTRIBUTES if isinstance(getattr(m, a, None), int)}
         for name, m in model.named_modules()
@@ -609,8 +647,9 @@ def save_compact(model: nn.Module, path: str | os.PathLike[str]) -> int:
 
 def export_compact(model: nn.Module, example: Call, path: str | os.PathLike[str]) -> int:
     """Export a compact model with ``torch.export`` (batch dimension dynamic when possible) and save it as a
-    ``.pt2`` archive compressed with deflate, atomically. Returns the file size in bytes."""
-    model = copy.deepcopy(model).eval()
+    ``.pt2`` archive compressed with deflate, atomically (fake quantization stripped). Returns the file size in
+    bytes."""
+    model = _float(copy.deepcopy(model)).eval()
     args, kwargs = example
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
 

@@ -147,3 +147,51 @@ def test_n_m_structure_in_a_trainer(tmp_path):
 def test_bad_settings_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         IterativePruningCallback(**kwargs)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "inductor"])
+@pytest.mark.parametrize("quantization", ["qat", "ptq"])
+def test_int8_model_is_the_compact_network(tmp_path, quantization, backend):
+    """Compose: with channel pruning in the same fit, QAT and PTQ convert the compact network (channels removed,
+    then int8), which computes what the masked (fake-quant) network computes."""
+    from lightning_compress import PostTrainingQuantCallback, QATCallback
+
+    L.seed_everything(0)
+    model = ResidualClassifier()
+    pruning = IterativePruningCallback(target_sparsity=0.5, structure="channel", end_step=4, update_every_n_steps=2)
+    quant = (
+        QATCallback(start=2, backend=backend, latency="off", verbose=False)
+        if quantization == "qat"
+        else PostTrainingQuantCallback(backend=backend, latency="off", verbose=False)
+    )
+    fit = trainer(tmp_path, [quant, pruning], max_epochs=3)  # order does not matter: quant asks pruning
+    fit.fit(model, DataLoader(_images(), batch_size=16), DataLoader(_images(32, 1), batch_size=16))
+    assert quant.results["compact"] == 1.0
+    compact_widths = sorted(m.out_channels for m in pruning.compact_model.modules() if isinstance(m, nn.Conv2d))
+    dense_widths = sorted(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert compact_widths != dense_widths
+    if backend == "onnxruntime":
+        import onnx
+        from onnx import numpy_helper
+
+        proto = onnx.load(str(quant.results["saved_to"]))
+        by_name = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+        dequantized = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+        conv_weights = [
+            by_name[dequantized.get(n.input[1], n.input[1])] for n in proto.graph.node if n.op_type == "Conv"
+        ]
+        assert all(w.dtype == "int8" for w in conv_weights)
+        conv_widths = sorted(w.shape[0] for w in conv_weights)
+        assert conv_widths == compact_widths  # the artifact holds the compact layers
+    else:
+        weights = [
+            n.meta["val"].shape[0]
+            for n in quant.quantized_program.graph.nodes
+            if n.op == "placeholder" and n.meta.get("val") is not None and n.meta["val"].dim() == 4
+        ]
+        assert max(weights) == max(compact_widths) < max(dense_widths)
+    x = torch.randn(64, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    model.eval()
+    with torch.no_grad():
+        agreement = (quant.quantized_model(x).argmax(1) == model(x).argmax(1)).float().mean()
+    assert agreement >= 0.9

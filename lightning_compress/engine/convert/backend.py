@@ -103,6 +103,7 @@ def convert_with_backend(
     config: ConversionConfig,
     calibration: Iterable[Any] | None = None,
     float_layers: Sequence[str] = (),
+    compact: Callable[[nn.Module], nn.Module] | None = None,
 ) -> AnyInt8:
     """Convert a copy of ``model`` with one backend (``"inductor"`` or ``"onnxruntime"``).
 
@@ -115,9 +116,13 @@ def convert_with_backend(
             calibrates with its own min/max on ``calibration`` where QAT ranges do not seed it).
         calibration: Calibration items (``None``: the example call).
         float_layers: Module names kept in float.
+        compact: Applied to the stripped float copy before export (``structured.ChannelRemoval``: convert the
+            compact network).
     """
     if backend == "inductor":
-        return convert_to_int8(model, args, kwargs, calibration_data=calibration, skip=float_layers, config=config)
+        return convert_to_int8(
+            model, args, kwargs, calibration_data=calibration, skip=float_layers, config=config, compact=compact
+        )
     if backend != "onnxruntime":
         raise ValueError(f"`backend` must be 'inductor' or 'onnxruntime' here, got {backend!r}.")
     from lightning_compress.engine.ort import convert_to_onnx_int8
@@ -130,6 +135,7 @@ def convert_with_backend(
         calibration=None if calibration is None else list(calibration),
         calibration_batches=config.calibration_batches,
         float_layers=list(float_layers),
+        compact=compact,
     )
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -116,7 +116,11 @@ def _check_call(
 
 
 def _float_copy(
-    model: nn.Module, config: ConversionConfig, skip: list[str], notes: list[str]
+    model: nn.Module,
+    config: ConversionConfig,
+    skip: list[str],
+    notes: list[str],
+    compact: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[nn.Module, dict[str, tuple[float, float]]]:
     """A float CPU copy to export, and the input ranges QAT learned (``skip`` gets what QAT kept in float)."""
     # (a CPU copy: the int8 kernels are x86 CPU ones; `torch.compile` wrappers removed: export would specialize)
@@ -140,6 +144,9 @@ def _float_copy(
                 if module.quant_config.weight_bits != 8 and module.is_fake_quant_enabled:
                     module.weight.copy_(fake_quantize_weight(module.weight, module.quant_config.weight_bits))
         strip_qat(float_model)
+    if compact is not None:  # the pruned channels removed; module names, and so the QAT ranges, unchanged
+        float_model = compact(float_model)
+        notes.append("Converted the compact network (pruned channels removed).")
     float_model.eval()
     for p in float_model.parameters():
         p.requires_grad_(False)
@@ -217,6 +224,7 @@ def convert_to_int8(
     calibration_data: Iterable[Any] | None = None,
     skip: Sequence[str] = (),
     config: ConversionConfig | None = None,
+    compact: Callable[[nn.Module], nn.Module] | None = None,
     **settings: Any,
 ) -> Int8Model:
     """Build an int8 ``ExportedProgram`` from a copy of ``model`` (which is left untouched).
@@ -239,6 +247,9 @@ def convert_to_int8(
             ``ConversionConfig``. Default: ``ConversionConfig()`` (static).
         **settings: Fields of ``ConversionConfig`` that replace those of
             ``config``, e.g. ``mode="dynamic"`` or ``observer="minmax"``.
+        compact: Applied to the stripped float copy before export, e.g. a ``structured.ChannelRemoval`` so that
+            the int8 model is the channel-pruned network with its pruned channels removed. It must keep module
+            names (the QAT ranges are carried by name).
 
     Returns:
         An ``Int8Model`` with the ``program`` and what happened (timings, notes, carried ranges).
@@ -253,7 +264,7 @@ def convert_to_int8(
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     notes: list[str] = []
-    float_model, ranges = _float_copy(model, config, skip_all, notes)
+    float_model, ranges = _float_copy(model, config, skip_all, notes, compact)
 
     t = time.perf_counter()
     exported, dynamic_shapes = _export(float_model, args, kwargs, config.dynamic_batch, notes)
