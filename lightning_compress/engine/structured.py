@@ -9,8 +9,12 @@ and the indices that belong to each channel. Every group is then checked on a co
 masked group-completely and then removed physically, and the two outputs must agree. A group whose removal fails or
 changes the outputs (LayerNorm over a pruned stream, per-head dimensions of attention, the network's own output
 features) is left out; a one-line warning names the modules. ``nn.MultiheadAttention``, LayerNorm/GroupNorm/
-InstanceNorm, embeddings, recurrent layers, grouped (non-depthwise) and transposed convolutions, and the projections
-of modules with a ``num_heads`` attribute (whole-head pruning is not implemented) are left out before the check.
+InstanceNorm, embeddings, recurrent layers, grouped (non-depthwise) and transposed convolutions are left out before
+the check.
+
+**Heads.** A group holding the separate q/k/v projections of one module with a ``num_heads``-like attribute is pruned
+in whole heads (``ChannelGroup.unit`` = the head width): its channels share their head's score, its kept width is a
+multiple of the head width, and removal lowers the module's head count.
 
 **Scores.** A channel's score is the mean, over the group's scored tensors (weights and biases of producers, norm
 affine, consumers' columns; not running statistics), of the root mean square of that tensor's entries coupled to the
@@ -59,6 +63,10 @@ _PRUNED_SCORE = -1.0
 _COMPACT_FORMAT = "lightning_compress.compact/1"
 #: Module attributes that define a layer's shapes, saved with the compact state dict so it can be rebuilt.
 _SHAPE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features")
+#: Attributes that hold a module's number of attention heads (ours, HF, GPT-style), lowered when heads are removed.
+_HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+#: Attributes that hold the total width of the heads (HF ``all_head_size``), lowered with them.
+_HEAD_WIDTH_ATTRIBUTES = ("all_head_size", "inner_dim")
 _UNSUPPORTED = (
     nn.MultiheadAttention,
     nn.LayerNorm,
@@ -124,6 +132,9 @@ class ChannelGroup:
         couplings: The coupled entries of every tensor.
         modules: Names of the modules the group touches (producers, norms, consumers).
         root: The root producer's module name inside the traced network (for removal).
+        unit: Channels removed together: 1, or the head width of an attention group (whole heads only).
+        heads: For an attention group, the name (inside the traced network) of the module whose head count
+            attribute (``num_heads``-like) goes down when heads are removed; else ``None``.
     """
 
     name: str
@@ -131,6 +142,8 @@ class ChannelGroup:
     couplings: tuple[Coupling, ...]
     modules: tuple[str, ...]
     root: str
+    unit: int = 1
+    heads: str | None = None
 
     @property
     def tensors(self) -> list[str]:
@@ -162,6 +175,8 @@ class ChannelGroup:
                 used += 1
         score = (total / max(used, 1)).float()
         score[~live] = _PRUNED_SCORE
+        if self.unit > 1:  # a head's channels share its mean score: ranked, and so removed, as a whole
+            score = score.view(-1, self.unit).mean(1).repeat_interleave(self.unit)
         return score
 
     def masks(self, keep: Tensor, shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
@@ -263,15 +278,37 @@ def _couplings(
     return f"{type(module).__name__} {module_name}"
 
 
+def _head_count_attribute(module: nn.Module) -> str | None:
+    """The attribute holding the number of attention heads of ``module`` (``num_heads``-like), if any."""
+    return next((a for a in _HEAD_COUNT_ATTRIBUTES if isinstance(getattr(module, a, None), int)), None)
+
+
 def _heads_modules(network: nn.Module) -> dict[str, str]:
-    """Linear layers inside modules that split channels into heads (a ``num_heads`` attribute): name -> owner."""
+    """Linear layers inside modules that split channels into heads (a ``num_heads``-like attribute): name -> owner
+    (the owner's name inside ``network``; ``""`` for the network itself)."""
     owners: dict[str, str] = {}
     for name, module in network.named_modules():
-        if isinstance(getattr(module, "num_heads", None), int) and not isinstance(module, nn.MultiheadAttention):
+        if _head_count_attribute(module) and not isinstance(module, nn.MultiheadAttention):
             for sub, child in module.named_modules():
                 if isinstance(child, nn.Linear) and sub:
-                    owners[f"{name}.{sub}" if name else sub] = name or type(module).__name__
+                    owners[f"{name}.{sub}" if name else sub] = name
     return owners
+
+
+def _head_unit(network: nn.Module, owners: set[str], producers: int, channels: int) -> tuple[int, str | None] | str:
+    """``(head width, owner)`` of a group whose producers are the projections (q, k, v) of one attention module,
+    ``(1, None)`` when only one of its Linear layers produces the group's channels, or why its heads cannot be
+    pruned."""
+    if len(owners) != 1:
+        return f"projections of several attention modules in one group ({sorted(owners)})"
+    (owner,) = owners
+    label = owner or type(network).__name__
+    if producers < 2:  # e.g. the output projection in a residual stream, or an FFN: plain channels (checked)
+        return 1, None
+    heads = getattr(network.get_submodule(owner), _head_count_attribute(network.get_submodule(owner)) or "", 0)
+    if heads < 2 or channels % heads:
+        return f"attention module {label}: {channels} channels do not split into {heads} heads"
+    return channels // heads, owner
 
 
 def _describe(network: nn.Module, dg: Any, group: Any, prefix: str) -> ChannelGroup | str:
@@ -281,6 +318,8 @@ def _describe(network: nn.Module, dg: Any, group: Any, prefix: str) -> ChannelGr
     root = names[root_module]
     couplings: list[Coupling] = []
     modules: list[str] = []
+    head_owners: set[str] = set()
+    head_producers = 0
     for item in group.items:
         module = item.dep.target.module
         if isinstance(module, _UNSUPPORTED):
@@ -295,7 +334,8 @@ def _describe(network: nn.Module, dg: Any, group: Any, prefix: str) -> ChannelGr
         if isinstance(module, _UNSUPPORTED):
             return f"{type(module).__name__} {name}"
         if name in heads and item.dep.handler.__name__.endswith("out_channels"):
-            return f"the projections of attention module {heads[name]} (whole-head pruning is not implemented)"
+            head_owners.add(heads[name])
+            head_producers += 1
         entries = _couplings(
             f"{prefix}{name}", module, item.dep.handler.__name__, list(item.idxs), list(item.root_idxs)
         )
@@ -312,8 +352,16 @@ def _describe(network: nn.Module, dg: Any, group: Any, prefix: str) -> ChannelGr
                 return f"inconsistent index mapping at {name} (Torch-Pruning)"
         couplings += entries
         modules.append(f"{prefix}{name}")
-    channels = dg.get_out_channels(root_module)
-    return ChannelGroup(f"{prefix}{root}", int(channels), tuple(couplings), tuple(dict.fromkeys(modules)), root)
+    channels = int(dg.get_out_channels(root_module))
+    unit, owner = 1, None
+    if head_owners:
+        found = _head_unit(network, head_owners, head_producers, channels)
+        if isinstance(found, str):
+            return found
+        unit, owner = found
+    return ChannelGroup(
+        f"{prefix}{root}", channels, tuple(couplings), tuple(dict.fromkeys(modules)), root, unit=unit, heads=owner
+    )
 
 
 def _removal_check(network: nn.Module, example: Call, group: ChannelGroup, prefix: str, rtol: float) -> str | None:
@@ -329,13 +377,13 @@ def _removal_check(network: nn.Module, example: Call, group: ChannelGroup, prefi
     )
     tensors = {f"{prefix}{n}": t for n, t in [*copy_.named_parameters(), *copy_.named_buffers()]}
     keep = torch.ones(group.channels, dtype=torch.bool)
-    keep[-1] = False
+    keep[-group.unit :] = False  # the last channel, or the last head
     with torch.no_grad():
         for name, mask in group.masks(keep, {n: tensors[n].shape for n in group.tensors}).items():
             tensors[name].mul_(mask.to(tensors[name].device, tensors[name].dtype))
         reference = _call(copy_, example)
     try:
-        _remove(copy_, example, [(group.root, [group.channels - 1])])
+        _remove(copy_, example, [(group, list(range(group.channels - group.unit, group.channels)))])
         with torch.no_grad():
             removed = _call(copy_.eval(), example)
     except Exception as err:  # a structure Torch-Pruning cannot cut
@@ -431,6 +479,15 @@ def _lowest_k(scores: Tensor, k: int) -> Tensor:
     return pruned
 
 
+def _step(round_to: int, group: ChannelGroup) -> int:
+    """Kept channels of ``group`` are a multiple of this: ``round_to``, and whole heads for attention (their least
+    common multiple when it fits in the group, else whole heads)."""
+    if group.unit == 1:
+        return round_to
+    both = math.lcm(round_to, group.unit)
+    return both if both < group.channels else group.unit
+
+
 def _rounded(kept: int, live: int, channels: int, floor: int, step: int, error: float) -> int:
     """The multiple of ``step`` (or ``channels``) nearest to ``kept - error``, within [floor, live]."""
     candidates = {c for c in range(step, channels + 1, step)} | {channels}
@@ -484,7 +541,7 @@ def compute_group_masks(
                 score[~keep.cpu()] = _PRUNED_SCORE
         else:
             score = group.scores(tensors, keep)
-        floors[group.name] = _floor(group.channels, min_channels_per_group)
+        floors[group.name] = group.unit * math.ceil(_floor(group.channels, min_channels_per_group) / group.unit)
         lives[group.name] = group.channels if keep is None else int(keep.sum())
         protected = torch.sort(score, descending=True, stable=True).indices[: floors[group.name]]
         score = score.clone()
@@ -503,19 +560,21 @@ def compute_group_masks(
         }
     result: dict[str, Tensor] = {}
     error = 0.0
-    for group in groups:
+    # Rounded groups first: the single-channel groups after them absorb the carried error (exact counts with heads).
+    for group in sorted(groups, key=lambda g: _step(round_to, g) == 1):
         name = group.name
         keep = ~pruned[name]
-        if round_to > 1:
+        step = _step(round_to, group)
+        if step > 1 or round(error):
             kept = int(keep.sum())
-            target = _rounded(kept, lives[name], group.channels, floors[name], round_to, error)
+            target = _rounded(kept, lives[name], group.channels, floors[name], step, error)
             error += target - kept
             keep = torch.zeros(group.channels, dtype=torch.bool)
             keep[torch.sort(scores[name], descending=True, stable=True).indices[:target]] = True
         if name in current:
             keep &= current[name].cpu()
         result[name] = keep
-    return result
+    return {group.name: result[group.name] for group in groups}
 
 
 def tensor_masks(
@@ -562,15 +621,24 @@ def n_m_eligible(weights: Mapping[str, Tensor], m: int) -> tuple[list[str], list
 # ----------------------------------------------------------------------------------------------------------------
 # Removal, saving, loading
 # ----------------------------------------------------------------------------------------------------------------
-def _remove(network: nn.Module, example: Call, cuts: Sequence[tuple[str, list[int]]]) -> None:
-    """Remove channels in place: for every ``(root module name, channel indices)``, the whole group."""
+def _remove(network: nn.Module, example: Call, cuts: Sequence[tuple[ChannelGroup, list[int]]]) -> None:
+    """Remove channels in place: for every ``(group, channel indices)``, the whole group (and, for attention, lower
+    the module's head count)."""
     dg = _dependency_graph(network, example)
     modules = dict(network.named_modules())
-    for root, idxs in cuts:
+    for group, idxs in cuts:
         if not idxs:
             continue
-        module = modules[root]
+        module = modules[group.root]
         dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels, idxs).prune()
+        if group.heads is not None:
+            owner = modules[group.heads]
+            count = _head_count_attribute(owner)
+            assert count is not None
+            setattr(owner, count, getattr(owner, count) - len(idxs) // group.unit)
+            for width in _HEAD_WIDTH_ATTRIBUTES:
+                if isinstance(getattr(owner, width, None), int):
+                    setattr(owner, width, getattr(owner, width) - len(idxs))
 
 
 def remove_channels(
@@ -582,7 +650,7 @@ def remove_channels(
     changed; the copy has the original's train/eval flags.
     """
     compact = copy.deepcopy(network)
-    cuts = [(g.root, (~keep[g.name].cpu()).nonzero().flatten().tolist()) for g in groups if g.name in keep]
+    cuts = [(g, (~keep[g.name].cpu()).nonzero().flatten().tolist()) for g in groups if g.name in keep]
     with tracing(compact):
         _remove(compact, example, cuts)
     return compact

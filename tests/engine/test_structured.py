@@ -151,11 +151,66 @@ def test_groups_are_complete_and_output_features_protected():
     assert torch.equal(fc1_columns.channel, torch.arange(16).repeat_interleave(25))
 
 
-def test_attention_projections_and_layernorm_streams_are_left_out_with_a_notice():
+def test_attention_heads_are_pruned_whole_and_layernorm_streams_left_out_with_a_notice():
     net = Block()
-    with pytest.warns(UserWarning, match=r"leaves out 2 group\(s\).*LayerNorm.*attention module attn"):
+    with pytest.warns(UserWarning, match=r"leaves out 1 group\(s\).*LayerNorm ln2"):
         search = find_channel_groups(net, ((torch.randn(1, 7, 32),), {}))
-    assert [g.name for g in search.groups] == ["fc1"]  # the FFN hidden units
+    by_name = {g.name: g for g in search.groups}
+    assert set(by_name) == {"fc1", "attn.v"}  # the FFN hidden units, and the heads
+    heads = by_name["attn.v"]
+    assert (heads.unit, heads.heads) == (8, "attn")  # 4 heads of 8: q, k, v rows and o's columns together
+    assert {"attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight"} <= set(heads.tensors)
+
+
+class HFStyleSelfAttention(nn.Module):
+    """Attention as Hugging Face writes it: `num_attention_heads`, `all_head_size`, and the output projection in
+    another module, with an explicit softmax(q k^T) v."""
+
+    def __init__(self, d: int = 48, heads: int = 6) -> None:
+        super().__init__()
+        self.num_attention_heads, self.attention_head_size, self.all_head_size = heads, d // heads, d
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / self.attention_head_size**0.5, dim=-1)
+        return (weights @ v).transpose(1, 2).reshape(b, n, self.all_head_size)
+
+
+class HFStyleEncoder(nn.Module):
+    def __init__(self, d: int = 48) -> None:
+        super().__init__()
+        self.self_attn, self.out = HFStyleSelfAttention(d), nn.Linear(d, d)
+        self.fc1, self.fc2, self.head = nn.Linear(d, 96), nn.Linear(96, d), nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.out(self.self_attn(x))
+        return self.head((x + self.fc2(torch.relu(self.fc1(x)))).mean(1))
+
+
+@pytest.mark.parametrize("make", [Block, HFStyleEncoder])
+def test_removing_whole_heads_is_exact_and_lowers_the_head_count(make):
+    torch.manual_seed(0)
+    net = make().eval()
+    x = torch.randn(3, 7, net.fc1.in_features)
+    search, keep = _prune(net, x, 0.5)
+    heads = next(g for g in search.groups if g.unit > 1)
+    per_head = keep[heads.name].view(-1, heads.unit)
+    assert bool((per_head.all(1) | ~per_head.any(1)).all())  # every head kept or removed whole
+    assert sum(int((~k).sum()) for k in keep.values()) == round(0.5 * search.channels)  # the FFN absorbs rounding
+    with torch.no_grad():
+        reference = net(x)
+        compact = remove_channels(net, search.groups, keep, ((x[:1],), {})).eval()
+        out = compact(x)
+    assert float((out - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
+    owner = compact.get_submodule(heads.heads)
+    count = getattr(owner, "num_heads", None) or owner.num_attention_heads
+    assert count == int(per_head.all(1).sum()) < (getattr(net.get_submodule(heads.heads), "num_heads", 0) or 6)
 
 
 def test_include_and_exclude_act_on_groups():
