@@ -16,7 +16,7 @@ int8 kernels. torchao is imported lazily (only when converting).
 Modules: ``.pipeline`` (``convert_to_int8``), ``.export`` (export with a dynamic batch,
 ``check_exportable``), ``.observers`` (calibration observers), ``.quantizer`` (the x86 quantizer per mode),
 ``.embedding`` (``Int8Embedding``) and ``.artifact`` (``Int8Model``, ``QuantizedModule``, save,
-load, size, compile). Everything public is re-exported here.
+load, size, compile, ``quantized_layers``). Everything public is re-exported here.
 """
 
 from lightning_compress.engine.convert.artifact import (
@@ -30,6 +30,7 @@ from lightning_compress.engine.convert.artifact import (
     load_int8,
     load_quantized,
     model_size_bytes,
+    quantized_layers,
     save_and_size,
     save_int8,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "load_int8",
     "load_quantized",
     "model_size_bytes",
+    "quantized_layers",
     "save_and_size",
     "save_int8",
 ]

@@ -170,6 +170,16 @@ class Int8Model:
         """Size of the saved artifact, in bytes."""
         return model_size_bytes(self)
 
+    @property
+    def quantized_layers(self) -> tuple[str, ...]:
+        """The layers that compute with int8 weights, read from ``program`` (see ``quantized_layers``)."""
+        return quantized_layers(self.program)
+
+    @property
+    def num_quantized_layers(self) -> int:
+        """How many Linear/Conv ops of ``program`` compute with int8 weights."""
+        return len(self.quantized_layers)
+
 
 def _program_of(obj: torch.export.ExportedProgram | Int8Model) -> torch.export.ExportedProgram:
     if isinstance(obj, Int8Model):
@@ -296,6 +306,52 @@ def int8_weights(program: torch.export.ExportedProgram | Int8Model) -> dict[str,
     prog = _program_of(program)
     tensors = {**prog.state_dict, **prog.constants}
     return {k: v for k, v in tensors.items() if isinstance(v, Tensor) and v.dtype == torch.int8}
+
+
+_WEIGHT_OPS = (
+    "aten.linear.default",
+    "aten.conv1d.default",
+    "aten.conv2d.default",
+    "aten.conv3d.default",
+    "aten.conv1d.padding",
+    "aten.conv2d.padding",
+    "aten.conv3d.padding",
+    "aten.conv_transpose2d.input",
+    "aten.addmm.default",
+    "aten.mm.default",
+)
+
+
+def _int8_source(node: Any) -> bool:
+    """Whether ``node`` (the weight argument of a Linear/Conv op) is a dequantize of an int8 tensor."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or "dequantize" not in str(node.target):
+        return False
+    source = node.args[0] if node.args else None
+    val = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+    return isinstance(val, Tensor) and val.dtype == torch.int8
+
+
+def quantized_layers(program: torch.export.ExportedProgram | Int8Model) -> tuple[str, ...]:
+    """The layers that compute with int8 weights, counted from the converted program itself.
+
+    A layer counts when a Linear/Conv op of the graph takes as weight the dequantization of an int8 tensor (what
+    ``convert_pt2e`` writes and Inductor fuses into an int8 kernel); a layer the quantizer did not annotate keeps its
+    float weight and is not counted, whatever was selected.
+
+    Returns:
+        The module path of each such op (``nn_module_stack``), in graph order; a module whose forward has two int8
+        ops (e.g. ``nn.MultiheadAttention``'s ``in_proj_weight`` and ``out_proj``) appears twice.
+    """
+    from lightning_compress.engine.convert.export import _module_path
+
+    names = []
+    for node in _program_of(program).graph.nodes:
+        if node.op != "call_function" or str(node.target) not in _WEIGHT_OPS or len(node.args) < 2:
+            continue
+        weight = node.args[2] if str(node.target) == "aten.addmm.default" else node.args[1]
+        if _int8_source(weight):
+            names.append(_module_path(node) or "")
+    return tuple(names)
 
 
 def compile_int8(program: torch.export.ExportedProgram | Int8Model, dynamic: bool | None = False) -> Callable[..., Any]:

@@ -143,6 +143,57 @@ def _module_path(node: torch.fx.Node) -> str | None:
     return path[len("L['self'].") :] if path.startswith("L['self'].") else path
 
 
+def _eliminate_dead_code(gm: torch.fx.GraphModule) -> list[str]:
+    """Remove graph nodes whose results nothing uses; returns the modules they came from (in graph order).
+
+    An unused branch (e.g. a BERT pooler, Linear -> tanh, when only ``last_hidden_state`` is read) stays in the
+    exported graph, and ``X86InductorQuantizer`` fails on a Linear -> activation pattern whose output has no user
+    (``IndexError`` in its partition matching), so the graph is cleaned before ``prepare_pt2e``. Impure nodes
+    (in-place updates, the export guards) are kept by fx's own purity rules.
+    """
+    before = {node: _module_path(node) for node in gm.graph.nodes if node.op == "call_function"}
+    if not gm.graph.eliminate_dead_code():
+        return []
+    gm.recompile()
+    alive = set(gm.graph.nodes)
+    removed = [path for node, path in before.items() if node not in alive and path]
+    return list(dict.fromkeys(removed))
+
+
+def _failing_node(err: BaseException) -> torch.fx.Node | None:
+    """The graph node the failing code was working on, read from the traceback's frames (innermost first).
+
+    A node is taken from a local variable that is a ``torch.fx.Node``, a list/tuple of them, or an object with a
+    ``nodes`` list (a source partition); only nodes that carry an ``nn_module_stack`` (they name a module) count.
+    """
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for value in list(frame.f_locals.values()):
+            candidates = getattr(value, "nodes", value)
+            if isinstance(candidates, torch.fx.Node):
+                candidates = [candidates]
+            if not isinstance(candidates, (list, tuple)):
+                continue
+            for node in candidates:
+                if isinstance(node, torch.fx.Node) and _module_path(node):
+                    return node
+    return None
+
+
+def _module_type(node: torch.fx.Node) -> str:
+    """The class name of the innermost module a node comes from (``""`` when unknown)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    kind = list(stack.values())[-1][1]
+    name = kind if isinstance(kind, str) else getattr(kind, "__qualname__", str(kind))
+    return name.rsplit(".", 1)[-1]
+
+
 def _drop_unused_tensors(gm: torch.fx.GraphModule) -> list[str]:
     """Delete parameters/buffers that no ``get_attr`` node reads (the float weights replaced by int8 constants)."""
     used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}

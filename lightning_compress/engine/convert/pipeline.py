@@ -18,14 +18,18 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.engine.config import ConversionConfig
+from lightning_compress.engine.config import QAT_MODES, QUANT_MODES, ConversionConfig
 from lightning_compress.engine.convert.artifact import Int8Model, call_signature
 from lightning_compress.engine.convert.embedding import _quantize_embeddings
 from lightning_compress.engine.convert.export import (
     Int8ConversionError,
     _drop_unused_tensors,
+    _eliminate_dead_code,
     _export,
+    _failing_node,
     _first_lines,
+    _module_path,
+    _module_type,
     _to_cpu,
 )
 from lightning_compress.engine.convert.observers import _calibrated_observers, _carry_ranges
@@ -217,6 +221,39 @@ def _reexport(
     return program, dynamic_shapes is not None
 
 
+_STAGES = {
+    "prepare": "preparing the graph for quantization (`prepare_pt2e` with X86InductorQuantizer)",
+    "calibrate": "calibrating the observers (running `example_inputs` through the prepared graph)",
+    "convert": "converting the calibrated graph to int8 (`convert_pt2e`)",
+    "reexport": "exporting the int8 graph again (`torch.export`)",
+}
+
+
+def _failure_message(err: Exception, stage: str, mode: str, model: nn.Module, skipped: Sequence[str]) -> str:
+    """What failed (the error), where (the stage, and the graph node and module when the traceback names one), and
+    only what can still be tried: the other modes the caller has (a QAT model: static/dynamic), and keeping the
+    failing module in float."""
+    node = _failing_node(err)
+    where = _STAGES[stage]
+    path = None
+    if node is not None:
+        path = _module_path(node)
+        kind = _module_type(node)
+        where += f", at graph node `{node.name}` ({node.target}) of module `{path}`" + (f" ({kind})" if kind else "")
+    modes = QAT_MODES if is_prepared(model) else QUANT_MODES
+    others = [m for m in modes if m != mode]
+    tries = [f"mode={' or '.join(repr(m) for m in others)}" if others else ""]
+    if path is not None and path not in skipped:
+        tries.append(
+            f"keep `{path}` in float (`skip=[{path!r}]` of convert_to_int8; an `exclude` pattern matching its "
+            "Linear/Conv layers on the QAT and PTQ callbacks)"
+        )
+    hint = "; or ".join(t for t in tries if t)
+    return f"The pt2e int8 conversion (mode={mode!r}) failed while {where}:\n    {_first_lines(err)}" + (
+        f"\nStill to try: {hint}." if hint else ""
+    )
+
+
 def convert_to_int8(
     model: nn.Module,
     example_inputs: tuple[Any, ...] | Tensor,
@@ -272,35 +309,37 @@ def convert_to_int8(
     _import_torchao()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+    stage = "prepare"
     try:
         t = time.perf_counter()
+        graph = exported.module()
+        dropped = _eliminate_dead_code(graph)
+        if dropped:
+            notes.append(f"Dropped computations whose results are not used (in {', '.join(dropped)}).")
         with warnings.catch_warnings():
             # X86InductorQuantizer warns for every pooling op whose input it leaves in float; nothing to act on.
             warnings.filterwarnings("ignore", message=r".*is not quantized, skip annotate.*")
             quantizer = _quantizer(config.mode, skip_all, config.observer, config.percentile)
-            prepared = prepare_pt2e(exported.module(), quantizer)
+            prepared = prepare_pt2e(graph, quantizer)
         timings["prepare"] = time.perf_counter() - t
         carried = _carry_ranges(prepared, ranges) if config.mode == "static" and ranges else {}
 
-        t = time.perf_counter()
+        stage, t = "calibrate", time.perf_counter()
         batches = _calibrate(prepared, args, kwargs, calibration_data, config, notes)
         timings["calibrate"] = time.perf_counter() - t
 
-        t = time.perf_counter()
+        stage, t = "convert", time.perf_counter()
         converted = convert_pt2e(prepared)
         _drop_unused_tensors(converted)
         timings["convert"] = time.perf_counter() - t
 
-        t = time.perf_counter()
+        stage, t = "reexport", time.perf_counter()
         program, dynamic_batch = _reexport(converted, args, kwargs, dynamic_shapes, notes)
         timings["reexport"] = time.perf_counter() - t
     except Int8ConversionError:
         raise
     except Exception as err:
-        raise Int8ConversionError(
-            f"The pt2e int8 conversion ({config.mode!r}) failed after export:\n    {_first_lines(err)}\nTry "
-            "`mode='dynamic'` or `'weight_only'`, or `skip` the module where it fails."
-        ) from err
+        raise Int8ConversionError(_failure_message(err, stage, config.mode, model, skip_all)) from err
     timings["total"] = time.perf_counter() - t_start
     return Int8Model(
         program=program,
