@@ -142,11 +142,12 @@ def make_datamodule(cfg: Config, seed: int, train_subset: int | None = None) -> 
     return dm
 
 
-def qat_callback(cfg: Config, save_path: str | None, convert: bool = True) -> QATCallback:
+def qat_callback(cfg: Config, save_path: str | None, convert: bool = True, steady: bool = False) -> QATCallback:
+    """The QAT callback of the accuracy runs; ``steady``: fake quantization from the first step, nothing frozen."""
     return QATCallback(
-        start=cfg.qat_start,
-        freeze_bn_at=cfg.qat_freeze_bn,
-        freeze_observers_at=cfg.qat_freeze_observers,
+        start=0 if steady else cfg.qat_start,
+        freeze_bn_at=None if steady else cfg.qat_freeze_bn,
+        freeze_observers_at=None if steady else cfg.qat_freeze_observers,
         schedule_unit="epoch",
         module="net",
         monitor=MONITOR,
@@ -364,9 +365,8 @@ def measure_step_overhead(cfg: Config, arch: str) -> dict[str, Any]:
     def fit(variant: str) -> None:
         callbacks: list[Callback] = [timers[variant]]
         if variant == "qat":
-            qat = qat_callback(cfg, None, convert=False)
-            qat.start, qat.freeze_bn_at, qat.freeze_observers_at = 0, None, None
-            callbacks.insert(0, qat)
+            # (setting `start` on a built callback changes nothing: its schedule is made in __init__)
+            callbacks.insert(0, qat_callback(cfg, None, convert=False, steady=True))
         make_trainer(callbacks, limit_val_batches=0).fit(models[variant], datamodule=dm)
 
     for v in timers:

@@ -24,6 +24,7 @@ from lightning_compress.engine.fake_quant import (
     activation_qparams,
     activation_ranges,
     fake_quant_modules,
+    fake_quantize_input,
     fake_quantize_weight,
     freeze_batchnorm_stats,
     freeze_observers,
@@ -375,6 +376,54 @@ def test_weight_gradient_is_straight_through_for_every_element() -> None:
     upstream = torch.randn(8, 5)
     (fake_quantize_weight(weight) * upstream).sum().backward()
     assert weight.grad is not None and torch.equal(weight.grad, upstream)  # incl. each channel's max element
+
+
+def _hard_inputs(scale: float, n: int = 4000) -> Tensor:
+    """Random values plus exact ties (k + 0.5) * scale, grid points, signed zeros and far out-of-range values."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randint(-400, 400, (n // 4,), generator=g).float()
+    edges = torch.tensor([0.0, -0.0, 1e6, -1e6])
+    return torch.cat([torch.randn(n, generator=g) * 200 * scale, (k + 0.5) * scale, k * scale, edges])
+
+
+@pytest.mark.parametrize(("scale", "zero_point"), [(0.02, 0), (0.0123, 37), (2.0**-12, 255), (0.7, 128)])
+def test_input_fake_quant_equals_the_aten_op_bitwise_with_its_gradient(scale: float, zero_point: int) -> None:
+    """The CPU fast path (vectorized ops) computes what torch.fake_quantize_per_tensor_affine computes."""
+    x = _hard_inputs(scale)
+    s, z = torch.tensor([scale]), torch.tensor([zero_point], dtype=torch.int32)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    ours_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, ref = fake_quantize_input(ours_x, s, z), torch.fake_quantize_per_tensor_affine(ref_x, s, z, 0, 255)
+    assert torch.equal(ours, ref)
+    (ours * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    assert ours_x.grad is not None and ref_x.grad is not None
+    assert torch.equal(ours_x.grad, ref_x.grad)  # zero exactly where the value was clamped
+    assert torch.equal(fake_quantize_input(x, s, z.float()), ref)  # a float zero point (the observers' hot path)
+    assert not fake_quantize_input(x, s, z).requires_grad  # no mask kept when no gradient is needed
+
+
+def test_input_fake_quant_keeps_the_aten_op_for_other_dtypes() -> None:
+    x = _hard_inputs(0.05, 400).to(torch.bfloat16)
+    s, z = torch.tensor([0.05]), torch.tensor([3], dtype=torch.int32)
+    out = fake_quantize_input(x, s, z)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, torch.fake_quantize_per_tensor_affine(x, s, z, 0, 255))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (10, 32), (12,)])
+def test_weight_fake_quant_equals_the_aten_per_channel_op(bits: int, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(shape) * 0.3
+    weight[weight.abs() < 0.05] = 0.0
+    scale, zero_point = weight_qparams(weight, bits)
+    qmin, qmax = (-128, 127) if bits == 8 else (-8, 7)
+    ref = torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, qmin, qmax)
+    assert torch.equal(fake_quantize_weight(weight, bits), ref)
+    wide = weight.double()  # another dtype goes through the ATen op itself
+    ref_wide = torch.fake_quantize_per_channel_affine(wide, scale, zero_point, 0, qmin, qmax)
+    assert torch.equal(fake_quantize_weight(wide, bits), ref_wide)
 
 
 def test_pruned_zeros_stay_exactly_zero() -> None:
