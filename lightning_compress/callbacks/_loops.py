@@ -401,6 +401,46 @@ def int8_artifact_path(trainer: Trainer, given: str | None, stem: str, backend: 
     return path
 
 
+def preflight(
+    backend: str, network: nn.Module, call: Call, config: Any, full: bool = True, float_layers: Sequence[str] = ()
+) -> float:
+    """Fail before training when the fit-end int8 conversion of ``network`` would fail: with ``full``, the whole
+    conversion (export, dead-code elimination, prepare, calibrate on the one call, convert) runs once on a copy and
+    is thrown away; without, only the export is tried (``check_exportable_for``). ``"auto"`` fails only if neither
+    backend converts. Returns the seconds it took.
+
+    Raises:
+        OrtConversionError: or ``Int8ConversionError``: the conversion's own error, prefixed with "Preflight".
+    """
+    import dataclasses
+    import time
+
+    from lightning_compress.engine.convert import Int8ConversionError
+    from lightning_compress.engine.convert.backend import convert_with_backend
+    from lightning_compress.engine.ort import OrtConversionError
+
+    start = time.perf_counter()
+    if not full:
+        check_exportable_for(backend, network, call)
+        return time.perf_counter() - start
+    args, kwargs = at_least_two_rows(call)
+    one_batch = dataclasses.replace(config, calibration_batches=1)
+    errors: list[Exception] = []
+    for name in ("onnxruntime", "inductor") if backend == "auto" else (backend,):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the fit-end conversion gives its notes; a trial run stays quiet
+                convert_with_backend(name, network, args, kwargs, config=one_batch, float_layers=float_layers)
+            return time.perf_counter() - start
+        except (OrtConversionError, Int8ConversionError) as err:
+            errors.append(err)
+    what = "\n\nAnd for the 'inductor' backend: ".join(str(e) for e in errors)
+    raise type(errors[-1])(
+        f"Preflight (the fit-end int8 conversion tried before training on a copy, with one batch; `preflight=False`"
+        f" skips it): {what}"
+    ) from errors[-1]
+
+
 def check_exportable_for(backend: str, network: nn.Module, call: Call) -> None:
     """Fail before training, quoting the exporter, when ``backend`` will not be able to convert ``network``.
 

@@ -156,6 +156,10 @@ class PostTrainingQuantCallback(Callback):
         quantize_embeddings: Also store ``nn.Embedding`` tables as int8 (per row, weight-only). pt2e leaves them
             float; in a small transformer they are a third to a half of the size.
         verbose: Print the report on rank zero.
+        preflight: Before training (``run_on`` with ``"fit"``), run the whole int8 conversion once on a copy with
+            the example input or the first training batch (export, prepare, calibrate on that batch, convert), so
+            that a model that cannot be converted fails at once with the reason. Costs one conversion (about 1-3 s
+            on the demo nets). ``False``: only the export is tried.
     """
 
     def __init__(
@@ -179,6 +183,7 @@ class PostTrainingQuantCallback(Callback):
         percentile: float = DEFAULT_PERCENTILE,
         quantize_embeddings: bool = False,
         verbose: bool = True,
+        preflight: bool = True,
     ) -> None:
         #: How the int8 model is built (validated here, so bad values fail at construction).
         self.conversion = ConversionConfig(
@@ -220,6 +225,7 @@ class PostTrainingQuantCallback(Callback):
         #: The int8 runtime: ``"onnxruntime"``, ``"inductor"`` or ``"auto"``.
         self.backend = check_backend(backend, mode, save_path=self.save_path)
         self.verbose = check_bool("verbose", verbose)
+        self.preflight = check_bool("preflight", preflight)
 
         #: The int8 network of the last run (rank zero), called like the target network; ``None`` before. A
         #: ``QuantizedModule`` (Inductor) or an ``OrtInt8Model`` (ONNX Runtime).
@@ -339,7 +345,14 @@ class PostTrainingQuantCallback(Callback):
     def _check_exportable(self, pl_module: LightningModule, call: Call) -> None:
         self._export_checked = True
         self._catcher.detach()
-        _loops.check_exportable_for(self.backend, _loops.target_module(pl_module, self.module), call)
+        network = copy.deepcopy(_loops.target_module(pl_module, self.module)).eval()
+        quantized = list(select_modules(network, self.include, self.exclude))
+        float_layers = [n for n in select_modules(network) if n not in quantized]
+        seconds = _loops.preflight(self.backend, network, call, self.conversion, self.preflight, float_layers)
+        if self.verbose and self.preflight:
+            rank_zero_info(
+                f"PostTrainingQuantCallback preflight: the int8 conversion works on this model ({seconds:.1f} s)."
+            )
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
