@@ -459,7 +459,7 @@ class PostTrainingQuantCallback(Callback):
         )
         kept_float = int8.skipped if isinstance(int8, Int8Model) else int8.float_layers
         results: dict[str, float | str] = dict(report.to_metrics())
-        results["quantized_layers"] = float(len([n for n in quantized if n not in kept_float]))
+        results["quantized_layers"] = float(report.int8_layers or 0)  # counted in the artifact, not the selection
         results["float_layers"] = ",".join(n for n in kept_float if n not in base_skip)
         results.update(self._attempt_results(monitor, fallback.budget_met))
         results["saved_to"] = report.saved_to

@@ -579,7 +579,8 @@ class QATCallback(Callback):
         headline = {k: v for k, v in self.results.items() if "/" not in k or k.startswith(_HEADLINE_PREFIXES)}
         backend = self.results.get("backend", self.backend)
         network = "compact network, pruned channels removed, " if self.results.get("compact") else ""
-        title = f"QAT int8 model ({network}{backend}, {len(fake_quant_modules(target))} quantized layers)"
+        layers = int(float(self.results.get("int8_layers", 0)))  # counted in the artifact, not the fake-quant swap
+        title = f"QAT int8 model ({network}{backend}, {layers} quantized layers)"
         if not self._qat_started:
             title += ": QAT never started (converted from the float model)"
         summary = _logging.markdown_summary(title, headline)

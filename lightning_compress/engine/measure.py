@@ -12,6 +12,7 @@ import math
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "batched_top1_agreement",
     "compare_latency",
     "latency_report",
+    "layers_left_float",
     "measure_int8",
     "measure_latency",
     "num_threads",
@@ -381,6 +383,9 @@ class Int8Report:
         metric_drop: How much worse the int8 model is, in the metric's units (positive = worse).
         top1_agreement: Share of validation rows where both models predict the same class.
         latency_ms: Median CPU latencies and speed-ups by batch size (keys of ``latency_report``).
+        int8_layers: Linear/Conv layers that compute with int8 weights, counted from the artifact itself (``None``:
+            not counted).
+        float_layers: Selected Linear/Conv modules that stayed float in the artifact, with the likely reason.
     """
 
     float_bytes: int
@@ -398,6 +403,8 @@ class Int8Report:
     metric_drop: float | None = None
     top1_agreement: float | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
+    int8_layers: int | None = None
+    float_layers: dict[str, str] = field(default_factory=dict)
 
     @property
     def size_ratio(self) -> float:
@@ -421,6 +428,8 @@ class Int8Report:
             "size_ratio": self.size_ratio,
             "conversion_seconds": self.conversion_seconds,
         }
+        if self.int8_layers is not None:
+            out["int8_layers"] = float(self.int8_layers)
         if self.output_sqnr_db is not None:
             out[f"int8_vs_{self.reference}_sqnr_db"] = self.output_sqnr_db
         out.update({f"sqnr/{name}": value for name, value in self.layer_sqnr_db.items()})
@@ -435,6 +444,136 @@ class Int8Report:
             out["top1_agreement"] = self.top1_agreement
         out.update(self.latency_ms)
         return {f"{prefix}{key}": value for key, value in out.items()}
+
+
+_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _ort_layer_scopes(int8: Any) -> tuple[list[str], list[str]]:
+    """The node-name scopes (``"/net/fc1/"``) of the ONNX layers with a weight: those that compute with int8 weights,
+    and all of them (a module with no layer node in the graph computed nothing that was used)."""
+    from lightning_compress.engine.ort import _INT8_OPS, _LAYER_OPS, _as_proto
+
+    graph = _as_proto(int8.onnx_bytes).graph
+    initializers = {i.name: i.data_type for i in graph.initializer}
+    int8_dq = {
+        n.output[0]
+        for n in graph.node
+        if n.op_type == "DequantizeLinear" and initializers.get(n.input[0]) in (2, 3)  # UINT8, INT8
+    }
+    weighted = [
+        node
+        for node in graph.node
+        if node.op_type in _INT8_OPS
+        or (
+            node.op_type in _LAYER_OPS
+            and len(node.input) > 1
+            and (node.input[1] in int8_dq or node.input[1] in initializers)
+        )
+    ]
+    scope = [node.name.rsplit("/", 1)[0] + "/" for node in weighted]
+    quantized = [
+        s for s, node in zip(scope, weighted, strict=True) if node.op_type in _INT8_OPS or node.input[1] in int8_dq
+    ]
+    return quantized, scope
+
+
+def _in_scope(name: str, scope: list[str]) -> bool:
+    """Whether an ONNX node scope (``["net", "layers.0", "linear1"]``) is that of module ``name``.
+
+    The TorchScript exporter names a scope after each *called* module, unqualified (``torch.onnx.utils``' rule): a
+    ``ModuleList`` that is only iterated has none, so the scope is a subsequence of the module's ancestors' names,
+    ending with its own, and holding every indexed one (``layers.0``) that tells repeated blocks apart.
+    """
+    from lightning_compress.engine.ort import _unqualified
+
+    atoms = f"net.{name}".split(".")  # the network is the `net` attribute of the exported wrapper (ort._Call)
+    lineage = [_unqualified(".".join(atoms[: i + 1])) for i in range(len(atoms))]
+    if not scope or scope[-1] != lineage[-1] or not {x for x in lineage if "." in x} <= set(scope):
+        return False
+    found = iter(lineage)
+    return all(part in found for part in scope if part in lineage)
+
+
+def layers_left_float(int8: Any, float_model: nn.Module) -> dict[str, str]:
+    """The Linear/Conv modules of ``float_model`` that the conversion was to quantize but that stayed float in the
+    int8 artifact, each with the likely reason.
+
+    "To quantize": every ``nn.Linear``/``nn.ConvNd`` (subclasses included) that the graph uses, outside the modules
+    the conversion kept in float on purpose (``Int8Model.skipped``, ``OrtInt8Model.float_layers``) and outside
+    ``nn.MultiheadAttention`` (computed in float by both backends; docs/limits.md). For ONNX Runtime's dynamic mode
+    only Linear layers count (it quantizes MatMul/Gemm only). "Int8": read from the artifact (``quantized_layers`` of
+    the program; the ONNX graph's int8 layers, matched to modules by their node scopes).
+
+    Args:
+        int8: A pt2e ``Int8Model`` or an ``OrtInt8Model``.
+        float_model: The float network it was converted from (module names as in the conversion).
+
+    Returns:
+        ``{module name: reason}``, in definition order; empty when every selected layer is int8.
+    """
+    pt2e = isinstance(int8, Int8Model)
+    kept = tuple(int8.skipped if pt2e else getattr(int8, "float_layers", ()))
+    types = (nn.Linear,) if not pt2e and getattr(int8, "mode", "") == "dynamic" else _LAYER_TYPES
+    attention = [n for n, m in float_model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    outside = [*kept, *attention]
+    # names as in the converted graph: the conversion exports a copy without `torch.compile` wrappers
+    modules = {name.replace("_orig_mod.", ""): module for name, module in float_model.named_modules()}
+    outside = [k.replace("_orig_mod.", "") for k in outside if k]
+    selected = {
+        name: module
+        for name, module in modules.items()
+        if name and isinstance(module, types) and not any(name == k or name.startswith(f"{k}.") for k in outside)
+    }
+    if pt2e:
+        selected = {name: module for name, module in selected.items() if name not in int8.unused}
+        done = set(int8.quantized_layers)
+        quantized = {name for name in selected if name in done}
+    else:
+        int8_scopes, all_scopes = ([s.strip("/").split("/") for s in group] for group in _ort_layer_scopes(int8))
+        quantized = {name for name in selected if any(_in_scope(name, scope) for scope in int8_scopes)}
+        used = {name for name in selected if any(_in_scope(name, scope) for scope in all_scopes)}
+        selected = {name: module for name, module in selected.items() if name in used}
+    left: dict[str, str] = {}
+    for name, module in selected.items():
+        if name in quantized:
+            continue
+        parent = next((t for t in _LAYER_TYPES if isinstance(module, t)), nn.Module)
+        if type(module) is not parent:
+            left[name] = (
+                f"{type(module).__name__}, a subclass of nn.{parent.__name__}: the quantizer's patterns match "
+                f"nn.{parent.__name__} itself"
+            )
+        else:
+            left[name] = f"{type(module).__name__}: no int8 pattern matched its op (or its output is unused)"
+    return left
+
+
+def _check_int8_result(report: Int8Report, float_model: nn.Module) -> None:
+    """Warn when selected layers stayed float, and when the artifact is not smaller than the fp32 model."""
+    if report.float_layers:
+        listed = "; ".join(f"`{n}` ({why})" for n, why in report.float_layers.items())
+        warnings.warn(
+            f"int8 conversion: {report.int8_layers} layer(s) of the artifact are int8, but {len(report.float_layers)} "
+            "Linear/Conv layer(s) selected for int8 stayed float: " + listed + ".",
+            stacklevel=3,
+        )
+    if report.int8_bytes >= report.float_bytes:
+        reasons = []
+        if report.float_layers:
+            reasons.append(f"{len(report.float_layers)} selected layer(s) stayed float (above)")
+        if not report.int8_layers:
+            reasons.append("no layer of the artifact is int8")
+        embeddings = sum(m.weight.numel() for m in float_model.modules() if isinstance(m, nn.Embedding))
+        total = sum(p.numel() for p in float_model.parameters()) or 1
+        if embeddings / total > 0.2:
+            reasons.append(f"embedding tables ({embeddings / total:.0%} of the parameters) are float")
+        reasons.append("the artifact also stores the graph and its metadata, which dominate for small models")
+        warnings.warn(
+            f"The int8 artifact ({report.int8_bytes:,} bytes) is not smaller than the fp32 state_dict "
+            f"({report.float_bytes:,} bytes, {report.size_ratio:.2f}x). Likely: {'; '.join(reasons)}.",
+            stacklevel=3,
+        )
 
 
 def measure_int8(
@@ -491,7 +630,10 @@ def measure_int8(
         reference="fake_quant" if fake_quant_model is not None else "float",
         layer_sqnr_db=dict(layer_sqnr or {}),
         monitor=monitor,
+        int8_layers=int(int8.num_quantized_layers),
+        float_layers=layers_left_float(int8, float_model),
     )
+    _check_int8_result(report, float_model)
     if fake_quant_model is not None:
         was_training = fake_quant_model.training
         try:

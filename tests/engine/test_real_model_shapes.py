@@ -4,14 +4,17 @@ Hugging Face BERT pooler when only ``last_hidden_state`` is read), ``nn.Conv2d``
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress.engine.convert import Int8ConversionError, convert_to_int8, quantized_layers
 from lightning_compress.engine.convert import pipeline as pipeline_module
 from lightning_compress.engine.fake_quant import prepare_qat
-from lightning_compress.engine.measure import sqnr_db
+from lightning_compress.engine.measure import layers_left_float, measure_int8, sqnr_db
 
 
 class Encoder(nn.Module):
@@ -67,6 +70,7 @@ def test_unused_linear_activation_branch_converts_in_every_mode(mode: str) -> No
     with torch.no_grad():
         assert sqnr_db(model(x), int8.module()(x)) > 20
     assert any("not used" in note and "bert.pooler" in note for note in int8.notes)
+    assert int8.unused == ("bert.pooler", "bert.activation") and layers_left_float(int8, model) == {}
     assert set(quantized_layers(int8)) == {"bert.layer", "head"}  # the dead pooler is gone, the rest is int8
 
 
@@ -125,3 +129,109 @@ def test_a_failure_after_prepare_names_its_stage(monkeypatch) -> None:
     model, x = _classifier()
     with pytest.raises(Int8ConversionError, match=r"(?s)converting the calibrated graph.*RuntimeError: boom"):
         convert_to_int8(model, (x,), mode="weight_only")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Conv subclasses and honest int8 counts (issue 13, item 2)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class PlainSubConv(nn.Conv2d):
+    """A subclass with the parent's forward (a marker type, as model zoos define)."""
+
+
+class Conv2dSame(nn.Conv2d):
+    """EfficientNet's TensorFlow-style "same" padding: pads in ``forward``, then the parent's convolution."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(F.pad(x, [0, 1, 0, 1]), self.weight, self.bias)
+
+
+class SubclassNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = Conv2dSame(3, 8, 3, stride=2, padding=0)
+        self.block = PlainSubConv(8, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.block(F.relu(self.stem(x))))
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def _subclass_net() -> tuple[nn.Module, Tensor]:
+    torch.manual_seed(0)
+    return SubclassNet().eval(), torch.randn(4, 3, 16, 16)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_conv_subclasses_are_quantized_by_pt2e(mode: str, tmp_path) -> None:
+    model, x = _subclass_net()
+    int8 = convert_to_int8(model, (x,), mode=mode)
+    assert set(int8.quantized_layers) == {"stem", "block", "conv", "fc"}  # was {"conv", "fc"}
+    with torch.no_grad():
+        assert sqnr_db(model(x), int8.module()(x)) > 20
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*stayed float.*")
+        report = measure_int8(int8, model, tmp_path / "a.pt2", (x,), {})
+    assert report.int8_layers == 4 and report.float_layers == {} and report.to_metrics()["int8_layers"] == 4.0
+
+
+def test_layers_the_artifact_leaves_float_are_counted_named_and_warned_about(tmp_path, monkeypatch) -> None:
+    # the quantizer without the subclass relabelling: what the artifact held before, and how it must be reported
+    monkeypatch.setattr(pipeline_module, "_match_layer_subclasses", lambda graph, model: [])
+    model, x = _subclass_net()
+    int8 = convert_to_int8(model, (x,))
+    assert int8.num_quantized_layers == 2
+    left = layers_left_float(int8, model)
+    assert list(left) == ["stem", "block"] and "subclass of nn.Conv2d" in left["stem"]
+    with pytest.warns(UserWarning, match=r"(?s)2 layer\(s\) of the artifact are int8.*`stem` \(Conv2dSame"):
+        report = measure_int8(int8, model, tmp_path / "a.pt2", (x,), {})
+    assert report.int8_layers == 2 and list(report.float_layers) == ["stem", "block"]
+
+
+def test_the_onnxruntime_count_is_read_from_the_graph_and_matched_to_modules(tmp_path) -> None:
+    from lightning_compress.engine.ort import convert_to_onnx_int8
+
+    model, x = _subclass_net()
+    int8 = convert_to_onnx_int8(model, x, mode="static")
+    assert layers_left_float(int8, model) == {}
+    nested = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2)).eval()
+    int8 = convert_to_onnx_int8(nested, torch.randn(4, 4), mode="dynamic")
+    assert int8.num_quantized_layers == 2 and layers_left_float(int8, nested) == {}  # "0.0" and "1" matched
+    dead, x = _classifier()
+    assert layers_left_float(convert_to_onnx_int8(dead, x, mode="dynamic"), dead) == {}  # the unused pooler
+
+
+def test_transformer_encoder_counts_only_what_is_int8() -> None:
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2).eval()
+    int8 = convert_to_int8(encoder, (torch.randn(2, 5, 16),), mode="dynamic")
+    # the feed-forward Linears; attention (packed in_proj_weight, out_proj) stays float (docs/limits.md)
+    assert int8.quantized_layers == ("layers.0.linear1", "layers.0.linear2", "layers.1.linear1", "layers.1.linear2")
+    assert layers_left_float(int8, encoder) == {}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Size (issue 13, item 5)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_an_artifact_not_smaller_than_fp32_is_warned_about_with_sizes_and_reasons(tmp_path) -> None:
+    model, x = _classifier()  # a tiny net: the graph and its metadata outweigh the weights
+    int8 = convert_to_int8(model, (x,), mode="dynamic")
+    with pytest.warns(UserWarning, match=r"is not smaller than the fp32 state_dict \([\d,]+ bytes, [\d.]+x\)"):
+        report = measure_int8(int8, model, tmp_path / "a.pt2", (x,), {})
+    assert report.int8_bytes >= report.float_bytes
+
+
+def test_a_smaller_artifact_gives_no_size_warning(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4)).eval()
+    x = torch.randn(4, 256)
+    int8 = convert_to_int8(model, (x,), mode="dynamic")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = measure_int8(int8, model, tmp_path / "a.pt2", (x,), {})
+    assert report.size_ratio < 0.5 and report.int8_layers == 2

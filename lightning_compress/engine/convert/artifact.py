@@ -149,6 +149,9 @@ class Int8Model:
         timings: Seconds spent per phase (``export``, ``prepare``, ``calibrate``, ``convert``, ``reexport``,
             ``total``).
         notes: Things the caller may want to log (fallbacks, what was skipped and why).
+        signature: The parameters of the converted network's ``forward`` (``None``: calls pass through).
+        unused: Modules whose computations were dropped from the graph because nothing used their results (e.g. a
+            BERT pooler when only ``last_hidden_state`` is read).
     """
 
     program: torch.export.ExportedProgram
@@ -160,6 +163,7 @@ class Int8Model:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     signature: tuple[ArgSpec, ...] | None = None
+    unused: tuple[str, ...] = ()
 
     def module(self) -> QuantizedModule:
         """The program as an eager ``QuantizedModule``, called like the float network (slow q/dq reference

@@ -144,7 +144,7 @@ def _module_path(node: torch.fx.Node) -> str | None:
 
 
 def _eliminate_dead_code(gm: torch.fx.GraphModule) -> list[str]:
-    """Remove graph nodes whose results nothing uses; returns the modules they came from (in graph order).
+    """Remove graph nodes whose results nothing uses; returns the modules none of whose nodes are left.
 
     An unused branch (e.g. a BERT pooler, Linear -> tanh, when only ``last_hidden_state`` is read) stays in the
     exported graph, and ``X86InductorQuantizer`` fails on a Linear -> activation pattern whose output has no user
@@ -156,7 +156,10 @@ def _eliminate_dead_code(gm: torch.fx.GraphModule) -> list[str]:
         return []
     gm.recompile()
     alive = set(gm.graph.nodes)
-    removed = [path for node, path in before.items() if node not in alive and path]
+    # a module that still computes something, or holds a submodule that does (`bert` of a live `bert.layer`)
+    still_used = {path for node, path in before.items() if node in alive and path}
+    still_used |= {path.rsplit(".", i)[0] for path in still_used for i in range(1, path.count(".") + 1)}
+    removed = [path for node, path in before.items() if node not in alive and path and path not in still_used]
     return list(dict.fromkeys(removed))
 
 

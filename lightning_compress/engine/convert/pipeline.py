@@ -221,6 +221,41 @@ def _reexport(
     return program, dynamic_shapes is not None
 
 
+_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAYER_OPS = {"aten.linear.default", *(f"aten.conv{d}d.{kind}" for d in (1, 2, 3) for kind in ("default", "padding"))}
+
+
+def _match_layer_subclasses(graph: torch.fx.GraphModule, model: nn.Module) -> list[str]:
+    """Let the quantizer see Linear/Conv ops of ``nn.Linear``/``nn.ConvNd`` *subclasses* (e.g. EfficientNet's
+    ``Conv2dSame``, which pads in ``forward``) as those of the parent type; returns the module names.
+
+    ``X86InductorQuantizer`` finds its patterns by the exact class name of the innermost module of each op
+    (``nn_module_stack``), so a subclass's convs stayed float. An op is relabelled only when it computes with the
+    module's own ``weight``: then quantizing it is what quantizing the parent would do, whatever else ``forward``
+    does around it (padding, a scale).
+    """
+    names = []
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or str(node.target) not in _LAYER_OPS or len(node.args) < 2:
+            continue
+        stack = node.meta.get("nn_module_stack")
+        path = _module_path(node)
+        weight = node.args[1]
+        if not stack or not path or not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
+            continue
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        parent = next((t for t in _LAYER_TYPES if isinstance(module, t)), None)
+        if parent is None or type(module) is parent or str(weight.target) != f"{path}.weight":
+            continue
+        key, (fqn, _) = list(stack.items())[-1]
+        node.meta["nn_module_stack"] = {**stack, key: (fqn, f"{parent.__module__}.{parent.__qualname__}")}
+        names.append(path)
+    return names
+
+
 _STAGES = {
     "prepare": "preparing the graph for quantization (`prepare_pt2e` with X86InductorQuantizer)",
     "calibrate": "calibrating the observers (running `example_inputs` through the prepared graph)",
@@ -316,6 +351,7 @@ def convert_to_int8(
         dropped = _eliminate_dead_code(graph)
         if dropped:
             notes.append(f"Dropped computations whose results are not used (in {', '.join(dropped)}).")
+        _match_layer_subclasses(graph, float_model)
         with warnings.catch_warnings():
             # X86InductorQuantizer warns for every pooling op whose input it leaves in float; nothing to act on.
             warnings.filterwarnings("ignore", message=r".*is not quantized, skip annotate.*")
@@ -351,4 +387,5 @@ def convert_to_int8(
         timings=timings,
         notes=notes,
         signature=call_signature(_outer_unwrapped(model)),
+        unused=tuple(dropped),
     )
