@@ -218,6 +218,11 @@ class IterativePruningCallback(Callback):
             charts.append(curve)
         return {"pruning": charts}
 
+    @property
+    def compression_started(self) -> bool:
+        """Whether weights are pruned now (``CompressionReport`` takes its baseline from validations before)."""
+        return self.pruner is not None and self.pruner.stats().sparsity > 0
+
     def compression_settings(self) -> dict[str, str | int | float]:
         """The settings ``CompressionReport`` puts in its report and in TensorBoard's HParams tab."""
         config = self.config
@@ -481,7 +486,7 @@ class IterativePruningCallback(Callback):
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.pruner is not None:
-            self.pruner.apply()
+            self.pruner.after_optimizer_step(optimizer)  # pruned weights exactly zero, by the cheapest safe pass
 
     def _remove_hooks(self) -> None:
         for handle in self._hooks:

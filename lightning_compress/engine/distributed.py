@@ -24,8 +24,8 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -78,12 +78,182 @@ def _bin_holding(counts: Tensor, k: int) -> tuple[int, int]:
     return index, before
 
 
+#: Entries per chunk: a chunk's keys and temporaries (a few MiB) stay in cache, and no array of all keys exists.
+CHUNK = 1 << 18
+
+
+class KeySource:
+    """The ``int32`` keys of one flat tensor, produced chunk by chunk (``keys``); here, keys already computed.
+
+    Subclasses compute keys on the fly (``MagnitudeKeys``), so the keys of a whole model never exist at once.
+    """
+
+    def __init__(self, keys: Tensor) -> None:
+        self._flat = keys.reshape(-1)
+        self.numel = self._flat.numel()
+        self.device = self._flat.device
+
+    def keys(self, start: int, stop: int) -> Tensor:
+        """The keys of the flat entries ``[start, stop)`` (valid until the next call)."""
+        return self._flat[start:stop]
+
+
+class MagnitudeKeys(KeySource):
+    """Keys of ``|weight|`` (``1 + bits(|w|)``), 0 where ``keep`` is ``False``; computed per chunk in a buffer.
+
+    Args:
+        weight: A floating-point tensor (a parameter or its local shard), any shape and device.
+        keep: Optional boolean keep-mask shaped like ``weight``: entries already pruned get key 0.
+    """
+
+    def __init__(self, weight: Tensor, keep: Tensor | None = None) -> None:
+        #: The flat weight (a view).
+        self.weight = weight.detach().reshape(-1)
+        self._keep = None if keep is None else keep.to(self.weight.device).reshape(-1).view(torch.uint8)
+        self.numel = self.weight.numel()
+        self.device = self.weight.device
+        self._buffer = torch.empty(min(_chunk(self.device), self.numel), dtype=torch.float32, device=self.device)
+
+    def keys(self, start: int, stop: int) -> Tensor:
+        """The keys of the flat entries ``[start, stop)`` (in a buffer reused by the next call)."""
+        buffer = self._buffer[: stop - start]
+        torch.abs(self.weight[start:stop], out=buffer)  # casts a lower-precision weight to float32
+        keys = buffer.view(torch.int32).add_(1)  # NaN of payload 0x7FFFFFFF wraps below 0: caught by the histogram
+        if self._keep is not None:
+            keys.mul_(self._keep[start:stop])
+        return keys
+
+
+def _chunk(device: torch.device) -> int:
+    return CHUNK if device.type == "cpu" else 16 * CHUNK  # accelerators: fewer, larger kernels
+
+
+def _chunks(source: KeySource) -> Iterator[tuple[int, int]]:
+    size = _chunk(source.device)
+    for start in range(0, source.numel, size):
+        yield start, min(start + size, source.numel)
+
+
+#: High-bits bin of the key of the largest finite float, ``inf`` (``0x7F800000``) and the NaNs above it: a count in
+#: it or above sends the ranking through an exact check for NaN/Inf (free otherwise).
+_NONFINITE_BIN = (0x7F800000 + 1) >> 16
+
+
+class Cut(NamedTuple):
+    """Where the ``k`` smallest keys end: every key below ``threshold`` is among them, and of this process's keys
+    equal to it (``ties`` of them), the first ``take`` (in source order, then flat order)."""
+
+    threshold: int
+    take: int
+    ties: int
+
+
+def lowest_k_cut(sources: Sequence[KeySource], k: int, group: Any = None) -> Cut:
+    """Where the ``k`` smallest keys of all ``sources`` (over all processes of ``group``) end.
+
+    Two passes over the keys, chunk by chunk (a histogram of the high 15 bits, then of the low 16 bits of the
+    chosen bin); collectives: four ``all_reduce`` calls (the total, two histograms, the tie counts per process).
+
+    Raises:
+        ValueError: If ``k`` is negative or exceeds the number of entries over all processes.
+        NonFiniteError: If a magnitude is NaN or Inf (on every process of ``group``).
+    """
+    device = sources[0].device if sources else torch.device("cpu")
+    total = _all_reduce_sum(torch.tensor([sum(s.numel for s in sources)], dtype=torch.int64, device=device), group)
+    if not 0 <= k <= int(total):
+        raise ValueError(f"`k` must be in [0, {int(total)}], got {k}.")
+    high_counts = torch.zeros(_HIGH_BINS + 1, dtype=torch.int64, device=device)
+    for source in sources:
+        for start, stop in _chunks(source):
+            # A wrapped (negative) key lands in the extra last bin.
+            high_counts += torch.bincount((source.keys(start, stop) >> 16) & 0xFFFF, minlength=_HIGH_BINS + 1)
+    high_counts = _all_reduce_sum(high_counts, group)
+    if int(high_counts[_NONFINITE_BIN:].sum()):  # the largest finite float, Inf or NaN: count them exactly
+        _check_finite(sources, group)
+    if k == 0:
+        return Cut(0, 0, 0)
+    high_bin, below_high = _bin_holding(high_counts[:_HIGH_BINS], k)
+    low_counts = torch.zeros(_LOW_BINS, dtype=torch.int64, device=device)
+    for source in sources:
+        for start, stop in _chunks(source):
+            keys = source.keys(start, stop)
+            low_counts += torch.bincount(keys[(keys >> 16) == high_bin] & 0xFFFF, minlength=_LOW_BINS)
+    local_low = low_counts.clone() if group is not None else low_counts
+    low_bin, below_low = _bin_holding(_all_reduce_sum(low_counts, group), k - below_high)
+    missing = k - (below_high + below_low)  # entries equal to the threshold still to take
+    rank, world = _rank_and_world(group)
+    tie_counts = torch.zeros(world, dtype=torch.int64, device=device)
+    tie_counts[rank] = local_low[low_bin]
+    tie_counts = _all_reduce_sum(tie_counts, group)
+    ties = int(tie_counts[rank])
+    return Cut((high_bin << 16) | low_bin, min(ties, max(0, missing - int(tie_counts[:rank].sum()))), ties)
+
+
+class NonFiniteError(ValueError):
+    """Magnitudes that are NaN or Inf (a ranking of them is meaningless).
+
+    Attributes:
+        counts: Non-finite entries per source, over all processes.
+    """
+
+    def __init__(self, counts: list[int]) -> None:
+        super().__init__(f"Magnitude ranking needs finite weights, got {sum(counts)} NaN or Inf entries.")
+        self.counts = counts
+
+
+def _check_finite(sources: Sequence[KeySource], group: Any) -> None:
+    """Count non-finite magnitudes exactly (only when the histogram shows keys at or above ``inf``'s bin)."""
+    device = sources[0].device if sources else torch.device("cpu")
+    counts = torch.zeros(len(sources), dtype=torch.int64, device=device)
+    for i, source in enumerate(sources):
+        for start, stop in _chunks(source):
+            if isinstance(source, MagnitudeKeys):
+                counts[i] += (~torch.isfinite(source.weight[start:stop])).sum()
+            else:
+                counts[i] += (source.keys(start, stop) < 0).sum()
+    found = _all_reduce_sum(counts, group).tolist()
+    if any(found):
+        raise NonFiniteError(found)
+
+
+def keep_masks(
+    sources: Sequence[KeySource],
+    cut: Cut,
+    current: Sequence[Tensor | None] | None = None,
+) -> list[Tensor]:
+    """Boolean keep-masks (flat, ``True`` = not among the selected) of the ``sources`` for a ``lowest_k_cut``,
+    written chunk by chunk; ``current`` masks (or ``None``) are and-ed in, so masks only grow."""
+    threshold, take, ties_left = cut
+    masks = []
+    for i, source in enumerate(sources):
+        keep = torch.empty(source.numel, dtype=torch.bool, device=source.device)
+        old = current[i] if current is not None else None
+        old_flat = None if old is None else old.to(source.device).reshape(-1)
+        for start, stop in _chunks(source):
+            keys, out = source.keys(start, stop), keep[start:stop]
+            if take == 0:  # no tied entry left to select
+                torch.ge(keys, threshold, out=out)
+            elif take == ties_left:  # every tied entry left is selected
+                torch.gt(keys, threshold, out=out)
+            else:
+                torch.gt(keys, threshold, out=out)
+                ties = keys == threshold
+                count = int(ties.sum())
+                if count > take:  # only the first ``take`` of these tied entries are selected
+                    out |= ties & (torch.cumsum(ties, 0) > take)
+                take, ties_left = take - min(count, take), ties_left - count
+            if old_flat is not None:
+                out &= old_flat[start:stop]
+        masks.append(keep)
+    return masks
+
+
 def lowest_k_mask(keys: Sequence[Tensor], k: int, group: Any = None) -> list[Tensor]:
     """Select exactly the ``k`` smallest keys of the union of ``keys`` over all processes of ``group``.
 
     With a ``group``, every process of it calls this with its own local key tensors (the same number of tensors
-    on every process; a tensor may be empty) and the same ``k``. Collectives: three ``all_reduce`` calls (two
-    histograms, the tie counts).
+    on every process; a tensor may be empty) and the same ``k``. Collectives: four ``all_reduce`` calls (the total,
+    two histograms, the tie counts).
 
     Args:
         keys: Flat ``int32`` keys from ``sortable_keys``, one tensor per (local shard of a) parameter.
@@ -98,38 +268,11 @@ def lowest_k_mask(keys: Sequence[Tensor], k: int, group: Any = None) -> list[Ten
     Raises:
         ValueError: If ``k`` is negative or exceeds the number of entries over all processes.
     """
-    device = keys[0].device if keys else torch.device("cpu")
-    flats = [t.reshape(-1) for t in keys]  # views: no concatenated copy of all keys
-    total = _all_reduce_sum(torch.tensor([sum(f.numel() for f in flats)], dtype=torch.int64, device=device), group)
-    if not 0 <= k <= int(total):
-        raise ValueError(f"`k` must be in [0, {int(total)}], got {k}.")
+    sources = [KeySource(t) for t in keys]
+    cut = lowest_k_cut(sources, k, group)
     if k == 0:
-        return [torch.zeros(f.numel(), dtype=torch.bool, device=f.device) for f in flats]
-    high_counts = torch.zeros(_HIGH_BINS, dtype=torch.int64, device=device)
-    for f in flats:
-        high_counts += torch.bincount(f >> 16, minlength=_HIGH_BINS)
-    high_bin, below_high = _bin_holding(_all_reduce_sum(high_counts, group), k)
-    low_counts = torch.zeros(_LOW_BINS, dtype=torch.int64, device=device)
-    for f in flats:
-        low_counts += torch.bincount(f[(f >> 16) == high_bin] & 0xFFFF, minlength=_LOW_BINS)
-    low_bin, below_low = _bin_holding(_all_reduce_sum(low_counts, group), k - below_high)
-    threshold = (high_bin << 16) | low_bin
-    missing = k - (below_high + below_low)  # entries equal to the threshold still to take
-    ties = [f == threshold for f in flats]
-    rank, world = _rank_and_world(group)
-    tie_counts = torch.zeros(world, dtype=torch.int64, device=device)
-    tie_counts[rank] = sum(int(t.sum()) for t in ties)
-    tie_counts = _all_reduce_sum(tie_counts, group)
-    take = min(int(tie_counts[rank]), max(0, missing - int(tie_counts[:rank].sum())))  # ties this process takes
-    selected = []
-    for f, tie in zip(flats, ties, strict=True):
-        chosen = f < threshold
-        if take > 0:
-            first = tie & (torch.cumsum(tie, 0) <= take)
-            take -= int(first.sum())
-            chosen |= first
-        selected.append(chosen)
-    return selected
+        return [torch.zeros(s.numel, dtype=torch.bool, device=s.device) for s in sources]
+    return [keep.logical_not_() for keep in keep_masks(sources, cut)]
 
 
 def local_tensor(tensor: Tensor) -> Tensor:

@@ -26,7 +26,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_compress.engine.config import Criterion, Scope, Structure
-from lightning_compress.engine.distributed import local_tensor, lowest_k_mask, sortable_keys
+from lightning_compress.engine.distributed import (
+    MagnitudeKeys,
+    NonFiniteError,
+    keep_masks,
+    local_tensor,
+    lowest_k_cut,
+)
 from lightning_compress.engine.validation import check_choice, check_fraction
 
 SCOPES: tuple[str, ...] = get_args(Scope)
@@ -111,6 +117,7 @@ def compute_masks(
 
     Raises:
         ValueError: If ``sparsity``, ``scope``, ``structure`` or ``criterion`` is not an allowed value.
+        NonFiniteWeightsError: If unstructured magnitude ranking meets NaN or Inf weights (a ``ValueError``).
 
     Examples:
         >>> masks = compute_masks({"w": torch.tensor([[0.1, -2.0], [0.5, 3.0]])}, 0.5)
@@ -167,50 +174,66 @@ def _magnitude_masks(
     protected: Collection[str],
     group: Any,
 ) -> dict[str, Tensor]:
-    """Unstructured magnitude masks by radix selection over ``int32`` keys (4 bytes per weight, no sort, no copy
-    to the CPU); with a ``group``, over local shards with exact global counts and no gather."""
+    """Unstructured magnitude masks by radix selection over ``int32`` keys computed chunk by chunk on the weights'
+    device (no sort, no copy to the CPU, no array of all keys: the new masks, 1 byte per weight, plus a few MiB);
+    with a ``group``, over local shards with exact global counts and no gather."""
     if structure != "unstructured" or criterion != "magnitude":
         raise ValueError(
             f"Sharded weights (FSDP2) are pruned with `structure`='unstructured' and `criterion`='magnitude', got"
             f" `structure`={structure!r}, `criterion`={criterion!r}: channel groups and random scores span shards."
         )
     ranked = [name for name in weights if name not in protected]
-    keys = {
-        name: sortable_keys(weights[name].detach().abs(), ~current_masks[name] if name in current_masks else None)
-        for name in ranked
-    }
+    sources = {name: MagnitudeKeys(weights[name], current_masks.get(name)) for name in ranked}
     numels = torch.tensor([weights[name].numel() for name in ranked], dtype=torch.int64)
     if group is not None:
         dist.all_reduce(numels, group=group)  # whole-tensor sizes
-    if not ranked:
-        pruned: dict[str, Tensor] = {}
-    elif scope == "global":
-        chosen = lowest_k_mask([keys[n] for n in ranked], round(sparsity * int(numels.sum())), group)
-        pruned = dict(zip(ranked, chosen, strict=True))
-    else:
-        pruned = {
-            name: lowest_k_mask([keys[name]], round(sparsity * int(total)), group)[0]
-            for name, total in zip(ranked, numels.tolist(), strict=True)
-        }
+    keeps: dict[str, Tensor] = {}
+    try:
+        if ranked and scope == "global":
+            chosen = [sources[n] for n in ranked]
+            cut = lowest_k_cut(chosen, round(sparsity * int(numels.sum())), group)
+            current = [current_masks.get(n) for n in ranked]
+            keeps = dict(zip(ranked, keep_masks(chosen, cut, current), strict=True))
+        else:
+            for name, total in zip(ranked, numels.tolist(), strict=True):
+                cut = lowest_k_cut([sources[name]], round(sparsity * int(total)), group)
+                keeps[name] = keep_masks([sources[name]], cut, [current_masks.get(name)])[0]
+    except NonFiniteError as error:
+        names = ranked if scope == "global" else [name]
+        raise NonFiniteWeightsError(dict(zip(names, error.counts, strict=True))) from None
     masks = {}
     for name, w in weights.items():
-        keep = torch.ones_like(w, dtype=torch.bool) if name in protected else ~pruned[name].reshape(w.shape)
-        if name in current_masks:
+        keep = keeps[name].reshape(w.shape) if name in keeps else torch.ones_like(w, dtype=torch.bool)
+        if name in protected and name in current_masks:
             keep &= current_masks[name].to(w.device)
         masks[name] = keep
     return masks
 
 
+class NonFiniteWeightsError(ValueError):
+    """Weights to rank by magnitude hold NaN or Inf.
+
+    Attributes:
+        counts: NaN/Inf entries per tensor name (of the whole tensors when sharded); only tensors with some.
+    """
+
+    def __init__(self, counts: Mapping[str, int]) -> None:
+        self.counts = {name: int(count) for name, count in counts.items() if count}
+        found = ", ".join(f"{name!r}: {count}" for name, count in self.counts.items())
+        super().__init__(f"Magnitude pruning needs finite weights; NaN or Inf entries: {found}.")
+
+
 class MaskApplier:
     """Masks ready for the training hot path: zero pruned weights or gradients in one fused op.
 
-    Each keep-mask is held as a multiplier in its weight's dtype: a ``bool`` mask would take a quarter of the memory
-    but multiplying by it is about 5x slower on CPU (measured: 115 vs 22 microseconds for an MLP's weights), and
-    this runs twice per optimizer step.
+    The boolean keep-masks themselves are used (1 byte per weight, no copy): each is multiplied in through its
+    ``uint8`` view, which ``torch._foreach_mul_`` runs nearly as fast as a float multiplier in the weight's dtype
+    (4 bytes per weight) and several times faster than a ``bool`` operand or ``masked_fill_`` (measured on CPU,
+    50M weights: 13-15 ms uint8, 12-13 ms float32, 40 ms bool, 80 ms ``masked_fill_``).
 
     Args:
         weights: The pruned tensors, by name.
-        masks: Boolean keep-masks for (some of) them.
+        masks: Boolean keep-masks for (some of) them, on their weights' devices.
     """
 
     def __init__(self, weights: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
@@ -219,7 +242,9 @@ class MaskApplier:
         local = [local_tensor(w) for w in self._weights]
         # Sharded (DTensor) weights are masked through their local shard: a DTensor times a plain mask fails.
         self._sharded = any(shard is not w for shard, w in zip(local, self._weights, strict=True))
-        self._multipliers = [masks[n].to(device=t.device, dtype=t.dtype) for n, t in zip(names, local, strict=True)]
+        self._multipliers = [_as_multiplier(masks[n], t) for n, t in zip(names, local, strict=True)]
+        # Tensors no optimizer updates but that change anyway (BatchNorm running means of pruned channels).
+        self._static = [i for i, w in enumerate(self._weights) if not w.requires_grad]
 
     def _local(self, tensors: list[Tensor]) -> list[Tensor]:
         return [local_tensor(t) for t in tensors] if self._sharded else tensors
@@ -231,11 +256,37 @@ class MaskApplier:
             torch._foreach_mul_(self._local(self._weights), self._multipliers)
 
     @torch.no_grad()
+    def apply_static(self) -> None:
+        """Zero the pruned entries of the tensors that do not require gradients (buffers, frozen weights)."""
+        if self._static:
+            weights = self._local([self._weights[i] for i in self._static])
+            torch._foreach_mul_(weights, [self._multipliers[i] for i in self._static])
+
+    @torch.no_grad()
     def mask_gradients(self) -> None:
         """Zero the gradients of pruned entries in place, so clipping and optimizer statistics ignore them."""
         pairs = [(w.grad, m) for w, m in zip(self._weights, self._multipliers, strict=True) if w.grad is not None]
         if pairs:
             torch._foreach_mul_(self._local([g for g, _ in pairs]), [m for _, m in pairs])
+
+    @torch.no_grad()
+    def mask_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the pruned entries of ``optimizer``'s per-weight state (momentum, Adam moments), so that with masked
+        gradients its next steps leave pruned weights at zero."""
+        for weight, multiplier in zip(self._weights, self._multipliers, strict=True):
+            for value in optimizer.state.get(weight, {}).values():
+                if isinstance(value, Tensor) and value.shape == weight.shape and value.is_floating_point():
+                    local_tensor(value).mul_(multiplier)
+
+
+def _as_multiplier(mask: Tensor, like: Tensor) -> Tensor:
+    """The ``uint8`` view of a boolean mask on ``like``'s device (no copy when it is there already)."""
+    if mask.dtype != torch.bool or mask.shape != like.shape:
+        raise ValueError(
+            f"A mask must be boolean and shaped like its weight {list(like.shape)}, got {mask.dtype}"
+            f" {list(mask.shape)}."
+        )
+    return mask.to(like.device).view(torch.uint8)
 
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)

@@ -3,7 +3,8 @@
 The pruner owns everything about pruning that does not depend on Lightning: which target the schedule gives at a
 step, when masks are recomputed, applying them in place, rewinding, statistics, and the checkpoint form of its
 state (bit-packed masks, with shape and integrity checks on load). A training loop calls ``GradualPruner.step``
-after every optimizer step and ``GradualPruner.mask_gradients`` before it; that is all.
+after every optimizer step, ``GradualPruner.mask_gradients`` before it and ``GradualPruner.after_optimizer_step``
+right after ``optimizer.step()`` (an optimizer step post-hook); that is all.
 
 Examples:
     >>> from torch import nn
@@ -19,6 +20,7 @@ Examples:
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,7 @@ from lightning_compress.engine.config import PruningConfig
 from lightning_compress.engine.distributed import local_tensor
 from lightning_compress.engine.masks import (
     MaskApplier,
+    NonFiniteWeightsError,
     SparsityStats,
     compute_masks,
     measure_sparsity,
@@ -44,6 +47,22 @@ from lightning_compress.engine.structured import (
     n_m_eligible,
     n_m_masks,
     tensor_masks,
+)
+
+#: Optimizers that leave an entry with zero weight, zero gradient and zero state exactly zero (their updates are
+#: elementwise and proportional to the gradient, the state or the weight), so masked gradients keep pruned weights at
+#: zero without a pass over the weights. Exact types: a subclass may change ``step``.
+ZERO_PRESERVING: frozenset[type] = frozenset(
+    {
+        torch.optim.SGD,
+        torch.optim.Adam,
+        torch.optim.AdamW,
+        torch.optim.Adamax,
+        torch.optim.NAdam,
+        torch.optim.RAdam,
+        torch.optim.RMSprop,
+        torch.optim.Adagrad,
+    }
 )
 
 
@@ -127,6 +146,10 @@ class GradualPruner:
         self.last_step = -1
         self._rewind_snapshot: dict[str, Tensor] = {}
         self._applier = MaskApplier({}, {})
+        self._masks_version = 0  # bumped whenever the masks change
+        self._grads_masked = False  # mask_gradients ran since the last optimizer step
+        # Optimizers whose state was masked, with the masks version they were masked for.
+        self._clean_state: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
     def target(self, step: int) -> float:
         """The schedule's target sparsity after ``step`` optimizer steps."""
@@ -167,8 +190,8 @@ class GradualPruner:
         target = self.target(step)
         if target <= self.current_target:
             return False
-        self._check_finite(step)
         if config.structure == "channel":
+            self._check_finite(step)
             self.group_masks = compute_group_masks(
                 self.groups,
                 self.weights,
@@ -182,17 +205,22 @@ class GradualPruner:
             )
             self.masks = self._group_tensor_masks()
         else:
-            self.masks = compute_masks(
-                self._local_weights(),
-                target,
-                scope=config.scope,
-                structure=config.structure,  # type: ignore[arg-type]  # "unstructured" here
-                criterion=config.criterion,
-                current_masks=self.masks,
-                seed=config.seed,
-                protected=self.protected,
-                group=self.shard_group,
-            )
+            if config.criterion != "magnitude":
+                self._check_finite(step)
+            try:  # magnitude ranking finds NaN/Inf itself, at no cost when there is none
+                self.masks = compute_masks(
+                    self._local_weights(),
+                    target,
+                    scope=config.scope,
+                    structure=config.structure,  # type: ignore[arg-type]  # "unstructured" here
+                    criterion=config.criterion,
+                    current_masks=self.masks,
+                    seed=config.seed,
+                    protected=self.protected,
+                    group=self.shard_group,
+                )
+            except NonFiniteWeightsError as error:
+                self._raise_non_finite(error.counts, step)
         self._set_masks(target)
         return True
 
@@ -225,20 +253,46 @@ class GradualPruner:
 
     def _set_masks(self, target: float) -> None:
         self.current_target = target
-        self._applier = MaskApplier(self.weights, self.masks)
+        self._new_applier()
         if self._rewind_snapshot:
             with torch.no_grad():
                 for name, weight in self.weights.items():
                     weight.copy_(self._rewind_snapshot[name].to(weight.device))
         self._applier.apply()
 
+    def _new_applier(self) -> None:
+        self._applier = MaskApplier(self.weights, self.masks)
+        self._masks_version += 1
+
     def apply(self) -> None:
-        """Zero the pruned weights in place (after an optimizer step)."""
+        """Zero the pruned weights in place."""
         self._applier.apply()
 
     def mask_gradients(self) -> None:
-        """Zero the gradients of pruned weights in place (before an optimizer step, so momentum cannot revive them)."""
+        """Zero the gradients of pruned weights in place (before an optimizer step, so gradient clipping and the
+        optimizer's statistics ignore them)."""
         self._applier.mask_gradients()
+        self._grads_masked = True
+
+    def after_optimizer_step(self, optimizer: Any) -> None:
+        """Keep the pruned weights exactly zero after ``optimizer.step()`` (an optimizer step post-hook).
+
+        A full pass over the weights is skipped when it would change nothing: the gradients were masked before
+        this step (``mask_gradients``) and ``optimizer`` is one whose update of an entry with zero weight, zero
+        gradient and zero state is exactly zero (``ZERO_PRESERVING``: SGD with any momentum, Nesterov or weight
+        decay; Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, Adagrad), with its state zeroed at the pruned entries
+        since the masks last changed. Otherwise the weights are re-zeroed (and such an optimizer's state is
+        masked, once per mask change), so the guarantee holds for every optimizer.
+        """
+        grads_masked, self._grads_masked = self._grads_masked, False
+        preserving = type(optimizer) in ZERO_PRESERVING
+        if grads_masked and preserving and self._clean_state.get(optimizer) == self._masks_version:
+            self._applier.apply_static()  # buffers (BatchNorm running means) move in forward, not in the step
+            return
+        self._applier.apply()
+        if preserving:
+            self._applier.mask_state(optimizer)
+            self._clean_state[optimizer] = self._masks_version
 
     def stats(self) -> SparsityStats:
         """Exact zero counts of the pruned weights, now (of the whole tensors when they are sharded)."""
@@ -343,7 +397,7 @@ class GradualPruner:
         self._rewind_snapshot = {
             name: t.to(self.weights[name].device) for name, t in state.get("rewind_snapshot", {}).items()
         }
-        self._applier = MaskApplier(self.weights, self.masks)
+        self._new_applier()
 
     def _own_shard_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
         """This process's masks out of a checkpoint written with sharded weights."""
@@ -362,9 +416,12 @@ class GradualPruner:
         bad_counts = torch.tensor([int((~torch.isfinite(w.detach())).sum()) for w in local.values()])
         if self.shard_group is not None:  # every process raises together (else the others hang in a collective)
             dist.all_reduce(bad_counts, group=self.shard_group)
-        for name, bad_count in zip(local, bad_counts.tolist(), strict=True):
-            if bad_count:
-                bad = bad_count
+        self._raise_non_finite(dict(zip(local, bad_counts.tolist(), strict=True)), step)
+
+    @staticmethod
+    def _raise_non_finite(counts: Mapping[str, int], step: int) -> None:
+        for name, bad in counts.items():
+            if bad:
                 raise FloatingPointError(
                     f"{bad} entries of {name!r} are NaN or Inf at step {step}: the pruning masks cannot be updated."
                     " Check the loss and the input batches (e.g. `Trainer(detect_anomaly=True)`), or lower the"

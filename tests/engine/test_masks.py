@@ -175,3 +175,63 @@ def test_compute_masks_validates_its_arguments():
         compute_masks(w, 0.5, criterion="l1")
     with pytest.raises(ValueError, match=r"`sparsity` must be in \[0, 1\], got 1.5"):
         compute_masks(w, 1.5)
+
+
+def _sorted_reference(weights, sparsity, current):
+    """Global magnitude masks by a full stable sort: pruned entries first, then by |w|, ties by flat position."""
+    names = list(weights)
+    scores = torch.cat([torch.where(current[n], weights[n].abs(), -1.0).flatten().double() for n in names])
+    k = round(sparsity * scores.numel())
+    order = torch.sort(scores, stable=True).indices
+    pruned = torch.zeros(scores.numel(), dtype=torch.bool)
+    pruned[order[:k]] = True
+    parts = torch.split(pruned, [weights[n].numel() for n in names])
+    return {n: ~p.reshape(weights[n].shape) & current[n] for n, p in zip(names, parts, strict=True)}  # only grow
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    sizes=st.lists(st.integers(0, 700), min_size=1, max_size=4),
+    levels=st.integers(1, 5),
+    sparsity=st.floats(0.0, 1.0),
+    seed=st.integers(0, 1000),
+)
+def test_chunked_select_equals_a_sort_on_ties_across_chunks(sizes, levels, sparsity, seed):
+    """Chunks of 64 entries: ties at the threshold span chunks and tensors; the masks equal a stable sort's."""
+    import lightning_compress.engine.distributed as distributed
+
+    g = torch.Generator().manual_seed(seed)
+    weights = {f"w{i}": (torch.randint(-levels, levels + 1, (n,), generator=g) / levels) for i, n in enumerate(sizes)}
+    current = {n: torch.rand(w.shape, generator=g) > 0.2 for n, w in weights.items()}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(distributed, "CHUNK", 64)
+        got = compute_masks(weights, sparsity, current_masks=current)
+    expected = _sorted_reference(weights, sparsity, current)
+    assert all(torch.equal(got[n], expected[n]) for n in weights)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_nan_or_inf_weights_are_named(bad, scope):
+    from lightning_compress.engine.masks import NonFiniteWeightsError
+
+    weights = {"a": torch.randn(5, 5), "b": torch.randn(300)}
+    weights["b"][7] = bad
+    with pytest.raises(NonFiniteWeightsError, match=r"NaN or Inf entries: 'b': 1") as caught:
+        compute_masks(weights, 0.5, scope=scope)
+    assert caught.value.counts == {"b": 1}
+
+
+def test_largest_finite_weight_is_ranked_not_refused():
+    weights = {"a": torch.tensor([torch.finfo(torch.float32).max, 1.0, 0.5, 2.0])}
+    assert compute_masks(weights, 0.5)["a"].tolist() == [True, False, False, True]
+
+
+def test_applier_holds_the_boolean_masks_only():
+    weights = _weights()
+    masks = compute_masks(weights, 0.5)
+    applier = MaskApplier(weights, masks)
+    for multiplier, mask in zip(applier._multipliers, masks.values(), strict=True):
+        assert multiplier.dtype == torch.uint8 and multiplier.data_ptr() == mask.data_ptr()  # a view, no copy
+    with pytest.raises(ValueError, match=r"must be boolean and shaped like its weight"):
+        MaskApplier(weights, {"a": masks["a"].float()})

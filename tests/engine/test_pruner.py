@@ -141,3 +141,53 @@ def test_rewinding_resets_survivors_to_the_snapshot():
     for name, weight in _weights(net).items():
         kept = pruner.masks[name]
         assert torch.equal(weight[kept], snapshot[name][kept]) and bool((weight[~kept] == 0).all())
+
+
+class _OtherSGD(torch.optim.SGD):
+    """Not in ZERO_PRESERVING (a subclass may change ``step``)."""
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+        lambda p: torch.optim.Adam(p, lr=0.05),
+        lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+        lambda p: _OtherSGD(p, lr=0.1, momentum=0.9, nesterov=True),
+    ],
+)
+def test_pruned_weights_are_exactly_zero_after_every_step(make):
+    """Masks move every 2 steps while momentum / Adam moments are live; after each step every pruned weight is 0."""
+    net = _net()
+    pruner = GradualPruner(
+        _weights(net), PruningConfig(target_sparsity=0.8, end_step=12, update_every_n_steps=2).resolve(None)
+    )
+    opt = make(net.parameters())
+    opt.register_step_post_hook(lambda optimizer, *_: pruner.after_optimizer_step(optimizer))
+    for step in range(16):
+        opt.zero_grad()
+        net(torch.randn(16, 8)).pow(2).mean().backward()
+        pruner.mask_gradients()
+        opt.step()
+        for name, weight in _weights(net).items():
+            if name in pruner.masks:
+                assert int(torch.count_nonzero(weight.detach()[~pruner.masks[name]])) == 0, (step, name)
+        pruner.step(step + 1)
+    assert pruner.stats().sparsity == pytest.approx(0.8, abs=1e-3)
+
+
+def test_the_weight_pass_is_skipped_only_when_it_would_change_nothing(monkeypatch):
+    net = _net()
+    pruner = GradualPruner(_weights(net), PruningConfig(target_sparsity=0.5, end_step=1).resolve(None))
+    pruner.step(1)
+    passes = []
+    monkeypatch.setattr(pruner._applier, "apply", lambda: passes.append(1))
+    sgd, other = torch.optim.SGD(net.parameters(), lr=0.1), _OtherSGD(net.parameters(), lr=0.1)
+    pruner.mask_gradients()
+    pruner.after_optimizer_step(sgd)  # first step after the masks changed: the state is masked, weights re-zeroed
+    pruner.mask_gradients()
+    pruner.after_optimizer_step(sgd)  # masked gradients, clean state: nothing to do
+    pruner.after_optimizer_step(sgd)  # gradients not masked before this step
+    pruner.mask_gradients()
+    pruner.after_optimizer_step(other)  # an optimizer outside ZERO_PRESERVING
+    assert len(passes) == 3
