@@ -6,7 +6,7 @@ import copy
 import math
 import re
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -26,6 +26,7 @@ from lightning_compress.engine.config import (
     Backend,
     ConversionConfig,
     LatencyMode,
+    MonitorMode,
     QATMode,
     QuantConfig,
     WeightBits,
@@ -139,6 +140,8 @@ class QATCallback(Callback):
         save_path: Where to save the int8 model; default ``<logger.log_dir>/qat_int8.onnx`` (``.pt2`` for
             ``"inductor"``). Under ``"auto"`` a ``.pt2``/``.onnx`` suffix becomes the chosen backend's.
         monitor: A metric the validation logs (e.g. ``"val_acc"``): measured for the fake-quant and the int8 model.
+        monitor_mode: ``"max"`` (higher is better, e.g. accuracy) or ``"min"`` (e.g. a loss): the sign of
+            ``<monitor>_drop`` (a worse loss is a positive drop).
         latency: ``"compiled"`` (int8 compiled with Inductor, where its int8 kernels are, vs float eager and
             compiled), ``"eager"``, or ``"off"``.
         latency_batch_sizes: Batch sizes to time; default: 1 and the validation batch size.
@@ -166,6 +169,7 @@ class QATCallback(Callback):
         backend: Backend = DEFAULT_BACKEND,
         save_path: str | None = None,
         monitor: str | None = None,
+        monitor_mode: MonitorMode = "max",
         latency: LatencyMode = "compiled",
         latency_batch_sizes: list[int] | None = None,
         verbose: bool = True,
@@ -191,6 +195,7 @@ class QATCallback(Callback):
         #: The int8 runtime: ``"onnxruntime"``, ``"inductor"`` or ``"auto"``.
         self.backend = check_backend(backend, mode, self.config.weight_bits, self.save_path)
         self.monitor = check_optional_str("monitor", monitor)
+        self.monitor_mode = check_choice("monitor_mode", monitor_mode, get_args(MonitorMode))
         self.latency = check_choice("latency", latency, LATENCY_MODES)
         self.latency_batch_sizes = check_batch_sizes("latency_batch_sizes", latency_batch_sizes)
         self.verbose = check_bool("verbose", verbose)
@@ -223,6 +228,11 @@ class QATCallback(Callback):
 
     #: What ``CompressionReport`` takes this callback for (see ``callbacks.report.CompressionCallback``).
     compression_role: ClassVar[str] = "quantization"
+
+    @property
+    def compression_started(self) -> bool:
+        """Whether fake quantization is on now (``CompressionReport`` takes its baseline from validations before)."""
+        return self._phase is not None and self._phase.fake_quant_enabled
 
     def compression_settings(self) -> dict[str, str | int | float]:
         """The settings ``CompressionReport`` puts in its report and in TensorBoard's HParams tab."""
@@ -557,6 +567,7 @@ class QATCallback(Callback):
             monitor=self.monitor,
             reference_evaluation=fake_quant,
             int8_evaluation=int8_run,
+            higher_is_better=self.monitor_mode == "max",
             latency=self.latency,
             batch_sizes=_loops.latency_batch_sizes(trainer, self.latency_batch_sizes),
         )

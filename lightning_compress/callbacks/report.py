@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -120,6 +120,7 @@ def summarize(
     monitor_mode: MonitorMode = "max",
     trained_metric: float | None = None,
     baseline_metric: float | None = None,
+    uncompressed: tuple[float, int] | None = None,
     pruning: Mapping[str, Any] | None = None,
     quantization: Mapping[str, Any] | None = None,
     measured: Mapping[str, float] | None = None,
@@ -132,13 +133,16 @@ def summarize(
             before), as in ``PostTrainingQuantCallback``: a positive drop is always a loss of quality.
         trained_metric: The metric of the model as trained (dense, pruned, or fake-quantized for QAT).
         baseline_metric: The metric "before" compression when known from elsewhere (e.g. the dense run's).
+        uncompressed: ``(metric, step)`` of the last validation of this fit before pruning or fake quantization
+            started: the baseline of pruning and QAT runs (their own "before" is already compressed).
         pruning: ``IterativePruningCallback.results``.
         quantization: ``QATCallback.results`` or ``PostTrainingQuantCallback.results``.
         measured: Measurements of the float model used where the callbacks did not provide them: ``sparsity``,
             ``nonzero_params``, ``total_params``, ``float_bytes`` and ``float_ms/batch_<N>``.
 
     Returns:
-        ``<monitor>_before`` (``baseline_metric``, else the float metric for PTQ, the fake-quant metric for QAT, else
+        ``<monitor>_before`` (``baseline_metric``; else, when pruning or QAT ran, ``uncompressed`` with its step as
+        ``<monitor>_before_step``; else the float metric for PTQ, the fake-quant metric for QAT, else
         ``trained_metric``), ``<monitor>`` (the deployed model's: int8 when quantized), ``<monitor>_drop``
         (the loss of quality, in the metric's units as logged; see ``monitor_mode``); ``sparsity``, ``nonzero_params``,
         ``total_params``,
@@ -152,7 +156,14 @@ def summarize(
     quant = {k: v for k, v in ((k, _number(v)) for k, v in quantization.items()) if v is not None}
     if monitor:
         quant_before = quant.get(f"float_{monitor}", quant.get(f"fake_quant_{monitor}"))
-        before = baseline_metric if baseline_metric is not None else quant_before
+        # Pruning and QAT measure "before" on a model that is already compressed (pruned, fake-quantized): a loss
+        # against the dense model would hide. Their baseline is the last validation before compression started.
+        compressed_before = bool(pruning) or f"fake_quant_{monitor}" in quant
+        before = baseline_metric
+        if before is None and compressed_before and uncompressed is not None:
+            before = uncompressed[0]
+            out[f"{monitor}_before_step"] = float(uncompressed[1])
+        before = before if before is not None else quant_before
         before = before if before is not None else trained_metric
         after = quant.get(f"int8_{monitor}", trained_metric)
         if before is not None:
@@ -312,6 +323,7 @@ class CompressionReport(Callback):
         self.path: Path | None = None
         self._reported_quant: dict[str, Any] | None = None
         self._monitor_seen = False
+        self._uncompressed: tuple[float, int] | None = None  # (metric, step) before compression started
 
     def dashboard_categories(self) -> dict[str, list[tuple[str, list[str]]]]:
         """Charts of the report in the TensorBoard custom-scalars layout (they compare runs)."""
@@ -351,6 +363,8 @@ class CompressionReport(Callback):
                 " `validation_step`."
             )
         self.settings = compression_settings(find_callbacks(getattr(trainer, "callbacks", [])))
+        if stage == "fit":
+            self._uncompressed = None
         _logging.write_dashboard_layout(trainer)
         if self.hparams:
             # Before Lightning's own hparams session (written after on_fit_start), so TensorBoard keeps this one.
@@ -362,6 +376,11 @@ class CompressionReport(Callback):
         if self.monitor and not self._monitor_seen and trainer.state.fn == "fit":
             self._trained_metric(trainer)
             self._monitor_seen = True
+        # The last validation before any callback compressed the model is the baseline of pruning and QAT runs.
+        started = any(getattr(c, "compression_started", False) for c in getattr(trainer, "callbacks", []))
+        value = _number(trainer.callback_metrics.get(self.monitor)) if self.monitor else None
+        if trainer.state.fn == "fit" and not started and value is not None:
+            self._uncompressed = (value, trainer.global_step)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -392,12 +411,33 @@ class CompressionReport(Callback):
             monitor_mode=self.monitor_mode,
             trained_metric=self._trained_metric(trainer),
             baseline_metric=self.baseline_metric,
+            uncompressed=self._uncompressed,
             pruning=pruning_cb.results if pruning_cb is not None else None,
             quantization=quant,
             measured=self._measure(pl_module, pruning_cb, quant),
         )
+        self._warn_about_the_baseline(pruning_cb, quant)
         self._write(trainer)
         return self.results
+
+    def _warn_about_the_baseline(self, pruning_cb: CompressionCallback | None, quant: Mapping[str, Any]) -> None:
+        """Say when ``<monitor>_before`` is not a trained, uncompressed model's metric."""
+        if not self.monitor or self.baseline_metric is not None:
+            return
+        step = self.results.get(f"{self.monitor}_before_step")
+        compressed_before = pruning_cb is not None or f"fake_quant_{self.monitor}" in quant
+        if compressed_before and step is None:
+            rank_zero_warn(
+                f"CompressionReport: no validation ran before compression started, so `{self.monitor}_before` is the"
+                " compressed (pruned or fake-quant) model's own metric. Pass `baseline_metric` (e.g. the dense run's"
+                " value), or start compression later."
+            )
+        elif step == 0:
+            rank_zero_warn(
+                f"CompressionReport: `{self.monitor}_before` was measured at step 0, before any training (compression"
+                " started with it). Right for a pretrained model; for a model trained from scratch pass"
+                " `baseline_metric` (the dense run's value)."
+            )
 
     # ----------------------------------------------------------------------------------------------------------
     # Internals
