@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from lightning_compress.engine.config import ACTIVATION_OBSERVERS, WEIGHT_RANGES, QuantConfig
 from lightning_compress.engine.selection import select_modules
@@ -480,6 +481,24 @@ _FAKE_QUANT_TYPES: dict[type[nn.Module], type[FakeQuantModule]] = {
 }
 
 
+_SUBCLASS_TYPES: dict[type[nn.Module], type[FakeQuantModule]] = {}
+
+
+def _fake_quant_type(cls: type[nn.Module]) -> type[FakeQuantModule] | None:
+    """The fake-quant type for modules of type ``cls``: that of an exact Linear/ConvNd type, or, for a subclass that
+    keeps the parent's ``forward`` (a marker type of a model zoo), a fake-quant subclass of both (so ``strip_qat``
+    gives the subclass back). A subclass with its own ``forward`` (it may pad or scale around the op) and attention's
+    ``out_proj`` (``NonDynamicallyQuantizableLinear``, whose ``forward`` is never called) get ``None``."""
+    if cls in _FAKE_QUANT_TYPES:
+        return _FAKE_QUANT_TYPES[cls]
+    parent = next((p for p in _FAKE_QUANT_TYPES if issubclass(cls, p)), None)
+    if parent is None or cls.forward is not parent.forward or issubclass(cls, NonDynamicallyQuantizableLinear):
+        return None
+    if cls not in _SUBCLASS_TYPES:  # one type per subclass
+        _SUBCLASS_TYPES[cls] = type(f"FakeQuant{cls.__name__}", (_FAKE_QUANT_TYPES[parent], cls), {"_float_type": cls})
+    return _SUBCLASS_TYPES[cls]
+
+
 def _rebuild(module: nn.Module, new_type: type[nn.Module]) -> nn.Module:
     """A module of ``new_type`` sharing ``module``'s parameters, hooks and attributes (no re-initialization)."""
     new = new_type.__new__(new_type)
@@ -530,8 +549,8 @@ def prepare_qat(
         model: The model to prepare (modified in place; its ``forward`` is not touched).
         config: What to simulate; defaults to ``QuantConfig()`` (int8 weights, uint8 inputs, moving-average ranges).
         include: Regular expressions over module names (see ``lightning_compress.engine.selection``); default:
-            every ``nn.Linear``/``nn.ConvNd``. Modules of a *subclass* type (e.g. ``MultiheadAttention.out_proj``)
-            are never swapped.
+            every ``nn.Linear``/``nn.ConvNd``, and their subclasses that keep the parent's ``forward``; a subclass with
+            its own ``forward`` and ``MultiheadAttention.out_proj`` are never swapped.
         exclude: Regular expressions of module names to keep in float (e.g. the first conv or the classifier).
 
     Returns:
@@ -551,7 +570,7 @@ def prepare_qat(
         if isinstance(module, FakeQuantModule):
             prepared[name] = module
             continue
-        fq_type = _FAKE_QUANT_TYPES.get(type(module))
+        fq_type = _fake_quant_type(type(module))
         if fq_type is None:
             continue  # subclass of Linear/Conv with its own semantics (e.g. NonDynamicallyQuantizableLinear)
         new = _rebuild(module, fq_type)
@@ -562,8 +581,8 @@ def prepare_qat(
     if not prepared:
         names = ", ".join(f"{n} ({type(m).__name__})" for n, m in selected.items())
         raise ValueError(
-            f"None of the selected modules can be fake-quantized: only exact nn.Linear/nn.Conv1d/2d/3d modules are "
-            f"swapped, not subclasses. Selected: {names}."
+            f"None of the selected modules can be fake-quantized: only nn.Linear/nn.Conv1d/2d/3d modules and subclasses"
+            f" that keep their forward are swapped. Selected: {names}."
         )
     _set_transformer_fastpath(model, enabled=False)
     return prepared

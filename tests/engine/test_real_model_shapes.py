@@ -4,6 +4,7 @@ Hugging Face BERT pooler when only ``last_hidden_state`` is read), ``nn.Conv2d``
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -176,6 +177,29 @@ def test_conv_subclasses_are_quantized_by_pt2e(mode: str, tmp_path) -> None:
         warnings.filterwarnings("error", message=".*stayed float.*")
         report = measure_int8(int8, model, tmp_path / "a.pt2", (x,), {})
     assert report.int8_layers == 4 and report.float_layers == {} and report.to_metrics()["int8_layers"] == 4.0
+
+
+def test_qat_swaps_subclasses_that_keep_the_parent_forward_and_converts_them_to_int8() -> None:
+    from lightning_compress.engine.fake_quant import FakeQuantConv2d, strip_qat
+    from lightning_compress.engine.ort import convert_to_onnx_int8
+
+    model, x = _subclass_net()
+    prepared = prepare_qat(model)
+    assert sorted(prepared) == ["block", "conv", "fc"]  # was ["conv", "fc"]; `stem` pads in its own forward
+    assert isinstance(model.block, FakeQuantConv2d) and isinstance(model.block, PlainSubConv)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    pt2e = convert_to_int8(model, (x,))
+    assert set(pt2e.quantized_layers) == {"block", "conv", "fc"} and "stem" in pt2e.skipped  # as QAT simulated
+    assert layers_left_float(pt2e, strip_qat(copy.deepcopy(model))) == {}
+    ort = convert_to_onnx_int8(model, x, mode="static")
+    assert ort.num_quantized_layers == 3 and ort.float_layers == ("stem",)
+    with torch.no_grad():
+        assert sqnr_db(model(x), pt2e.module()(x)) > 20
+    strip_qat(model)
+    assert type(model.block) is PlainSubConv and type(model.stem) is Conv2dSame  # the user's types come back
 
 
 def test_layers_the_artifact_leaves_float_are_counted_named_and_warned_about(tmp_path, monkeypatch) -> None:
