@@ -104,15 +104,20 @@ class MagnitudeKeys(KeySource):
     Args:
         weight: A floating-point tensor (a parameter or its local shard), any shape and device.
         keep: Optional boolean keep-mask shaped like ``weight``: entries already pruned get key 0.
+        buffer: Optional ``float32`` scratch tensor on ``weight``'s device, at least a chunk long, shared by the
+            sources of one selection (they are read one at a time); else one is allocated.
     """
 
-    def __init__(self, weight: Tensor, keep: Tensor | None = None) -> None:
+    def __init__(self, weight: Tensor, keep: Tensor | None = None, buffer: Tensor | None = None) -> None:
         #: The flat weight (a view).
         self.weight = weight.detach().reshape(-1)
         self._keep = None if keep is None else keep.to(self.weight.device).reshape(-1).view(torch.uint8)
         self.numel = self.weight.numel()
         self.device = self.weight.device
-        self._buffer = torch.empty(min(_chunk(self.device), self.numel), dtype=torch.float32, device=self.device)
+        size = min(_chunk(self.device), self.numel)
+        if buffer is None or buffer.device != self.device or buffer.numel() < size:
+            buffer = torch.empty(size, dtype=torch.float32, device=self.device)
+        self._buffer = buffer
 
     def keys(self, start: int, stop: int) -> Tensor:
         """The keys of the flat entries ``[start, stop)`` (in a buffer reused by the next call)."""
@@ -122,6 +127,12 @@ class MagnitudeKeys(KeySource):
         if self._keep is not None:
             keys.mul_(self._keep[start:stop])
         return keys
+
+
+def scratch(device: torch.device | str) -> Tensor:
+    """A ``float32`` buffer of one chunk on ``device``, to share between the ``MagnitudeKeys`` of one selection."""
+    device = torch.device(device)
+    return torch.empty(_chunk(device), dtype=torch.float32, device=device)
 
 
 def _chunk(device: torch.device) -> int:

@@ -32,6 +32,7 @@ from lightning_compress.engine.distributed import (
     keep_masks,
     local_tensor,
     lowest_k_cut,
+    scratch,
 )
 from lightning_compress.engine.validation import check_choice, check_fraction
 
@@ -183,7 +184,14 @@ def _magnitude_masks(
             f" `structure`={structure!r}, `criterion`={criterion!r}: channel groups and random scores span shards."
         )
     ranked = [name for name in weights if name not in protected]
-    sources = {name: MagnitudeKeys(weights[name], current_masks.get(name)) for name in ranked}
+    buffers: dict[torch.device, Tensor] = {}  # one chunk of scratch per device, shared by all tensors
+    for name in ranked:
+        device = weights[name].device
+        if device not in buffers:
+            buffers[device] = scratch(device)
+    sources = {
+        name: MagnitudeKeys(weights[name], current_masks.get(name), buffers[weights[name].device]) for name in ranked
+    }
     numels = torch.tensor([weights[name].numel() for name in ranked], dtype=torch.int64)
     if group is not None:
         dist.all_reduce(numels, group=group)  # whole-tensor sizes
