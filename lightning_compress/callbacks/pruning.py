@@ -91,9 +91,11 @@ class IterativePruningCallback(Callback):
             ``example_input_array`` of the LightningModule, else the first training call of the network is
             caught (masks then start after that call).
         criterion: ``"magnitude"`` or ``"random"`` (seeded by ``seed``; identical on every DDP rank).
-        include: Regular expressions searched in full parameter names (``"net.fc1.weight"``); when given, the
-            parameters matching any of them are pruned instead of the default (every ``weight`` of ``nn.Linear``
-            and ``nn.ConvNd``). Biases and normalization layers are pruned only if included explicitly.
+        include: Regular expressions searched in full parameter names (``"net.fc1.weight"``); when given, they
+            narrow the default (every ``weight`` of ``nn.Linear`` and ``nn.ConvNd``) to the weights they match:
+            ``"transformer\\.h\\."`` prunes those blocks' Linear weights, not their norms and biases. A pattern
+            that matches none of those weights selects the other parameters it matches (``"fc1\\.bias"``,
+            ``"^embed\\.weight$"``): biases, norms and embeddings are pruned only when targeted that way.
         exclude: Regular expressions of parameter names never to prune.
         end_fraction: Fraction of ``trainer.estimated_stepping_batches`` used as ``end_step`` when it is ``None``.
         monitor: A metric the LightningModule logs in validation (e.g. ``"val_acc"``). At every validation end the

@@ -1,9 +1,14 @@
-"""Choosing which parameters or modules a compression method touches.
+r"""Choosing which parameters or modules a compression method touches.
 
 Names are the full dotted names that ``named_parameters()`` / ``named_modules()`` return (``"fc1.weight"``,
 ``"encoder.layers.0.linear1"``). ``include`` and ``exclude`` are lists of regular expressions, each searched with
 ``re.search`` in a name: a name is selected when it is a default candidate (or matches ``include``, when given) and
 matches no ``exclude`` pattern.
+
+``include`` narrows the default candidates: a pattern selects the candidates it matches (``transformer\.h\.``
+selects the Linear/Conv weights of those blocks, not their LayerNorm weights and biases). A pattern that matches no
+candidate selects the other names it matches, so other parameters can still be targeted on purpose
+(``^embed\.weight$``, ``fc1\.bias``).
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ def filter_names(
     Args:
         candidates: The names selected by default (e.g. every Linear/Conv weight).
         all_names: Every name ``include`` may pick from (so it can select e.g. a bias on purpose).
-        include: Patterns; when given, the selection is ``all_names`` matching any of them.
+        include: Patterns; when given, each selects the candidates it matches, or, if it matches no candidate,
+            the names of ``all_names`` it matches.
         exclude: Patterns; names matching any of them are dropped.
         what: Word used in error messages ("parameter" or "module").
 
@@ -65,7 +71,13 @@ def filter_names(
                 raise ValueError(
                     f"`{arg}` pattern {pat.pattern!r} matches no {what} name. {_available(what, all_names)}"
                 )
-    pool = [n for n in all_names if any(p.search(n) for p in include_re)] if include_re else list(candidates)
+    pool = list(candidates)
+    if include_re:
+        picked: set[str] = set()
+        for pattern in include_re:
+            matched = {n for n in candidates if pattern.search(n)}
+            picked |= matched or {n for n in all_names if pattern.search(n)}
+        pool = [n for n in all_names if n in picked]
     selected = [n for n in pool if not any(p.search(n) for p in exclude_re)]
     if not selected:
         raise ValueError(
@@ -88,8 +100,16 @@ def select_parameters(
 ) -> dict[str, nn.Parameter]:
     """Return the parameters to prune, by full name.
 
-    By default every ``weight`` of ``nn.Linear`` and ``nn.ConvNd`` modules. With ``include``, any parameter whose name
-    matches (including biases, if you ask for them). ``exclude`` always wins.
+    By default every ``weight`` of ``nn.Linear`` and ``nn.ConvNd`` modules (subclasses included). ``include`` narrows
+    them to the weights its patterns match; a pattern that matches none of those weights selects the other
+    parameters it matches (a bias, a LayerNorm or embedding weight, on purpose). ``exclude`` always wins.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+        >>> list(select_parameters(net, include=["^0\\.", "^1\\."]))  # "0." is a Linear: its weight; "1." a norm
+        ['0.weight', '1.weight', '1.bias']
+        >>> list(select_parameters(net, include=["^0\\.bias$"]))
+        ['0.bias']
     """
     named = dict(model.named_parameters())
     candidates = [

@@ -132,7 +132,11 @@ def test_default_selection_is_linear_and_conv_weights_only():
 
 def test_include_exclude():
     assert list(select_parameters(Net(), exclude=["^head"])) == ["conv.weight", "fc1.weight"]
-    assert list(select_parameters(Net(), include=[r"fc1\."])) == ["fc1.weight", "fc1.bias"]
+    # include narrows the Linear/Conv weights (not their biases and norms, e.g. a block's LayerNorm) ...
+    assert list(select_parameters(Net(), include=[r"fc1\.", "norm"])) == ["fc1.weight", "norm.weight", "norm.bias"]
+    assert list(select_parameters(Net(), include=[r"fc1\.|head\."])) == ["fc1.weight", "head.weight"]
+    # ... and a pattern matching none of them targets other parameters on purpose
+    assert list(select_parameters(Net(), include=[r"fc1\.bias"])) == ["fc1.bias"]
     assert list(select_modules(Net(), exclude=["conv"])) == ["fc1", "head"]
 
 
