@@ -94,6 +94,8 @@ FLOAT_BACKENDS = ("eager_fp32", "onnxruntime_fp32")
 OUTPUT_KIND_KEY = "lightning_compress.output"
 #: Metadata key holding the non-tensor arguments of the example call baked into the graph (JSON, by name).
 FIXED_KEY = "lightning_compress.fixed"
+#: Metadata key holding the shape each input takes (JSON, by name: ints are fixed sizes, strings dynamic).
+DYNAMIC_KEY = "lightning_compress.input_shapes"
 #: Metadata key holding the conversion mode of an int8 model.
 MODE_KEY = "lightning_compress.mode"
 
@@ -161,6 +163,9 @@ class OrtModel(nn.Module):
         self._as_tuple = meta.get(OUTPUT_KIND_KEY, "tensor" if len(self.output_names) == 1 else "tuple") == "tuple"
         #: Non-tensor arguments of the export example (baked into the graph): a call may pass them with that value.
         self.fixed_arguments: dict[str, Any] = json.loads(meta.get(FIXED_KEY, "{}"))
+        #: The shape each input takes, by name: ints are sizes fixed at export, strings dynamic sizes
+        #: (``"batch"``, ``"dim_<n>"``: one symbol per exported size, e.g. a sequence length or image side).
+        self.input_shapes: dict[str, list[int | str]] = json.loads(meta.get(DYNAMIC_KEY, "{}"))
         del onnx
 
     @property
@@ -209,7 +214,23 @@ class OrtModel(nn.Module):
             if not isinstance(value, Tensor):
                 raise TypeError(f"The input `{name}` must be a torch.Tensor, got {type(value).__name__}.")
             feeds[name] = value.detach().cpu().contiguous().numpy()
+            self._check_shape(name, tuple(value.shape))
         return feeds
+
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        expected = self.input_shapes.get(name)
+        if expected is None:
+            return
+        wrong = len(shape) != len(expected) or any(
+            isinstance(e, int) and e != n for e, n in zip(expected, shape, strict=False)
+        )
+        if wrong:
+            described = "(" + ", ".join(str(e) for e in expected) + ")"
+            raise ValueError(
+                f"The input `{name}` has shape {tuple(shape)}, but this ONNX model takes {described}: the names are"
+                " dynamic sizes, the numbers sizes fixed at export (the network did not run at another size there,"
+                " e.g. the input of a flatten -> Linear head, or the export traced it as a constant)."
+            )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the session on the call's tensors; returns a tensor, or a tuple of tensors."""
@@ -512,16 +533,18 @@ class _Export:
     prefix: str  # the module path of the network inside the exported wrapper
 
 
-def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], check_batch: bool = True) -> _Export:
-    """``torch.onnx.export`` (TorchScript-based) of a float model with a dynamic batch, checked at another batch."""
+def _onnx_export(
+    model: nn.Module, wrapper: _Call, names: list[str], tensors: list[Tensor], output_names: list[str], dims: set[int]
+) -> Any:
+    """One ``torch.onnx.export`` (TorchScript-based): the batch dimension, and every other input dimension whose
+    size is in ``dims``, exported dynamic (one symbol per size, so ``H == W`` stays one symbol)."""
     onnx, _ = _import_ort()
-    names, tensors, wrapper = _bind(model, args, kwargs)
-    with torch.no_grad():
-        reference = model(*args, **kwargs)
-    outputs, kind = _flatten_outputs(reference)
-    output_names = ["output"] if kind == "tensor" else [f"output_{i}" for i in range(len(outputs))]
-    dynamic_axes = {n: {0: "batch"} for n, t in zip(names, tensors, strict=True) if t.dim() > 0}
-    dynamic_axes.update({n: {0: "batch"} for n, t in zip(output_names, outputs, strict=True) if t.dim() > 0})
+
+    def axes(t: Tensor) -> dict[int, str]:
+        return {d: "batch" if d == 0 else f"dim_{n}" for d, n in enumerate(t.shape) if d == 0 or n in dims}
+
+    dynamic_axes = {n: axes(t) for n, t in zip(names, tensors, strict=True) if t.dim() > 0}
+    dynamic_axes.update({n: {0: "batch"} for n in output_names})
     buffer = io.BytesIO()
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
@@ -547,9 +570,90 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], che
         ) from err
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    proto = onnx.load_from_string(buffer.getvalue())
-    _set_metadata(proto, {OUTPUT_KIND_KEY: kind, FIXED_KEY: json.dumps(wrapper.fixed)})
-    if check_batch and dynamic_axes:
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _resize(tensor: Tensor, old: int, new: int) -> Tensor:
+    """``tensor`` with every non-batch dimension of size ``old`` cut or repeated to ``new`` (token ids stay ids)."""
+    for dim in range(1, tensor.dim()):
+        if tensor.shape[dim] == old:
+            reps = [1] * tensor.dim()
+            reps[dim] = -(-new // old)
+            tensor = tensor.repeat(*reps).narrow(dim, 0, new)
+    return tensor
+
+
+def _eager_sizes(wrapper: _Call, tensors: list[Tensor]) -> dict[int, int]:
+    """``{size: other size}`` for the non-batch input sizes the network also runs at in eager (sequence lengths,
+    image sizes); a size it fails at (e.g. the input of a flatten -> Linear head) stays fixed."""
+    sizes = sorted({n for t in tensors if t.dim() > 1 for n in t.shape[1:] if n >= 2})
+    found: dict[int, int] = {}
+    with torch.no_grad():
+        for size in sizes:
+            for other in (size // 2, size + size // 2):
+                try:
+                    wrapper(*[_resize(t, size, other) for t in tensors])
+                except Exception:  # this size is fixed for the network: try the next
+                    continue
+                found[size] = other
+                break
+    return found
+
+
+def _matches_eager(proto: Any, wrapper: _Call, tensors: list[Tensor]) -> bool:
+    try:
+        with torch.no_grad():
+            expected, _ = _flatten_outputs(wrapper(*tensors))
+        got = OrtFloatModel(proto.SerializeToString())(*tensors)
+        got_list = list(got) if isinstance(got, tuple) else [got]
+        return all(
+            tuple(e.shape) == tuple(g.shape) and torch.allclose(e.float(), g.float(), rtol=1e-3, atol=1e-4)
+            for e, g in zip(expected, got_list, strict=True)
+        )
+    except Exception:
+        return False
+
+
+def _export(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], check_batch: bool = True, dynamic: bool = True
+) -> _Export:
+    """``torch.onnx.export`` of a float model with a dynamic batch (checked at another batch) and, with
+    ``dynamic``, dynamic sequence/spatial sizes where the network runs at another size and the export computes what
+    eager does there (each such size checked; the others stay fixed). The dynamic dimensions are recorded in the
+    model's metadata (``DYNAMIC_KEY``)."""
+    names, tensors, wrapper = _bind(model, args, kwargs)
+    with torch.no_grad():
+        reference = model(*args, **kwargs)
+    outputs, kind = _flatten_outputs(reference)
+    output_names = ["output"] if kind == "tensor" else [f"output_{i}" for i in range(len(outputs))]
+    output_names_with_dims = [n for n, t in zip(output_names, outputs, strict=True) if t.dim() > 0]
+    others = _eager_sizes(wrapper, tensors) if dynamic else {}
+    proto = None
+    if others:
+        try:
+            proto = _onnx_export(model, wrapper, names, tensors, output_names_with_dims, set(others))
+        except OrtConversionError:
+            proto = None  # dynamic sizes the exporter cannot take: fixed sizes below
+        if proto is not None:
+            working = {
+                n for n, m in others.items() if _matches_eager(proto, wrapper, [_resize(t, n, m) for t in tensors])
+            }
+            if working != set(others):  # a size traced into the graph as a constant: export again without it
+                others = {n: m for n, m in others.items() if n in working}
+                proto = (
+                    _onnx_export(model, wrapper, names, tensors, output_names_with_dims, set(others))
+                    if others
+                    else None
+                )
+    if proto is None:
+        others = {}
+        proto = _onnx_export(model, wrapper, names, tensors, output_names_with_dims, set())
+    shapes = {
+        n: ["batch" if d == 0 else f"dim_{k}" if k in others else k for d, k in enumerate(t.shape)]
+        for n, t in zip(names, tensors, strict=True)
+    }
+    _set_metadata(proto, {OUTPUT_KIND_KEY: kind, FIXED_KEY: json.dumps(wrapper.fixed), DYNAMIC_KEY: json.dumps(shapes)})
+    if check_batch and any(t.dim() > 0 for t in tensors):
         _check_dynamic_batch(model, proto, names, tensors, kwargs, wrapper)
     return _Export(proto, names, "net.")
 
