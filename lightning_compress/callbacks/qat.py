@@ -145,6 +145,8 @@ class QATCallback(Callback):
         latency: ``"compiled"`` (int8 compiled with Inductor, where its int8 kernels are, vs float eager and
             compiled), ``"eager"``, or ``"off"``.
         latency_batch_sizes: Batch sizes to time; default: 1 and the validation batch size.
+        quantize_embeddings: Store ``nn.Embedding`` tables as int8 in the converted model (per row, weight-only;
+            QAT trains them in float, as their lookups are exact). Default on, as in ``PostTrainingQuantCallback``.
         verbose: Print the int8 report on rank zero.
         preflight: After the first training batch, run the whole fit-end int8 conversion once on a copy with that
             batch (export, prepare, convert) so that a model that cannot be converted fails at once, with the
@@ -174,6 +176,7 @@ class QATCallback(Callback):
         latency_batch_sizes: list[int] | None = None,
         verbose: bool = True,
         preflight: bool = True,
+        quantize_embeddings: bool = True,
     ) -> None:
         #: What the fake-quant layers simulate.
         self.config = QuantConfig(
@@ -190,7 +193,7 @@ class QATCallback(Callback):
         self.convert_on_fit_end = check_bool("convert_on_fit_end", convert_on_fit_end)
         check_choice("mode", mode, QAT_MODES)  # QAT simulates int8 activations: no "weight_only"
         #: How the int8 model is built at fit end.
-        self.conversion = ConversionConfig(mode=mode)
+        self.conversion = ConversionConfig(mode=mode, quantize_embeddings=quantize_embeddings)
         self.save_path = check_optional_path("save_path", save_path)
         #: The int8 runtime: ``"onnxruntime"``, ``"inductor"`` or ``"auto"``.
         self.backend = check_backend(backend, mode, self.config.weight_bits, self.save_path)

@@ -328,8 +328,10 @@ class ConversionConfig:
             (50, 100].
         calibration_batches: At most this many items of ``calibration_data`` are run through the observers.
         quantize_embeddings: Also store ``nn.Embedding`` tables (not skipped) as int8, per-row symmetric, and
-            dequantize only the rows looked up (weight-only, in every mode). pt2e leaves embeddings in float; in
-            transformers they are often the largest tensors (a third to a half of a small BERT).
+            dequantize only the rows looked up (weight-only, in every mode; ORT: its ``Gather`` quantization).
+            Default on, by measurement: on all-MiniLM-L6-v2 (ORT dynamic) the file goes from 0.65x to 0.25x of fp32
+            for a cosine of 0.9914 instead of 0.9921 to the float embeddings; in transformers the tables are often
+            the largest tensors (a third to a half of a small BERT).
         dynamic_batch: Export with a dynamic batch dimension (falls back to static shapes, with a note, when the
             model cannot have one).
 
@@ -349,7 +351,7 @@ class ConversionConfig:
     observer: Observer = DEFAULT_OBSERVER
     percentile: float = DEFAULT_PERCENTILE
     calibration_batches: int = 32
-    quantize_embeddings: bool = False
+    quantize_embeddings: bool = True
     dynamic_batch: bool = True
 
     def __post_init__(self) -> None:

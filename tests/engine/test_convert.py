@@ -473,7 +473,7 @@ def test_conversion_config_is_frozen_plain_and_has_one_default_observer() -> Non
         "observer": "histogram",
         "percentile": 99.0,
         "calibration_batches": 32,
-        "quantize_embeddings": False,
+        "quantize_embeddings": True,
         "dynamic_batch": True,
     }
     assert ConversionConfig(**plain) == config

@@ -60,3 +60,15 @@ def test_sizes_the_network_cannot_take_stay_fixed_and_the_error_says_so():
     with pytest.raises(ValueError, match=r"shape \(2, 1, 20, 20\), but this ONNX model takes \(batch, 1, 28, 28\)"):
         int8(torch.randn(2, 1, 20, 20))
     assert int8(torch.randn(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_embedding_tables_are_int8_by_default_in_the_onnx_artifact():
+    torch.manual_seed(0)
+    lm = TinyLM().eval()
+    ids, mask = torch.randint(0, 50, (4, 10)), torch.ones(4, 10)
+    with_tables = convert_to_onnx_int8(lm, (ids,), {"mask": mask}, mode="dynamic")
+    float_tables = convert_to_onnx_int8(lm, (ids,), {"mask": mask}, mode="dynamic", quantize_embeddings=False)
+    assert with_tables.size_bytes < 0.75 * float_tables.size_bytes  # tables 50x16 and 32x16 in int8
+    with torch.no_grad():
+        reference = lm(ids, mask)
+    assert float((with_tables(ids, mask=mask) - reference).abs().max()) < 0.05 * float(reference.abs().max())

@@ -136,6 +136,7 @@ def convert_with_backend(
         calibration_batches=config.calibration_batches,
         float_layers=list(float_layers),
         compact=compact,
+        quantize_embeddings=config.quantize_embeddings,
     )
 
 
