@@ -72,7 +72,10 @@ class IterativePruningCallback(Callback):
     ```
 
     Args:
-        target_sparsity: Fraction of selected weights that are zero from ``end_step`` on, in [0, 1).
+        target_sparsity: The fraction pruned from ``end_step`` on, in [0, 1), in the unit of ``structure``:
+            of the selected **weights** for ``"unstructured"``; of the prunable **channels** (``C``, counted over
+            all channel groups; a head counts its width) for ``"channel"``, where the fraction of weights zeroed
+            differs (it is logged as ``sparsity`` next to ``channel_sparsity``); ``(M-N)/M`` for ``"N:M"``.
         schedule: ``"cubic"`` (Zhu & Gupta), ``"linear"``, ``"exponential"`` or ``"constant"`` (one shot).
         initial_sparsity: Target at ``start_step``, in [0, ``target_sparsity``].
         start_step: Optimizer step of the first mask update.
