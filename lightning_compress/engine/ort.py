@@ -126,13 +126,15 @@ def _import_ort() -> tuple[Any, Any]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _session(data: bytes, threads: int) -> onnxruntime.InferenceSession:
+def _session(data: bytes, threads: int, quiet: bool = False) -> onnxruntime.InferenceSession:
     _, ort = _import_ort()
     options = ort.SessionOptions()
     options.intra_op_num_threads = check_positive_int("threads", threads)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # errors only: ORT warns about serializing hardware-specific optimizations
+    if quiet:  # a trial run whose failure is an answer (`_matches_eager`), not an error to print
+        options.log_severity_level = 4
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
@@ -605,7 +607,9 @@ def _matches_eager(proto: Any, wrapper: _Call, tensors: list[Tensor]) -> bool:
     try:
         with torch.no_grad():
             expected, _ = _flatten_outputs(wrapper(*tensors))
-        got = OrtFloatModel(proto.SerializeToString())(*tensors)
+        model = OrtFloatModel(proto.SerializeToString())
+        model.session = _session(model.onnx_bytes, 1, quiet=True)
+        got = model(*tensors)
         got_list = list(got) if isinstance(got, tuple) else [got]
         return all(
             tuple(e.shape) == tuple(g.shape) and torch.allclose(e.float(), g.float(), rtol=1e-3, atol=1e-4)
@@ -836,6 +840,18 @@ def _weight_axis(node: Any) -> int:
     return 1 if node.op_type == "MatMul" else 0
 
 
+def _unsimulated(proto: onnx.ModelProto, layers: Mapping[str, list[Any]], fq: Mapping[str, Any]) -> list[str]:
+    """Weight-layer nodes that no fake-quant module simulated (e.g. ``nn.MultiheadAttention``'s packed
+    ``in_proj_weight``, which is no Linear module): QAT trained them in float, so they stay float."""
+    simulated = {node.name for name, nodes in layers.items() if name in fq for node in nodes}
+    weights = {i.name for i in proto.graph.initializer}
+    return [
+        node.name
+        for node in proto.graph.node
+        if node.op_type in _LAYER_OPS and node.input[1:2] and node.input[1] in weights and node.name not in simulated
+    ]
+
+
 def _seed_overrides(
     proto: onnx.ModelProto, layers: Mapping[str, list[Any]], fq: Mapping[str, FakeQuantModule], model: nn.Module
 ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
@@ -1056,6 +1072,8 @@ def convert_to_onnx_int8(
         timings["pre_process"] = time.perf_counter() - tick
         proto = onnx.load(str(prepared))
         layers = _layer_nodes(proto, net, exported.prefix)  # re-read: pre-processing may rename initializers
+        if fq:
+            exclude = list(dict.fromkeys([*exclude, *_unsimulated(proto, layers, fq)]))
         target = folder / "int8.onnx"
         tick = time.perf_counter()
         try:
@@ -1087,6 +1105,7 @@ def convert_to_onnx_int8(
                         extra_options={"TensorQuantOverrides": overrides} if overrides else {},
                     )
             else:
+                gemms = {node.name: node.op_type == "Gemm" for node in proto.graph.node}
                 overrides = {}
                 if fq:  # activations are quantized per batch: only the weight grid can be carried over
                     overrides, _ = _seed_overrides(proto, layers, fq, model)
@@ -1097,7 +1116,8 @@ def convert_to_onnx_int8(
                     per_channel=True,
                     weight_type=QuantType.QInt8,
                     op_types_to_quantize=["MatMul", "Gemm", *(["Gather"] if quantize_embeddings else [])],
-                    nodes_to_exclude=exclude,
+                    # quantize_dynamic first rewrites every Gemm as `<name>_MatMul` + Add: exclude that name too
+                    nodes_to_exclude=[*exclude, *(f"{n}_MatMul" for n in exclude if gemms.get(n))],
                     extra_options={
                         "MatMulConstBOnly": True,
                         **({"TensorQuantOverrides": overrides} if overrides else {}),
