@@ -166,6 +166,10 @@ def log_layer_figure(trainer: pl.Trainer, tag: str, values: dict[str, float], xl
         log_figure(trainer, tag, figure, trainer.global_step)
 
 
+#: Per-batch-size keys of the int8 results shown in the summaries (the others go to the loggers only).
+HEADLINE_PREFIXES = ("speedup", "int8_ms", "float_ms", "float_compiled_ms", "onnxruntime_fp32_ms")
+
+
 def markdown_summary(title: str, numbers: Mapping[str, float | str]) -> str:
     """A two-column markdown table of a report."""
     lines = [f"**{title}**", "", "| measure | value |", "|---|---:|"]

@@ -62,7 +62,6 @@ STAGES: tuple[str, ...] = get_args(Stage)
 #: The dataloader calibration batches come from.
 CalibrationData = Literal["train", "val"]
 #: Whether a higher (``"max"``) or lower (``"min"``) ``monitor`` value is better.
-_HEADLINE_PREFIXES = ("int8_ms", "float_ms", "float_compiled_ms", "speedup")
 Call = _loops.Call
 
 
@@ -607,7 +606,7 @@ class PostTrainingQuantCallback(Callback):
                     _logging.log_scalars(trainer, point, len(attempt.float_layers))
         sqnr = {k.removeprefix("sqnr/"): v for k, v in numbers.items() if k.startswith("sqnr/")}
         _logging.log_layer_figure(trainer, f"{PREFIX}/per_layer_sqnr", sqnr, "SQNR (dB), higher is better")
-        headline = {k: v for k, v in self.results.items() if "/" not in k or k.startswith(_HEADLINE_PREFIXES)}
+        headline = {k: v for k, v in self.results.items() if "/" not in k or k.startswith(_logging.HEADLINE_PREFIXES)}
         backend = self.results.get("backend", self.backend)
         title = (
             f"PTQ int8 model ({backend}, {self.mode}, {int(float(self.results['quantized_layers']))} quantized layers)"

@@ -62,7 +62,6 @@ from lightning_compress.engine.validation import (
 )
 
 PREFIX = f"{_logging.PREFIX}/quant"
-_HEADLINE_PREFIXES = ("int8_ms", "float_ms", "float_compiled_ms", "speedup")
 
 
 class QATCallback(Callback):
@@ -590,7 +589,7 @@ class QATCallback(Callback):
         _logging.log_scalars(trainer, {f"{PREFIX}/{k}": v for k, v in numbers.items()}, trainer.global_step)
         sqnr = {k.removeprefix("sqnr/"): v for k, v in numbers.items() if k.startswith("sqnr/")}
         _logging.log_layer_figure(trainer, f"{PREFIX}/per_layer_sqnr", sqnr, "SQNR (dB), higher is better")
-        headline = {k: v for k, v in self.results.items() if "/" not in k or k.startswith(_HEADLINE_PREFIXES)}
+        headline = {k: v for k, v in self.results.items() if "/" not in k or k.startswith(_logging.HEADLINE_PREFIXES)}
         backend = self.results.get("backend", self.backend)
         network = "compact network, pruned channels removed, " if self.results.get("compact") else ""
         layers = int(float(self.results.get("int8_layers", 0)))  # counted in the artifact, not the fake-quant swap

@@ -36,3 +36,17 @@ def test_dynamic_float_layers_hold_for_gemm_nodes():
     everything = convert_to_onnx_int8(net, x, mode="dynamic")
     without_head = convert_to_onnx_int8(net, x, mode="dynamic", float_layers=["head"])
     assert sum(everything.quantized_layers.values()) - sum(without_head.quantized_layers.values()) == 1
+
+
+def test_latency_of_an_ort_int8_model_leads_with_the_fastest_float_runtime():
+    from lightning_compress.engine.measure import latency_report
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    x = torch.randn(8, 16)
+    report = latency_report(net, convert_to_onnx_int8(net, x), (x,), {}, [1, 8], mode="eager")
+    for bs in (1, 8):
+        keys = [k for k in report if k.endswith(f"/batch_{bs}")]
+        assert keys[0] == f"speedup_vs_fastest_float/batch_{bs}"  # the headline comes first
+        assert report[keys[0]] == min(report[f"speedup/batch_{bs}"], report[f"speedup_vs_onnxruntime_fp32/batch_{bs}"])
+        assert report[f"onnxruntime_fp32_ms/batch_{bs}"] > 0
