@@ -12,9 +12,11 @@ and exchanges only histograms:
 3. entries below that key are selected; of the entries equal to it, as many as are still missing are taken in rank
    order (rank 0 first), and within a rank in flat order, so exactly ``k`` are selected, the same on every run.
 
-Memory: one ``int32`` key per local entry plus a boolean; time: about three passes over the local entries. With a
-single process (or no process group) the result equals a plain "lowest ``k`` with ties to the lowest index", so the
-same function serves both.
+Keys are produced chunk by chunk (``KeySource``; ``MagnitudeKeys`` computes them from a weight and its mask in a
+reused buffer on the weight's device), so the keys of all entries never exist at once: memory is the output masks (1
+byte per entry) plus a few chunks; time: three passes over the local entries (two histograms, one writing the masks,
+``lowest_k_cut`` then ``keep_masks``). With a single process (or no process group) the result equals a plain "lowest
+``k`` with ties to the lowest index", so the same functions serve both.
 
 Examples:
     >>> scores = [torch.tensor([0.5, 0.1, 0.3]), torch.tensor([0.1, 0.9])]
