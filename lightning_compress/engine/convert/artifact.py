@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.engine.convert.observers import _QUANTIZED_OPS
 from lightning_compress.engine.convert.quantizer import _import_torchao
 from lightning_compress.engine.io import write_atomically
 
@@ -312,18 +313,8 @@ def int8_weights(program: torch.export.ExportedProgram | Int8Model) -> dict[str,
     return {k: v for k, v in tensors.items() if isinstance(v, Tensor) and v.dtype == torch.int8}
 
 
-_WEIGHT_OPS = (
-    "aten.linear.default",
-    "aten.conv1d.default",
-    "aten.conv2d.default",
-    "aten.conv3d.default",
-    "aten.conv1d.padding",
-    "aten.conv2d.padding",
-    "aten.conv3d.padding",
-    "aten.conv_transpose2d.input",
-    "aten.addmm.default",
-    "aten.mm.default",
-)
+#: Ops that compute with a weight: those the quantizer annotates, and the forms a program may hold them in.
+_WEIGHT_OPS = _QUANTIZED_OPS | {"aten.conv_transpose2d.input", "aten.addmm.default", "aten.mm.default"}
 
 
 def _int8_source(node: Any) -> bool:
