@@ -98,7 +98,7 @@ def select_parameters(
     exclude: str | Sequence[str] | None = None,
     layer_types: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES,
 ) -> dict[str, nn.Parameter]:
-    """Return the parameters to prune, by full name.
+    r"""Return the parameters to prune, by full name.
 
     By default every ``weight`` of ``nn.Linear`` and ``nn.ConvNd`` modules (subclasses included). ``include`` narrows
     them to the weights its patterns match; a pattern that matches none of those weights selects the other
@@ -106,9 +106,9 @@ def select_parameters(
 
     Examples:
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
-        >>> list(select_parameters(net, include=["^0\\.", "^1\\."]))  # "0." is a Linear: its weight; "1." a norm
+        >>> list(select_parameters(net, include=[r"^0\.", r"^1\."]))  # "0." is a Linear: its weight; "1." a norm
         ['0.weight', '1.weight', '1.bias']
-        >>> list(select_parameters(net, include=["^0\\.bias$"]))
+        >>> list(select_parameters(net, include=[r"^0\.bias$"]))
         ['0.bias']
     """
     named = dict(model.named_parameters())
