@@ -133,7 +133,9 @@ class QATCallback(Callback):
         averaging_constant: Weight of each new batch in the moving-average and histogram observers, in (0, 1].
         convert_on_fit_end: Convert a copy to int8, save and measure it when fit ends.
         mode: Conversion mode: ``"static"`` (int8 weights and activations) or ``"dynamic"`` (int8 weights,
-            activations quantized at run time; for Linear-heavy models).
+            activations quantized at run time; for Linear-heavy models). Training follows the mode: with
+            ``"dynamic"`` only the weights are fake-quantized (no learned activation ranges, which dynamic int8
+            never uses).
         backend: ``"onnxruntime"`` (default), ``"inductor"`` or ``"auto"`` (see above). ``"onnxruntime"`` and
             ``"auto"`` need ``weight_bits=8`` and the ``onnx`` extra (``pip install onnx onnxruntime``).
         save_path: Where to save the int8 model; default ``<logger.log_dir>/qat_int8.onnx`` (``.pt2`` for
@@ -178,8 +180,14 @@ class QATCallback(Callback):
         quantize_embeddings: bool = True,
     ) -> None:
         #: What the fake-quant layers simulate.
+        check_choice("mode", mode, QAT_MODES)  # QAT simulates int8 activations: no "weight_only"
         self.config = QuantConfig(
-            weight_bits=weight_bits, activation_observer=activation_observer, averaging_constant=averaging_constant
+            weight_bits=weight_bits,
+            activation_observer=activation_observer,
+            averaging_constant=averaging_constant,
+            # dynamic int8 quantizes activations with each batch's own range at run time: training simulates the
+            # weight grid only, not a learned activation range the int8 model would never use
+            quantize_activations=mode == "static",
         )
         #: When fake quantization starts and observers / BatchNorm freeze (in ``schedule_unit``s).
         self.schedule = QATSchedule(start, freeze_observers_at, freeze_bn_at)
@@ -190,7 +198,6 @@ class QATCallback(Callback):
         self.include = include
         self.exclude = exclude
         self.convert_on_fit_end = check_bool("convert_on_fit_end", convert_on_fit_end)
-        check_choice("mode", mode, QAT_MODES)  # QAT simulates int8 activations: no "weight_only"
         #: How the int8 model is built at fit end.
         self.conversion = ConversionConfig(mode=mode, quantize_embeddings=quantize_embeddings)
         self.save_path = check_optional_path("save_path", save_path)

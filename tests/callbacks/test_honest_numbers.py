@@ -53,3 +53,17 @@ def test_report_says_when_no_validation_came_before_compression(tmp_path):
     with pytest.warns(UserWarning, match="no validation ran before compression started"):
         fit.fit(TinyClassifier(), loader(), loader(64, seed=1))
     assert "val_acc_before_step" not in report.results
+
+
+def test_qat_dynamic_trains_like_dynamic_int8_runs(tmp_path):
+    """Dynamic int8 quantizes activations with each batch's own range: training fake-quantizes the weights only."""
+    from lightning_compress.engine.fake_quant import fake_quant_modules
+
+    model = TinyClassifier()
+    callback = QATCallback(mode="dynamic", latency="off", verbose=False, convert_on_fit_end=False)
+    trainer(tmp_path, [callback], max_epochs=1).fit(model, loader())
+    layers = fake_quant_modules(model.net)
+    assert layers and not any(m.quant_config.quantize_activations for m in layers.values())
+    static = QATCallback(latency="off", verbose=False, convert_on_fit_end=False)
+    trainer(tmp_path / "static", [static], max_epochs=1).fit(other := TinyClassifier(), loader())
+    assert all(m.quant_config.quantize_activations for m in fake_quant_modules(other.net).values())
