@@ -28,6 +28,7 @@ import gzip
 import json
 import logging
 import math
+import statistics
 import sys
 import time
 import warnings
@@ -63,7 +64,7 @@ LATENCY_BATCH_SIZES = (1, 64)
 FLOAT_FILE = "model_float.pt"
 
 # A wide console when the output is a file or a pipe, so the table stays one line per study in logs.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 @dataclass
@@ -323,10 +324,18 @@ def measure_runs(runs: list[StudyRun], dense: StudyRun | None, settings: Setting
                 timing = measure_latency(deployed, batch, warmup=3, repeats=settings.latency_repeats)
                 run.measured[f"ms/batch_{n}"] = timing["median_ms"]
             else:
-                # Alternated with the dense model: the ratio comes from this pair of interleaved series.
-                both = compare_latency(dense_fn, deployed, batch, warmup=3, repeats=settings.latency_repeats)
-                run.measured[f"ms/batch_{n}"] = both["b"]["median_ms"]
-                run.measured[f"ratio_to_dense/batch_{n}"] = both["ratio"]
+                # Alternated with the dense model, in 3 rounds: both times and the ratio come from these same
+                # interleaved series (so they agree), and the rounds give the spread of the ratio.
+                rounds = [
+                    compare_latency(dense_fn, deployed, batch, warmup=3, repeats=settings.latency_repeats)
+                    for _ in range(3)
+                ]
+                dense_ms = statistics.median(r["a"]["median_ms"] for r in rounds)
+                run.measured[f"ms/batch_{n}"] = statistics.median(r["b"]["median_ms"] for r in rounds)
+                run.measured[f"dense_ms_in_pair/batch_{n}"] = dense_ms
+                run.measured[f"ratio_to_dense/batch_{n}"] = run.measured[f"ms/batch_{n}"] / dense_ms
+                run.measured[f"ratio_min/batch_{n}"] = min(r["ratio"] for r in rounds)
+                run.measured[f"ratio_max/batch_{n}"] = max(r["ratio"] for r in rounds)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -356,9 +365,12 @@ def table_rows(runs: list[StudyRun], dense: StudyRun | None) -> list[list[str]]:
             return f"{text} ({m[key] / base[key]:.2f}x)" if base.get(key) else text
 
         def latency(n: int, m: dict[str, float] = m, is_dense: bool = run is dense) -> str:
-            ratio = 1.0 if is_dense else m.get(f"ratio_to_dense/batch_{n}")
-            text = f"{m[f'ms/batch_{n}']:.2f} ms"
-            return f"{text} ({ratio:.2f}x)" if ratio is not None else text
+            if is_dense or f"ratio_to_dense/batch_{n}" not in m:
+                return f"{m[f'ms/batch_{n}']:.2f} ms"
+            # the dense time of the same alternated series, so that times and ratio agree
+            times = f"{m[f'ms/batch_{n}']:.2f} vs {m[f'dense_ms_in_pair/batch_{n}']:.2f} ms"
+            spread = f"{m[f'ratio_min/batch_{n}']:.2f}-{m[f'ratio_max/batch_{n}']:.2f}"
+            return f"{times} ({m[f'ratio_to_dense/batch_{n}']:.2f}x, {spread})"
 
         rows.append(
             [
@@ -387,8 +399,10 @@ NOTES = (
     "Sparsity and non-zero weights: Linear/Conv weights of the artifact (int8 rounding adds a few zeros). "
     "Size: float = the saved state_dict, int8 = the saved .onnx (ONNX Runtime, the callbacks' default backend); "
     "gzipped shows what sparsity saves once compressed. Latency: medians, 1 thread, after warm-up; float eager, "
-    "int8 run by ONNX Runtime (a .pt2 from backend='inductor' is compiled with Inductor); each "
-    "ratio comes from runs alternated with the dense model (robust to machine load), the absolute times vary with it."
+    "int8 run by ONNX Runtime (a .pt2 from backend='inductor' is compiled with Inductor). Each study is timed "
+    "alternated with the dense model in 3 rounds: 'A vs B' are its median and the dense median of those same runs, "
+    "the ratio is A/B and the range after it the lowest and highest ratio of the rounds (the dense row's own time "
+    "was measured alone, at another moment of a noisy machine)."
 )
 
 
