@@ -82,7 +82,7 @@ def test_all_studies_quick_and_ptq_reuses_an_earlier_dense_run(tmp_path, tiny, c
     document = json.loads((logdir / "study.json").read_text())
     assert set(document["runs"]) == {"dense", "ptq"}
     ptq = document["runs"]["ptq"]
-    assert ptq["kind"] == "int8" and ptq["artifact"].endswith("ptq_int8.pt2")
+    assert ptq["kind"] == "int8" and ptq["artifact"].endswith("ptq_int8.onnx")
     assert ptq["settings"]["quantization"] == "ptq" and ptq["report"]["size_ratio"] < 1.0
     assert ptq["measured"]["size_bytes"] < document["runs"]["dense"]["measured"]["size_bytes"]
     assert abs(ptq["measured"]["test_acc"] - document["runs"]["dense"]["measured"]["test_acc"]) < 0.05
