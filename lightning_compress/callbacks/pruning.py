@@ -226,7 +226,7 @@ class IterativePruningCallback(Callback):
     @property
     def compression_started(self) -> bool:
         """Whether weights are pruned now (``CompressionReport`` takes its baseline from validations before)."""
-        return self.pruner is not None and self.pruner.stats().sparsity > 0
+        return self.pruner is not None and self.pruner.current_target > 0  # no weight count, no collective
 
     def compression_settings(self) -> dict[str, str | int | float]:
         """The settings ``CompressionReport`` puts in its report and in TensorBoard's HParams tab."""
