@@ -619,11 +619,9 @@ def _matches_eager(proto: Any, wrapper: _Call, tensors: list[Tensor]) -> bool:
         return False
 
 
-def _export(
-    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], check_batch: bool = True, dynamic: bool = True
-) -> _Export:
-    """``torch.onnx.export`` of a float model with a dynamic batch (checked at another batch) and, with
-    ``dynamic``, dynamic sequence/spatial sizes where the network runs at another size and the export computes what
+def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], check_batch: bool = True) -> _Export:
+    """``torch.onnx.export`` of a float model with a dynamic batch (checked at another batch) and dynamic
+    sequence/spatial sizes where the network runs at another size and the export computes what
     eager does there (each such size checked; the others stay fixed). The dynamic dimensions are recorded in the
     model's metadata (``DYNAMIC_KEY``)."""
     names, tensors, wrapper = _bind(model, args, kwargs)
@@ -632,7 +630,7 @@ def _export(
     outputs, kind = _flatten_outputs(reference)
     output_names = ["output"] if kind == "tensor" else [f"output_{i}" for i in range(len(outputs))]
     output_names_with_dims = [n for n, t in zip(output_names, outputs, strict=True) if t.dim() > 0]
-    others = _eager_sizes(wrapper, tensors) if dynamic else {}
+    others = _eager_sizes(wrapper, tensors)
     proto = None
     if others:
         try:
