@@ -1,7 +1,7 @@
 """Quantization benchmark: fp32 vs ``QATCallback`` vs ``PostTrainingQuantCallback``, and every int8 backend.
 
 What is compared, for LeNet-5, the small residual CNN (``ImageClassifier("lenet5")`` / ``("resnet")``) and the
-ResNet-ish net (3 stages x 2 residual blocks, widths 32/64/128: ``bench/structured.py``'s ``ResNetish``), with the
+ResNet-ish net (3 stages x 2 residual blocks, widths 32/64/128: ``lightning_compress.demos.models.ResNetish``), with the
 same data, epoch budget, optimizer and seeds:
 
 * **fp32**: plain float training for ``--epochs`` epochs.
@@ -148,14 +148,8 @@ def make_trainer(callbacks: list[Callback], epochs: int = 1, **kwargs: Any) -> T
 
 
 def make_classifier(arch: str, lr: float = 1e-3) -> ImageClassifier:
-    """``ImageClassifier`` with ``arch``'s network; the ResNet-ish one is ``bench/structured.py``'s ``ResNetish``."""
-    if arch != "resnetish":
-        return ImageClassifier(arch=arch, lr=lr)
-    from structured import ResNetish  # 3 stages x 2 residual blocks, widths 32/64/128 (one definition, reused)
-
-    model = ImageClassifier(arch="resnet", lr=lr)
-    model.net = ResNetish()
-    return model
+    """``ImageClassifier`` with ``arch``'s network (``resnetish``: the demo's ``ResNetish``)."""
+    return ImageClassifier(arch=arch, lr=lr)
 
 
 def make_datamodule(cfg: Config, seed: int, train_subset: int | None = None) -> FashionMNISTDataModule:
@@ -947,7 +941,7 @@ def benchmarks_section(
             f"activation observer; the fallback rows add `max_accuracy_drop={cfg.max_accuracy_drop:g}` "
             "(percentage points). Top-1 agreement: QAT int8 vs its fake-quant model, PTQ int8 vs fp32. Size: fp32 "
             "`state_dict` (`torch.save`) vs the int8 `.onnx`. The ResNet-ish net (3 stages x 2 residual blocks, widths "
-            "32/64/128, 0.7M parameters) is `bench/structured.py`'s `ResNetish`. "
+            "32/64/128, 0.7M parameters) is `lightning_compress.demos.models.ResNetish`. "
             f"{env['cpu']}, torch {env['torch']}, onnxruntime {env.get('onnxruntime', '?')}, lightning "
             f"{env['lightning']}, {env['date']}.",
             "",

@@ -48,31 +48,10 @@ from _common import BENCH_DIR, environment, markdown_table, quiet_lightning, wri
 
 from lightning_compress import IterativePruningCallback
 from lightning_compress.demos import FashionMNISTDataModule
-from lightning_compress.demos.models import ImageClassifier, LeNet5, ResidualBlock
+from lightning_compress.demos.models import ImageClassifier, LeNet5, ResNetish
 from lightning_compress.engine.measure import compare_latency
 from lightning_compress.engine.ort import convert_to_onnx_int8
 from lightning_compress.engine.structured import count_params_and_macs
-
-
-class ResNetish(nn.Module):
-    """3 stages x 2 residual blocks, widths 32/64/128, BN, global average pooling, Linear head (~0.7M params)."""
-
-    def __init__(self, widths: tuple[int, int, int] = (32, 64, 128), num_classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(1, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
-        )
-        blocks: list[nn.Module] = []
-        previous = widths[0]
-        for i, width in enumerate(widths):
-            blocks += [ResidualBlock(previous, width, stride=1 if i == 0 else 2), ResidualBlock(width, width)]
-            previous = width
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(widths[-1], num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
-
 
 NETS = {"lenet5": LeNet5, "resnetish": ResNetish}
 

@@ -173,7 +173,9 @@ def test_digits_fallback_without_sklearn_says_how_to_install(tmp_path: Path, mon
         dm.setup("fit")
 
 
-@pytest.mark.parametrize(("arch", "n_params"), [("mlp", 266_610), ("lenet5", 61_706), ("resnet", 209_850)])
+@pytest.mark.parametrize(
+    ("arch", "n_params"), [("mlp", 266_610), ("lenet5", 61_706), ("resnet", 209_850), ("resnetish", 696_042)]
+)
 def test_models_output_shapes(arch: str, n_params: int) -> None:
     net = build_model(arch)
     assert net(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
@@ -181,7 +183,7 @@ def test_models_output_shapes(arch: str, n_params: int) -> None:
 
 
 def test_unknown_model_and_optimizer() -> None:
-    with pytest.raises(ValueError, match="`arch` must be one of 'mlp', 'lenet5', 'resnet', got 'vgg'"):
+    with pytest.raises(ValueError, match="`arch` must be one of 'mlp', 'lenet5', 'resnet', 'resnetish', got 'vgg'"):
         build_model("vgg")
     with pytest.raises(ValueError, match="`optimizer` must be one of 'adam', 'sgd', got 'rmsprop'"):
         ImageClassifier(optimizer="rmsprop")
