@@ -40,7 +40,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -787,9 +787,21 @@ def resolve_mode(model: nn.Module, mode: str = "auto") -> str:
     return "static" if convs else "dynamic"
 
 
-def _has_attention(model: nn.Module) -> bool:
+def _has_attention(model: nn.Module, proto: onnx.ModelProto | None = None) -> bool:
+    """Whether the network computes attention: a torch attention module, or (for attention written by hand, as in
+    Hugging Face BERT or LitGPT) a Softmax or a MatMul of two activations in the exported graph."""
     attention = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-    return any(isinstance(m, attention) for m in model.modules())
+    if any(isinstance(m, attention) for m in model.modules()):
+        return True
+    if proto is None:
+        return False
+    constants = {i.name for i in proto.graph.initializer} | {
+        o for n in proto.graph.node if n.op_type == "Constant" for o in n.output
+    }
+    return any(
+        node.op_type == "Softmax" or (node.op_type == "MatMul" and not any(i in constants for i in node.input))
+        for node in proto.graph.node
+    )
 
 
 def _unqualified(name: str) -> str:
@@ -801,17 +813,31 @@ def _unqualified(name: str) -> str:
     return name
 
 
-def _scope(name: str) -> str:
-    """``"stage1.body.0.0"`` -> ``"/stage1/body/body.0/body.0.0/"`` (the prefix of that module's node names)."""
+def _scope(name: str, containers: Collection[str] = ()) -> str:
+    """``"stage1.body.0.0"`` -> ``"/stage1/body/body.0/body.0.0/"`` (the prefix of that module's node names).
+
+    The exporter opens a scope for each *called* module only: ``containers`` names the ancestors that are never
+    called (``nn.ModuleList``/``nn.ModuleDict``, only iterated or indexed), which get no scope, so
+    ``"encoder.layer.0.attention"`` with ``containers={"encoder.layer"}`` is ``"/encoder/layer.0/attention/"``.
+    """
     atoms = name.split(".")
-    return "/" + "/".join(_unqualified(".".join(atoms[: i + 1])) for i in range(len(atoms))) + "/"
+    prefixes = [".".join(atoms[: i + 1]) for i in range(len(atoms))]
+    return "/" + "/".join(_unqualified(p) for p in prefixes if p not in containers) + "/"
+
+
+def _containers(model: nn.Module, prefix: str) -> set[str]:
+    """Names (with ``prefix``) of the submodules that are never called: ``nn.ModuleList`` and ``nn.ModuleDict``."""
+    return {prefix + n for n, m in model.named_modules() if n and isinstance(m, (nn.ModuleList, nn.ModuleDict))}
 
 
 def _layer_nodes(proto: onnx.ModelProto, model: nn.Module, prefix: str) -> dict[str, list[Any]]:
     """Conv/Gemm/MatMul nodes (with a weight initializer) by the name of the Linear/Conv module they come from."""
     initializers = {i.name for i in proto.graph.initializer}
     layer_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    scopes = {_scope(prefix + name): name for name, m in model.named_modules() if name and isinstance(m, layer_types)}
+    skip = _containers(model, prefix)
+    scopes = {
+        _scope(prefix + name, skip): name for name, m in model.named_modules() if name and isinstance(m, layer_types)
+    }
     found: dict[str, list[Any]] = {}
     for node in proto.graph.node:
         if node.op_type not in _LAYER_OPS or len(node.input) < 2 or node.input[1] not in initializers:
@@ -895,7 +921,10 @@ def _attention_internals(proto: onnx.ModelProto, model: nn.Module, prefix: str) 
     everything inside an attention module except its weight layers (so that q, k, v and the scores stay float)."""
     initializers = {i.name for i in proto.graph.initializer}
     constants = {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
-    scopes = tuple(_scope(prefix + n) for n, m in model.named_modules() if n and isinstance(m, nn.MultiheadAttention))
+    skip = _containers(model, prefix)
+    scopes = tuple(
+        _scope(prefix + n, skip) for n, m in model.named_modules() if n and isinstance(m, nn.MultiheadAttention)
+    )
     kept = []
     for node in proto.graph.node:
         weight_layer = node.op_type in _LAYER_OPS and len(node.input) > 1 and node.input[1] in initializers
@@ -1098,7 +1127,9 @@ def convert_to_onnx_int8(
                         nodes_to_exclude=exclude + tail + _attention_internals(proto, net, exported.prefix),
                         # attention models: only the weight layers (their masks hold -inf; DESIGN §7)
                         op_types_to_quantize=(
-                            [*_LAYER_OPS, *(["Gather"] if quantize_embeddings else [])] if _has_attention(net) else None
+                            [*_LAYER_OPS, *(["Gather"] if quantize_embeddings else [])]
+                            if _has_attention(net, proto)
+                            else None
                         ),
                         extra_options={"TensorQuantOverrides": overrides} if overrides else {},
                     )
