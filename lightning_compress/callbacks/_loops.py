@@ -463,3 +463,91 @@ def check_exportable_for(backend: str, network: nn.Module, call: Call) -> None:
             check_exportable(network, call[0], call[1])
         except Int8ConversionError as pt2e_error:
             raise Int8ConversionError(f"{ort_error}\n\nAnd for the 'inductor' backend: {pt2e_error}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# FSDP2 (Lightning's ModelParallelStrategy): the whole model on rank zero, gathered
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _no_configure_model() -> None:
+    """``configure_model`` of a rank-zero copy: it is complete and must not be sharded again."""
+
+
+class FullModelOnRankZero:
+    """What the int8 callbacks need under FSDP2: the whole LightningModule, unsharded, on rank zero.
+
+    ``capture`` (in ``setup``, before ``configure_model`` shards the model) keeps a meta-device copy of the
+    LightningModule: no memory for the weights. ``gather`` (every process, at the same point) collects the full state
+    dict on rank zero's CPU and fills a fresh copy with it: a plain LightningModule that rank zero converts, calibrates
+    and measures alone, with the usual code (the sharded one would wait in FSDP's all-gathers for the other ranks).
+    Under any other strategy ``active`` is ``False`` and nothing is kept.
+    """
+
+    def __init__(self) -> None:
+        self._skeleton: LightningModule | None = None
+        self._share: list[object] = []
+
+    @property
+    def active(self) -> bool:
+        """Whether the model is (to be) sharded by FSDP2 and the whole-model work goes through ``gather``."""
+        return self._skeleton is not None
+
+    def capture(self, trainer: Trainer, pl_module: LightningModule, owner: str) -> None:
+        """Keep a meta-device copy of ``pl_module`` under ``ModelParallelStrategy``; refuse strategies that cannot work.
+
+        Raises:
+            ValueError: Under ``FSDPStrategy`` (FSDP1), with ``tensor_parallel_size > 1``, or if the module was
+                sharded before ``setup`` (it cannot be copied then).
+        """
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        from lightning_compress.engine.distributed import is_fully_sharded, meta_copy
+
+        strategy = trainer.strategy
+        if isinstance(strategy, FSDPStrategy):
+            raise ValueError(
+                f"{owner} does not support `strategy`=FSDPStrategy (FSDP1, whose flat parameters hide the layers):"
+                " use `ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)` with `fully_shard` in"
+                " `configure_model` (FSDP2), or DDP."
+            )
+        if not isinstance(strategy, ModelParallelStrategy):
+            self._skeleton = None
+            return
+        tensor_parallel = strategy.device_mesh["tensor_parallel"].size()
+        if tensor_parallel > 1:
+            raise ValueError(
+                f"{owner} supports ModelParallelStrategy with FSDP2 data parallelism only: `tensor_parallel_size`"
+                f" must be 1, got {tensor_parallel}."
+            )
+        if is_fully_sharded(pl_module):
+            if self._skeleton is not None:  # a later stage (test after fit) of the module already sharded
+                return
+            raise ValueError(
+                f"{owner}: {type(pl_module).__name__} is already sharded with `fully_shard` when the callback is set"
+                " up; apply `fully_shard` in `configure_model` (it runs after the callbacks' `setup`)."
+            )
+        self._share = [trainer, strategy.device_mesh]
+        skeleton = meta_copy(pl_module, self._share)
+        assert isinstance(skeleton, LightningModule)
+        self._skeleton = skeleton
+
+    def gather(self, pl_module: LightningModule) -> LightningModule | None:
+        """The whole ``pl_module`` on rank zero's CPU (a plain copy with the gathered weights); ``None`` elsewhere.
+
+        A collective: every process calls it at the same point.
+        """
+        import torch.distributed as dist
+
+        from lightning_compress.engine.distributed import gather_full_state, materialize, meta_copy
+
+        assert self._skeleton is not None
+        state = gather_full_state(pl_module)
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        # (Non-persistent buffers are in no state dict; FSDP2 does not shard buffers, so this rank's are whole.)
+        copy = materialize(meta_copy(self._skeleton, self._share), state, dict(pl_module.named_buffers()))
+        assert isinstance(copy, LightningModule)
+        # The copy is complete: an inner Trainer's ``configure_model`` call must not shard it again.
+        object.__setattr__(copy, "configure_model", _no_configure_model)
+        return copy.train(pl_module.training)

@@ -41,6 +41,7 @@ from lightning_compress.engine.convert.backend import (
     convert_with_backend,
     int8_module,
 )
+from lightning_compress.engine.distributed import run_on_rank_zero
 from lightning_compress.engine.fake_quant import prepare_qat
 from lightning_compress.engine.fallback import FallbackAttempt, find_float_layers
 from lightning_compress.engine.io import check_writable_dir
@@ -105,6 +106,11 @@ class PostTrainingQuantCallback(Callback):
     callback is a copy that never ran, so ``results`` stays empty and ``quantized_model`` ``None``. Load the
     artifact rank zero saved (``save_path``, default ``<log_dir>/ptq_int8.pt2``) with
     ``lightning_compress.load_quantized``, and read the numbers from the logger.
+
+    Under ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` in ``configure_model``) every rank takes part in
+    gathering the full state dict, rank zero runs all of the above alone on an unsharded copy (from a ``meta``-device
+    copy taken in ``setup``) and writes the one artifact, and every rank gets its ``results`` or its error.
+    ``FSDPStrategy`` (FSDP1) and ``tensor_parallel_size > 1`` are refused in ``setup``.
 
     **Example**
 
@@ -240,6 +246,7 @@ class PostTrainingQuantCallback(Callback):
         self.attempts: list[FallbackAttempt] = []
         self._catcher = _loops.InputCatcher()
         self._export_checked = False
+        self._full = _loops.FullModelOnRankZero()  # FSDP2: the whole model, gathered on rank zero for the run
 
     @property
     def mode(self) -> str:
@@ -322,6 +329,8 @@ class PostTrainingQuantCallback(Callback):
         select_modules(_loops.target_module(pl_module, self.module), self.include, self.exclude)
         if stage in self.run_on and trainer.is_global_zero:
             check_writable_dir(self._artifact_path(trainer, self.backend), "save_path")
+        if stage in self.run_on:  # FSDP2: a meta copy of the model, before `configure_model` shards it
+            self._full.capture(trainer, pl_module, type(self).__name__)
         _logging.write_dashboard_layout(trainer)
 
     @override
@@ -345,6 +354,14 @@ class PostTrainingQuantCallback(Callback):
     def _check_exportable(self, pl_module: LightningModule, call: Call) -> None:
         self._export_checked = True
         self._catcher.detach()
+        if self._full.active:  # FSDP2: every rank takes part in the gather, rank zero tries, all share the outcome
+            whole = self._full.gather(pl_module)
+            run_on_rank_zero(lambda: self._preflight(whole, call))
+        else:
+            self._preflight(pl_module, call)
+
+    def _preflight(self, pl_module: LightningModule | None, call: Call) -> None:
+        assert pl_module is not None
         network = copy.deepcopy(_loops.target_module(pl_module, self.module)).eval()
         quantized = list(select_modules(network, self.include, self.exclude))
         float_layers = [n for n in select_modules(network) if n not in quantized]
@@ -378,9 +395,19 @@ class PostTrainingQuantCallback(Callback):
     # The run
     # ----------------------------------------------------------------------------------------------------------
     def run(self, trainer: Trainer, pl_module: LightningModule, stage: str = "fit") -> None:
-        """Calibrate, convert, measure (and fall back if needed), save and log. Called by the hooks."""
-        if not trainer.is_global_zero:
-            return
+        """Calibrate, convert, measure (and fall back if needed), save and log. Called by the hooks.
+
+        Runs on rank zero. Under FSDP2 every rank calls it: the full model is gathered on rank zero, which runs alone
+        on that unsharded copy, and every rank gets ``results`` (or fails with rank zero's error).
+        """
+        if self._full.active:
+            whole = self._full.gather(pl_module)
+            self.results = run_on_rank_zero(lambda: self._run(trainer, whole, stage))
+        elif trainer.is_global_zero:
+            self._run(trainer, pl_module, stage)
+
+    def _run(self, trainer: Trainer, pl_module: LightningModule | None, stage: str) -> dict[str, float | str]:
+        assert pl_module is not None
         target = _loops.target_module(pl_module, self.module)
         # A float CPU copy is what gets calibrated, converted and timed; the LightningModule is only read.
         float_net = copy.deepcopy(target).cpu().eval()
@@ -471,6 +498,7 @@ class PostTrainingQuantCallback(Callback):
             rank_zero_warn(f"PostTrainingQuantCallback: {note}")
         self.results = results
         self._log(trainer, monitor)
+        return results
 
     def _artifact_path(self, trainer: Trainer, backend: str) -> Path:
         return _loops.int8_artifact_path(trainer, self.save_path, "ptq_int8", backend, self.backend == "auto")

@@ -39,6 +39,7 @@ from lightning_compress.engine.convert.backend import (
     convert_with_backend,
     int8_module,
 )
+from lightning_compress.engine.distributed import run_on_rank_zero
 from lightning_compress.engine.fake_quant import (
     ActivationObserver,
     check_finite_ranges,
@@ -111,6 +112,12 @@ class QATCallback(Callback):
     callback is a copy that never ran, so ``results`` stays empty and ``quantized_model`` ``None``. Load the
     artifact rank zero saved (``save_path``, default ``<log_dir>/qat_int8.pt2``) with
     ``lightning_compress.load_quantized``, and read the numbers from the logger.
+
+    Under ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` in ``configure_model``, which runs after ``setup``:
+    ``fully_shard`` wraps the fake-quant layers), the observers are all-reduced as under DDP; for the preflight and at
+    fit end every rank takes part in gathering the full state dict, rank zero converts an unsharded copy alone (from a
+    ``meta``-device copy taken in ``setup``) and writes the one artifact, and every rank gets its ``results`` or its
+    error. ``FSDPStrategy`` (FSDP1) and ``tensor_parallel_size > 1`` are refused in ``setup``.
 
     **Example**
 
@@ -229,6 +236,7 @@ class QATCallback(Callback):
         self._export_checked = False  # the fit-end conversion was tried on the first training batch
         self._observers: list[tuple[str, ActivationObserver]] | None = None
         self._monitor_checked = False
+        self._full = _loops.FullModelOnRankZero()  # FSDP2: the whole model, gathered on rank zero for the conversion
 
     @property
     def mode(self) -> str:
@@ -307,6 +315,8 @@ class QATCallback(Callback):
                 check_writable_dir(self._artifact_path(trainer, self.backend), "save_path")
         # Every stage: a checkpoint given to fit/validate/test/predict(ckpt_path=...) loads into the prepared model.
         self.prepare(pl_module)
+        if stage == TrainerFn.FITTING:  # FSDP2: a meta copy of the prepared model, before `configure_model` shards it
+            self._full.capture(trainer, pl_module, type(self).__name__)
 
     def _reset(self) -> None:
         """Forget everything of a previous fit (its example batch, results and int8 model)."""
@@ -328,6 +338,13 @@ class QATCallback(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         sync_observers(pl_module)  # every rank saves the same ranges
         model_state = checkpoint["state_dict"]
+        if self._full.active:
+            # FSDP2: Lightning's loader checks the checkpoint's keys against the model's, observers included, so they
+            # stay in the model state; the state was taken before this hook, so it gets the synchronized ranges.
+            live = {k: v for k, v in pl_module.state_dict().items() if k in model_state}
+            for key in quant_state_keys(model_state):
+                model_state[key] = live[key].detach().cpu().clone()
+            return
         quant_state = {key: model_state.pop(key) for key in quant_state_keys(model_state)}
         # (Lightning calls this for full checkpoints only: a `save_weights_only=True` checkpoint keeps the observer
         # buffers in its model state, so it loads with `load_checkpoint` or `load_from_checkpoint(strict=False)`.)
@@ -429,19 +446,28 @@ class QATCallback(Callback):
     def _check_exportable(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """After the first training batch: the fit-end conversion would fail? Then fail now, not after training."""
         self._export_checked = True
-        if self.convert_on_fit_end and trainer.is_global_zero:
-            target = _loops.target_module(pl_module, self.module)
-            call = (self._catcher.args or (), self._catcher.kwargs)
-            # the full conversion takes the prepared model (as at fit end); the export check a stripped copy
-            network = target if self.preflight else strip_qat(copy.deepcopy(target))
-            was_training = target.training
-            target.eval()
-            try:
-                seconds = _loops.preflight(self.backend, network, call, self.conversion, self.preflight)
-            finally:
-                target.train(was_training)
-            if self.verbose and self.preflight:
-                rank_zero_info(f"QATCallback preflight: the int8 conversion works on this model ({seconds:.1f} s).")
+        if not self.convert_on_fit_end:
+            return
+        if self._full.active:  # FSDP2: every rank takes part in the gather, rank zero tries, all share the outcome
+            whole = self._full.gather(pl_module)
+            run_on_rank_zero(lambda: self._preflight(whole))
+        elif trainer.is_global_zero:
+            self._preflight(pl_module)
+
+    def _preflight(self, pl_module: LightningModule | None) -> None:
+        assert pl_module is not None  # (rank zero's whole model under FSDP2)
+        target = _loops.target_module(pl_module, self.module)
+        call = (self._catcher.args or (), self._catcher.kwargs)
+        # the full conversion takes the prepared model (as at fit end); the export check a stripped copy
+        network = target if self.preflight else strip_qat(copy.deepcopy(target))
+        was_training = target.training
+        target.eval()
+        try:
+            seconds = _loops.preflight(self.backend, network, call, self.conversion, self.preflight)
+        finally:
+            target.train(was_training)
+        if self.verbose and self.preflight:
+            rank_zero_info(f"QATCallback preflight: the int8 conversion works on this model ({seconds:.1f} s).")
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -479,8 +505,19 @@ class QATCallback(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._catcher.detach()
         sync_observers(pl_module)
-        if not self.convert_on_fit_end or not trainer.is_global_zero:
+        if not self.convert_on_fit_end:
             return
+        if self._full.active:
+            # FSDP2: every rank takes part in the gather; rank zero converts the whole model alone, and every rank
+            # gets its results (or its error) instead of running ahead.
+            whole = self._full.gather(pl_module)
+            self.results = run_on_rank_zero(lambda: self._convert_and_measure(trainer, whole))
+        elif trainer.is_global_zero:
+            self._convert_and_measure(trainer, pl_module)
+
+    def _convert_and_measure(self, trainer: Trainer, pl_module: LightningModule | None) -> dict[str, float | str]:
+        """Convert a copy of the target network of ``pl_module`` to int8, measure, save and log it (rank zero)."""
+        assert pl_module is not None
         target = _loops.target_module(pl_module, self.module)
         self._qat_started = any(m.is_fake_quant_enabled for m in fake_quant_modules(target).values())
         if not self._qat_started:
@@ -493,7 +530,7 @@ class QATCallback(Callback):
         was_training = target.training
         target.eval()
         try:
-            backend, int8, reason = self._convert(trainer, target, args, kwargs)
+            backend, int8, reason = self._convert(trainer, pl_module, target, args, kwargs)
             self.quantized_program = int8.program if isinstance(int8, Int8Model) else None
             self.quantized_model = int8_module(int8)
             self.results = self._measure(trainer, pl_module, target, int8, args, kwargs, backend)
@@ -504,14 +541,20 @@ class QATCallback(Callback):
         finally:
             target.train(was_training)
         self._log(trainer, target)
+        return self.results
 
     def _convert(
-        self, trainer: Trainer, target: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        target: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> tuple[str, AnyInt8, str | None]:
         """The int8 model of the backend (``"auto"``: both built and timed; the backend, model and reason)."""
 
-        calibration = self._ort_calibration(trainer, target) if self.backend != "inductor" else None
-        compact = _loops.channel_removal(trainer, trainer.lightning_module, self.module, "QATCallback")
+        calibration = self._ort_calibration(trainer, pl_module, target) if self.backend != "inductor" else None
+        compact = _loops.channel_removal(trainer, pl_module, self.module, "QATCallback")
         self._compact = compact is not None
 
         def convert(backend: str) -> AnyInt8:
@@ -530,12 +573,13 @@ class QATCallback(Callback):
     def _artifact_path(self, trainer: Trainer, backend: str) -> Path:
         return _loops.int8_artifact_path(trainer, self.save_path, "qat_int8", backend, self.backend == "auto")
 
-    def _ort_calibration(self, trainer: Trainer, target: nn.Module) -> list[ModelCall] | None:
+    def _ort_calibration(
+        self, trainer: Trainer, pl_module: LightningModule, target: nn.Module
+    ) -> list[ModelCall] | None:
         """Calls of the target network recorded through the user's ``validation_step`` on up to
         ``calibration_batches`` training batches (eval mode, observers still), for the ranges ONNX Runtime needs that
         QAT does not learn (Conv outputs, residual adds); ``None`` (the example call) when no training data is left
         (e.g. a finished fit resumed) or there is no ``validation_step``."""
-        pl_module = trainer.lightning_module
         loader = trainer.train_dataloader
         if isinstance(loader, (list, tuple)):
             loader = loader[0] if loader else None

@@ -18,6 +18,11 @@ byte per entry) plus a few chunks; time: three passes over the local entries (tw
 ``lowest_k_cut`` then ``keep_masks``). With a single process (or no process group) the result equals a plain "lowest
 ``k`` with ties to the lowest index", so the same functions serve both.
 
+The int8 conversions need the whole model in one place, once, at fit end: ``meta_copy`` keeps a weightless copy of
+the model before ``fully_shard`` (a sharded module cannot be copied), ``gather_full_state`` collects the full state
+dict on rank 0's CPU (every process takes part), ``materialize`` fills the copy with it, and ``run_on_rank_zero``
+runs the conversion there while the other processes wait for its outcome (its result, or its error).
+
 Examples:
     >>> scores = [torch.tensor([0.5, 0.1, 0.3]), torch.tensor([0.1, 0.9])]
     >>> [m.tolist() for m in lowest_k_mask([sortable_keys(s) for s in scores], k=3)]
@@ -26,12 +31,13 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import copy
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 _HIGH_BINS = 1 << 15  # keys are < 2**31: the high 15 bits
 _LOW_BINS = 1 << 16
@@ -317,3 +323,119 @@ def shard_group(tensors: Sequence[Tensor]) -> Any:
             " mesh=device_mesh['data_parallel'])`); tensor-parallel or other placements are not supported."
         )
     return mesh.get_group()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Whole-model work on rank zero under FSDP2: a meta-device skeleton, the gathered full state, one outcome for all
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def is_fully_sharded(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` (FSDP2) was applied to ``module`` or one of its submodules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def meta_copy(module: nn.Module, share: Sequence[object] = ()) -> nn.Module:
+    """A copy of ``module`` whose parameters and persistent buffers are empty tensors on the ``meta`` device.
+
+    It costs no memory for the weights, and it is what ``materialize`` fills with a gathered full state dict: FSDP2
+    modules cannot be copied (their ``__deepcopy__`` raises), so the copy is taken before ``fully_shard``.
+    Non-persistent buffers (absent from state dicts) are copied for real; the objects in ``share`` (a trainer, a
+    device mesh) are referenced, not copied.
+
+    Raises:
+        ValueError: If ``module`` is already sharded with ``fully_shard``.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        >>> skeleton = meta_copy(model)
+        >>> skeleton[0].weight.device.type, skeleton[0].weight.shape
+        ('meta', torch.Size([3, 4]))
+        >>> torch.equal(materialize(skeleton, model.state_dict())[0].weight, model[0].weight)
+        True
+    """
+    if is_fully_sharded(module):
+        raise ValueError(
+            f"{type(module).__name__} is already sharded with `fully_shard` (FSDP2), and a sharded module cannot be"
+            " copied: apply `fully_shard` in `configure_model`, which runs after the callbacks' `setup`."
+        )
+    memo: dict[int, Any] = {id(obj): obj for obj in share}
+    for owner in module.modules():
+        for param in owner._parameters.values():
+            if param is not None and id(param) not in memo:
+                meta = torch.empty_like(param.detach(), device="meta")
+                memo[id(param)] = nn.Parameter(meta, requires_grad=param.requires_grad)
+        for name, buffer in owner._buffers.items():
+            if buffer is not None and name not in owner._non_persistent_buffers_set and id(buffer) not in memo:
+                memo[id(buffer)] = torch.empty_like(buffer.detach(), device="meta")
+    return copy.deepcopy(module, memo)
+
+
+def gather_full_state(module: nn.Module) -> dict[str, Any]:
+    """The full (unsharded) state dict of a ``fully_shard``-ed ``module`` on the CPU of rank 0; ``{}`` elsewhere.
+
+    A collective: every process of the mesh must call it at the same point. Rank 0 holds one CPU copy of the model.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return dict(get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+
+
+def materialize(skeleton: nn.Module, state: dict[str, Any], buffers: dict[str, Tensor] | None = None) -> nn.Module:
+    """Fill a ``meta_copy`` with ``state`` (its tensors become the module's, no second copy) and return it.
+
+    Args:
+        skeleton: A ``meta_copy``.
+        state: A full state dict of the same module (``gather_full_state``).
+        buffers: Buffers by name (e.g. ``named_buffers()`` of the sharded module: FSDP2 shards no buffer) for the
+            non-persistent ones a state dict lacks, where the skeleton has none (a model built on ``meta``).
+
+    Raises:
+        ValueError: If ``state`` has keys the skeleton lacks, or leaves a parameter or buffer on ``meta``.
+    """
+    result = skeleton.load_state_dict(state, strict=False, assign=True)
+    for name, buffer in list(skeleton.named_buffers()):
+        if buffer.is_meta and buffers is not None and name in buffers and name not in state:
+            owner, _, leaf = name.rpartition(".")
+            skeleton.get_submodule(owner)._buffers[leaf] = buffers[name].detach().cpu().clone()
+    left = [n for n, t in [*skeleton.named_parameters(), *skeleton.named_buffers()] if t.is_meta]
+    if result.unexpected_keys or left:
+        raise ValueError(
+            "The gathered full state dict does not match the model copied before sharding: unexpected keys"
+            f" {result.unexpected_keys[:5]}, tensors without a value {left[:5]}. Create every layer in `__init__`"
+            " and only shard it in `configure_model`."
+        )
+    return skeleton
+
+
+class RankZeroError(RuntimeError):
+    """Raised on the other processes when the work ``run_on_rank_zero`` gave rank 0 failed there."""
+
+
+def run_on_rank_zero(work: Callable[[], Any], group: Any = None) -> Any:
+    """Run ``work`` on rank 0 only and give every process its outcome: the (picklable) result, or the error.
+
+    The other processes wait in a broadcast (under the process group's timeout) instead of running ahead into
+    a collective rank 0 never joins, and they fail with rank 0 (``RankZeroError`` quoting it) rather than finish as
+    if nothing happened. Without a process group, ``work`` just runs.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return work()
+    rank = dist.get_rank(group)
+    outcome: list[Any] = [None]
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            outcome[0] = (True, work())
+        except Exception as err:  # every process must hear of it; rank 0 re-raises the original below
+            error = err
+            outcome[0] = (False, f"{type(err).__name__}: {err}")
+    dist.broadcast_object_list(outcome, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    ok, payload = outcome[0]
+    if error is not None:
+        raise error
+    if not ok:
+        raise RankZeroError(f"Rank 0 failed in work every process waited for: {payload}")
+    return payload

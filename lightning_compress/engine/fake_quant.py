@@ -333,6 +333,22 @@ class ActivationObserver(nn.Module):
         self.min_val.copy_((self.hist_min + lo.float() * width).reshape(()))
         self.max_val.copy_(torch.minimum(self.hist_min + (hi.float() + 1.0) * width, self.hist_max).reshape(()))
 
+    def reset_parameters(self) -> None:
+        """Forget every range seen (a fresh observer, not frozen).
+
+        Lightning calls it after ``to_empty`` when it materializes a model built on the ``meta`` device (FSDP2,
+        ``ModelParallelStrategy``), whose buffers are then uninitialized memory.
+        """
+        self.min_val.fill_(float("inf"))
+        self.max_val.fill_(float("-inf"))
+        self.initialized.fill_(False)
+        self.frozen.fill_(False)
+        if self.kind == "histogram":
+            self.histogram.zero_()
+            self.hist_min.zero_()
+            self.hist_max.zero_()
+        self.refresh()
+
     def qparams(self) -> tuple[Tensor, Tensor]:
         """``(scale, zero_point)`` (shape ``(1,)``) of the uint8 per-tensor affine quantization of the input."""
         return _activation_qparams(self.min_val, self.max_val)
@@ -403,6 +419,12 @@ class FakeQuantModule(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         _forgive_missing_buffers(self, prefix, args[2] if len(args) > 2 else kwargs["missing_keys"])
         self._fq_enabled = bool(self.fake_quant_enabled)
+
+    def reset_parameters(self) -> None:
+        """The float layer's initialization, and the enable flag rewritten (after ``to_empty`` of a ``meta`` model)."""
+        super().reset_parameters()  # type: ignore[misc]
+        if "fake_quant_enabled" in self._buffers:
+            self.fake_quant_enabled.fill_(self._fq_enabled)
 
     def quantized_weight(self) -> Tensor:
         """The fake-quantized weight (straight-through gradient)."""
@@ -565,6 +587,7 @@ def prepare_qat(
     if isinstance(model, FakeQuantModule):
         raise ValueError("`model` is itself a fake-quant layer; pass the model that contains it.")
     selected = select_modules(model, include, exclude)
+    _refuse_sharded(selected)
     prepared: dict[str, FakeQuantModule] = {}
     for name, module in selected.items():
         if isinstance(module, FakeQuantModule):
@@ -586,6 +609,18 @@ def prepare_qat(
         )
     _set_transformer_fastpath(model, enabled=False)
     return prepared
+
+
+def _refuse_sharded(selected: Mapping[str, nn.Module]) -> None:
+    """A layer already sharded by ``fully_shard`` (FSDP2) cannot be swapped: its class is FSDP's own subclass."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [n for n, m in selected.items() if isinstance(m, FSDPModule) and not isinstance(m, FakeQuantModule)]
+    if sharded:
+        raise ValueError(
+            f"Layers {sharded[:3]} are already sharded with `fully_shard` (FSDP2): `prepare_qat` must swap them first."
+            " Call `fully_shard` after it (QATCallback prepares in `setup`, before Lightning's `configure_model`)."
+        )
 
 
 def strip_qat(model: nn.Module) -> nn.Module:

@@ -763,3 +763,19 @@ def test_onnxruntime_backend_on_a_transformer_block(tmp_path, mode) -> None:
         ref = model.net(x)
         out = ptq.quantized_model(x)
     assert F.cosine_similarity(ref, out, dim=-1).mean() > 0.99
+
+
+def test_a_module_sharded_before_setup_is_refused_under_model_parallel() -> None:
+    """The whole model is rebuilt on rank zero from a copy taken in ``setup``: a sharded module cannot be copied."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.fsdp import FSDPModule
+
+    strategy = ModelParallelStrategy.__new__(ModelParallelStrategy)
+    strategy._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 1)}
+    model = TinyClassifier()
+    model.net.fc2.__class__ = type("FSDPLinear", (FSDPModule, nn.Linear), {})  # what `fully_shard` does to a layer
+    fake_trainer = SimpleNamespace(strategy=strategy, callbacks=[], is_global_zero=False)
+    with pytest.raises(ValueError, match=r"already sharded with `fully_shard` when the callback is set up.*configure"):
+        PostTrainingQuantCallback(module="net", verbose=False).setup(fake_trainer, model, "fit")

@@ -1066,3 +1066,76 @@ def test_monitor_never_logged_fails_at_the_first_validation_without_a_sanity_che
             Classifier(), loader(), loader(64)
         )
     assert counter.steps == 8  # one epoch of 256/32 batches, then the first validation
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sharded strategies: what cannot work is refused in setup (the 2-process runs: tests/integration/test_quant_fsdp.py)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _set_up_under(strategy, callback, module=None):
+    from types import SimpleNamespace
+
+    fake_trainer = SimpleNamespace(strategy=strategy, callbacks=[], is_global_zero=True)
+    callback.setup(fake_trainer, module or Classifier(), "fit")
+
+
+def _model_parallel(tensor_parallel_size: int):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy.__new__(ModelParallelStrategy)  # as after `setup_environment`, with its mesh
+    strategy._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: tensor_parallel_size)}
+    return strategy
+
+
+def test_fsdp1_and_tensor_parallelism_are_refused_at_setup_naming_what_works():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    callback = QATCallback(module="net", convert_on_fit_end=False, verbose=False)
+    with pytest.raises(ValueError, match=r"QATCallback does not support `strategy`=FSDPStrategy \(FSDP1.*FSDP2"):
+        _set_up_under(FSDPStrategy.__new__(FSDPStrategy), callback)
+    with pytest.raises(ValueError, match=r"`tensor_parallel_size` must be 1, got 2"):
+        _set_up_under(_model_parallel(2), callback)
+
+
+def test_under_model_parallel_the_setup_keeps_a_meta_copy_that_gathered_weights_fill():
+    callback = QATCallback(module="net", convert_on_fit_end=False, verbose=False)
+    model = Classifier()
+    _set_up_under(_model_parallel(1), callback, model)
+    assert callback._full.active
+    skeleton = callback._full._skeleton
+    assert all(p.is_meta for p in skeleton.parameters())  # no memory for the weights
+    assert isinstance(skeleton.net.fc1, FakeQuantModule)  # copied after the swap: the observers are in it
+    whole = callback._full.gather(model)  # no process group: the module's own state dict
+    assert torch.equal(whole.net.fc1.weight, model.net.fc1.weight) and whole.net.fc1.weight is not model.net.fc1.weight
+    assert whole.state_dict().keys() == model.state_dict().keys()
+    whole.configure_model()  # an inner Trainer's call: nothing to shard again
+
+
+def test_layers_sharded_before_the_swap_are_refused():
+    from torch.distributed.fsdp import FSDPModule
+
+    model = Classifier()
+    model.net.fc1.__class__ = type("FSDPLinear", (FSDPModule, nn.Linear), {})  # what `fully_shard` does to a layer
+    callback = QATCallback(module="net", convert_on_fit_end=False, verbose=False)
+    with pytest.raises(ValueError, match=r"\['fc1'\] are already sharded with `fully_shard`.*Call `fully_shard` after"):
+        _set_up_under(_model_parallel(1), callback, model)
+
+
+def test_a_model_built_on_meta_gets_fresh_observers_when_lightning_materializes_it(recwarn):
+    """Large FSDP2 models are built on the ``meta`` device; Lightning materializes them after ``configure_model``."""
+    from lightning.fabric.utilities.init import _materialize_distributed_module
+
+    with torch.device("meta"):
+        model = Classifier()
+    QATCallback(module="net", verbose=False).prepare(model)
+    _materialize_distributed_module(model, torch.device("cpu"))  # what ModelParallelStrategy.setup does
+    assert not [w for w in recwarn if "initialization incomplete" in str(w.message)]
+    for layer in (model.net.fc1, model.net.fc2):
+        assert bool(layer.fake_quant_enabled) and layer.is_fake_quant_enabled
+        observer = layer.observer
+        assert not observer.is_initialized and not bool(observer.initialized) and not observer.is_frozen
+        assert observer.min_val == float("inf") and observer.max_val == float("-inf")
+        assert bool(torch.isfinite(layer.weight).all()) and layer.weight.abs().sum() > 0
