@@ -1,11 +1,12 @@
 """One FSDP2 run for tests/integration/test_quant_fsdp.py: 2 gloo processes, Lightning's ModelParallelStrategy.
 
-python fsdp_quant_run.py OUT_DIR {ptq,prune_qat} [--checkpoint-every N] [--resume CKPT]
+python fsdp_quant_run.py OUT_DIR {ptq,prune_qat,qat_dict} [--checkpoint-every N] [--resume CKPT]
 
 Every rank writes ``OUT_DIR/rank<r>.json``: its activation observers before any synchronization and at fit end,
 the callback's results, whether it holds the int8 model, and a checksum of the gathered full weights. Rank 0 also
 writes ``OUT_DIR/reference.pt``: fixed inputs and the outputs of the gathered network on them (fake-quant for QAT,
-float for PTQ), to compare the int8 artifact with. The artifact goes to ``OUT_DIR/int8/``.
+float for PTQ), to compare the int8 artifact with. The artifact goes to ``OUT_DIR/int8/``. ``qat_dict`` trains a
+network that returns a dict, which the ONNX backend refuses: the preflight fails on rank 0, during training.
 """
 
 import json
@@ -37,6 +38,20 @@ class ShardedClassifier(TinyClassifier):
     def training_step(self, batch, batch_idx):
         x, y = batch
         return super().training_step((x * (1.0 + 4.0 * self.global_rank), y), batch_idx)
+
+
+class DictNet(TinyNet):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": super().forward(x)}
+
+
+class DictClassifier(ShardedClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = DictNet()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)["logits"]
 
 
 def _observers(module) -> dict[str, list[float]]:
@@ -109,7 +124,8 @@ def main() -> None:
         num_sanity_val_steps=0,
         deterministic=True,
     )
-    trainer.fit(ShardedClassifier(), ResumableLoader(classification_data()), loader(64), ckpt_path=resume)
+    model = DictClassifier() if kind == "qat_dict" else ShardedClassifier()
+    trainer.fit(model, ResumableLoader(classification_data()), loader(64), ckpt_path=resume)
     # Tear the process group down before the interpreter exits: gloo's threads otherwise sometimes abort the exit.
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

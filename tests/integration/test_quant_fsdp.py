@@ -68,3 +68,17 @@ def test_ptq_on_rank_zero_from_the_gathered_model(tmp_path):
     _check_one_artifact_agreeing(tmp_path, rank0, rank1, "ptq_int8.onnx")
     assert rank0["results"]["quantized_layers"] == 2.0
     assert "int8_val_acc" in rank0["results"]  # the user's validation ran on rank zero with the int8 network
+
+
+@pytest.mark.ddp
+def test_a_conversion_failing_on_rank_zero_fails_every_rank_instead_of_hanging(tmp_path):
+    """The preflight (after the first batch) fails on rank zero: rank 1 gets the error instead of waiting forever in
+    the next collective (a hang would end in the subprocess timeout)."""
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), "qat_dict"], capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode != 0
+    assert "[rank0]: lightning_compress.engine.ort.OrtConversionError: Preflight" in result.stderr
+    assert "[rank1]: lightning_compress.engine.distributed.RankZeroError: Rank 0 failed" in result.stderr
+    assert "The model returns dict" in result.stderr
+    assert not list(tmp_path.glob("rank*.json"))
