@@ -1,6 +1,6 @@
 """One FSDP2 run for tests/integration/test_quant_fsdp.py: 2 gloo processes, Lightning's ModelParallelStrategy.
 
-python fsdp_quant_run.py OUT_DIR {ptq,prune_qat,qat_dict} [--checkpoint-every N] [--resume CKPT]
+python fsdp_quant_run.py OUT_DIR {ptq,prune_qat,qat_dict} [--checkpoint-every N] [--resume CKPT] [--no-convert]
 
 Every rank writes ``OUT_DIR/rank<r>.json``: its activation observers before any synchronization and at fit end,
 the callback's results, whether it holds the int8 model, and a checksum of the gathered full weights. Rank 0 also
@@ -102,8 +102,15 @@ def main() -> None:
     if kind == "ptq":
         quant = PostTrainingQuantCallback(module="net", monitor="val_acc", latency="off", save_path=save, verbose=False)
     else:
+        convert = "--no-convert" not in sys.argv
         quant = QATCallback(
-            module="net", monitor="val_acc", latency="off", averaging_constant=0.1, save_path=save, verbose=False
+            module="net",
+            monitor="val_acc",
+            latency="off",
+            averaging_constant=0.1,
+            save_path=save,
+            verbose=False,
+            convert_on_fit_end=convert,
         )
     callbacks = [quant, Record(out_dir, quant)]
     if kind == "prune_qat":

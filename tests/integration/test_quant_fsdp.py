@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_compress import load_quantized
+from helpers import TinyClassifier
+from lightning_compress import QATCallback, load_quantized
 
 SCRIPT = Path(__file__).with_name("fsdp_quant_run.py")
 
@@ -56,10 +57,18 @@ def test_qat_with_pruning_on_sharded_weights_one_artifact_and_resume(tmp_path):
     _check_one_artifact_agreeing(tmp_path / "full", rank0, rank1, "prune_qat_int8.onnx")
 
     ckpt = next((tmp_path / "full" / "ckpt").glob("*step=10.ckpt"))  # a distributed checkpoint, mid-epoch
-    resumed0, resumed1 = _run(tmp_path / "resumed", "prune_qat", "--resume", str(ckpt))
+    resumed0, resumed1 = _run(tmp_path / "resumed", "prune_qat", "--resume", str(ckpt), "--no-convert")
     assert resumed0["observers"] == resumed1["observers"] == rank0["observers"]
     assert resumed0["checksum"] == rank0["checksum"]
     assert resumed0["zeros"] == 640
+
+    # outside a Trainer: the distributed checkpoint, consolidated into one file, loads into a plain prepared model
+    single = tmp_path / "consolidated.ckpt"
+    consolidate = [sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint", str(ckpt)]
+    subprocess.run([*consolidate, "--output_file", str(single)], check=True, capture_output=True, timeout=120)
+    model = QATCallback(module="net", averaging_constant=0.1).load_checkpoint(TinyClassifier(), single)
+    assert model.net.fc1.observer.is_initialized and bool(torch.isfinite(model.net.fc1.observer.min_val))
+    assert int((model.net.fc1.weight == 0).sum()) > 0  # the pruned, trained weights of step 10
 
 
 @pytest.mark.ddp
