@@ -499,6 +499,7 @@ class FullModelOnRankZero:
         Raises:
             ValueError: Under ``FSDPStrategy`` (FSDP1), with ``tensor_parallel_size > 1``, or if the module was
                 sharded before ``setup`` (it cannot be copied then).
+            TypeError: If the module cannot be deep-copied.
         """
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
@@ -528,7 +529,14 @@ class FullModelOnRankZero:
                 " up; apply `fully_shard` in `configure_model` (it runs after the callbacks' `setup`)."
             )
         self._share = [trainer, strategy.device_mesh]
-        skeleton = meta_copy(pl_module, self._share)
+        try:
+            skeleton = meta_copy(pl_module, self._share)
+        except Exception as err:  # e.g. a lock or an open file among the module's attributes
+            raise TypeError(
+                f"{owner} under ModelParallelStrategy copies {type(pl_module).__name__} in `setup` (weights on the"
+                " `meta` device) to rebuild it unsharded on rank zero, and the copy failed: "
+                f"{type(err).__name__}: {err}. Keep objects that cannot be deep-copied out of the module's attributes."
+            ) from err
         assert isinstance(skeleton, LightningModule)
         self._skeleton = skeleton
 

@@ -779,3 +779,18 @@ def test_a_module_sharded_before_setup_is_refused_under_model_parallel() -> None
     fake_trainer = SimpleNamespace(strategy=strategy, callbacks=[], is_global_zero=False)
     with pytest.raises(ValueError, match=r"already sharded with `fully_shard` when the callback is set up.*configure"):
         PostTrainingQuantCallback(module="net", verbose=False).setup(fake_trainer, model, "fit")
+
+
+def test_a_module_that_cannot_be_copied_is_named_under_model_parallel() -> None:
+    import threading
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy.__new__(ModelParallelStrategy)
+    strategy._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 1)}
+    model = TinyClassifier()
+    model.lock = threading.Lock()
+    fake_trainer = SimpleNamespace(strategy=strategy, callbacks=[], is_global_zero=False)
+    with pytest.raises(TypeError, match=r"copies TinyClassifier in `setup`.*the copy failed: TypeError: .*lock"):
+        PostTrainingQuantCallback(module="net", verbose=False).setup(fake_trainer, model, "fit")
