@@ -6,7 +6,10 @@ Every measurement runs in a fresh process (``spawn``, 1 thread) on a stack of sq
 layers (width 2048; 1024 below 4M weights) with ``--sizes`` million weights:
 
 * **update**: one global magnitude mask update from 50% to 90% sparsity, ``GradualPruner.step`` as the callback
-  calls it (NaN/Inf check, ``compute_masks``, re-zeroing the weights); median seconds and ns per weight;
+  calls it (NaN/Inf check, ``compute_masks``, re-zeroing the weights); median seconds and ns per weight. Before each
+  repeat the masks *and the weights* go back to their 50% state, so every repeat ranks the same trained-like weights
+  (``ties``: the same update with the weights left at their 90% zeros, so 40% of the live weights are exactly zero
+  and tie in one histogram bin: the worst case for the selection);
 * **transient**: the peak resident memory during the update above the resident memory before it (model and masks
   in place), read from ``VmHWM`` after resetting it (``/proc/self/clear_refs``), in bytes per weight. The process
   runs with ``MALLOC_MMAP_THRESHOLD_=65536`` and ``MALLOC_TRIM_THRESHOLD_=0``: every allocation above 64 KiB is its own
@@ -15,9 +18,11 @@ layers (width 2048; 1024 below 4M weights) with ``--sizes`` million weights:
   cannot miss a short-lived peak the way sampling would;
 * **resident**: resident memory added by building the pruner and its masks, in bytes per weight;
 * **step**: median SGD step (momentum 0.9, batch 64 and 512 rows) with pruning as the callback runs it (gradients
-  masked before the step, ``after_optimizer_step`` after it), alternated step by step with the same stack dense, with
-  the fallback every optimizer outside ``ZERO_PRESERVING`` gets (weights re-zeroed after every step), and with what
-  every step did before (gradients and weights multiplied by float32 copies of the masks).
+  masked before the step, ``after_optimizer_step`` after it, ``GradualPruner.step`` after that), alternated step by
+  step (in a rotating order) with the same stack dense, with the fallback every optimizer outside ``ZERO_PRESERVING``
+  gets (weights re-zeroed after every step), and with what every step did before this change (the gradients
+  multiplied by the masks' ``uint8`` views in one ``torch._foreach_mul_``). Besides the ratio of the medians, the
+  quartiles of the per-round ratios (each pruned step over the dense step of the same round) give the spread.
 
 Times are wall clock and process CPU time (``time.process_time``): on a machine shared with other work the wall
 time of a 1-thread process also counts the time it waited for a core, the CPU time does not.
@@ -44,6 +49,7 @@ from torch import nn
 
 RESULTS = BENCH_DIR / "scale_results.json"
 _GPU_BYTES_PER_WEIGHT = 17  # 3 passes x (4-byte weight + 1-byte mask) + 1-byte new mask + 1-byte old mask
+_GPU_STEP_BYTES_PER_WEIGHT = 9  # per steady step: the fp32 gradient read and written, the 1-byte mask read
 _GPU_BANDWIDTH = 2e12  # bytes/s: a conservative effective HBM bandwidth of a current data-center GPU
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
@@ -87,18 +93,28 @@ def _measure_update(args: tuple[float, int]) -> dict[str, Any]:
     pruner.step(0)  # the 50% masks
     resident = _status("VmRSS") - before
     state = pruner.state_dict()
-    times, cpu_times, peaks = [], [], []
-    for _ in range(repeats):
-        pruner.load_state_dict(state)  # back to 50% (the weights it prunes are zero)
+    with torch.no_grad():
+        weights_at_50 = [p.detach().clone() for p in model.parameters()]  # resident before every measured update
+    times, cpu_times, peaks, tie_cpu_times = [], [], [], []
+    for restore in [True] * repeats + [False] * repeats:
+        pruner.load_state_dict(state)  # back to the 50% masks
+        if restore:  # and to the weights they were computed on (else 40% of the live weights are zero: all ties)
+            with torch.no_grad():
+                for weight, saved in zip(model.parameters(), weights_at_50, strict=True):
+                    weight.copy_(saved)
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
         base = _status("VmRSS")
         start, cpu_start = time.perf_counter(), time.process_time()
         assert pruner.step(1)
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-        peaks.append(_status("VmHWM") - base)
-    stats = pruner.stats()
-    assert stats.total_zeros == round(0.9 * numel), "the update must prune exactly round(s * N) weights"
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if restore:
+            times.append(elapsed)
+            cpu_times.append(cpu)
+            peaks.append(_status("VmHWM") - base)
+        else:
+            tie_cpu_times.append(cpu)
+        stats = pruner.stats()
+        assert stats.total_zeros == round(0.9 * numel), "the update must prune exactly round(s * N) weights"
     mask_bytes = sum(m.numel() * m.element_size() for m in pruner.masks.values())
     seconds = statistics.median(times)
     return {
@@ -106,6 +122,8 @@ def _measure_update(args: tuple[float, int]) -> dict[str, Any]:
         "seconds": seconds,
         "ns_per_weight": 1e9 * seconds / numel,
         "cpu_ns_per_weight": 1e9 * statistics.median(cpu_times) / numel,
+        "cpu_ns_per_weight_spread": [1e9 * min(cpu_times) / numel, 1e9 * max(cpu_times) / numel],
+        "cpu_ns_per_weight_ties": 1e9 * statistics.median(tie_cpu_times) / numel,
         "transient_bytes_per_weight": max(peaks) / numel,
         "resident_bytes_per_weight": resident / numel,
         "mask_tensor_bytes_per_weight": mask_bytes / numel,
@@ -116,73 +134,92 @@ class _AnyOptimizer(torch.optim.SGD):
     """SGD under another type: outside ``ZERO_PRESERVING``, so the weights are re-zeroed after every step."""
 
 
-class _Before:
-    """What every step did before this change: gradients and weights multiplied by float32 copies of the masks."""
+class _Previous:
+    """What every step did before this change: the gradients multiplied by the masks' ``uint8`` views in one
+    ``torch._foreach_mul_`` (for a mixed-dtype operand PyTorch's CPU kernel first converts each whole mask into a
+    temporary of the gradient's dtype); the weight pass skipped for SGD, as now."""
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         self.params = [p for n, p in model.named_parameters() if n in masks]
-        self.multipliers = [masks[n].float() for n, _ in model.named_parameters() if n in masks]
+        self.multipliers = [masks[n].view(torch.uint8) for n, _ in model.named_parameters() if n in masks]
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
         torch._foreach_mul_([p.grad for p in self.params], self.multipliers)
 
-    @torch.no_grad()
     def after_optimizer_step(self, optimizer: Any) -> None:
-        torch._foreach_mul_(self.params, self.multipliers)
+        pass
+
+    def step(self, step: int) -> bool:
+        return False
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return [q1, q3]
 
 
 def _measure_step(args: tuple[float, int, int]) -> dict[str, Any]:
     million, steps, batch = args
     torch.set_num_threads(1)
-    models = {name: _stack(million) for name in ("dense", "pruned", "pruned_rezero", "before")}
+    names = ("dense", "pruned", "pruned_rezero", "previous")
+    models = {name: _stack(million) for name in names}
     optimizers: dict[str, torch.optim.Optimizer] = {
-        "dense": torch.optim.SGD(models["dense"].parameters(), lr=1e-3, momentum=0.9),
-        "pruned": torch.optim.SGD(models["pruned"].parameters(), lr=1e-3, momentum=0.9),
-        "pruned_rezero": _AnyOptimizer(models["pruned_rezero"].parameters(), lr=1e-3, momentum=0.9),
-        "before": torch.optim.SGD(models["before"].parameters(), lr=1e-3, momentum=0.9),
+        name: (_AnyOptimizer if name == "pruned_rezero" else torch.optim.SGD)(
+            models[name].parameters(), lr=1e-3, momentum=0.9
+        )
+        for name in names
     }
-    pruners: dict[str, Any] = {name: _pruner(models[name], 0.9) for name in ("pruned", "pruned_rezero", "before")}
+    pruners: dict[str, Any] = {name: _pruner(models[name], 0.9) for name in names[1:]}
     for pruner in pruners.values():
         pruner.step(1)
-    pruners["before"] = _Before(models["before"], pruners["before"].masks)
+    pruners["previous"] = _Previous(models["previous"], pruners["previous"].masks)
     for name, pruner in pruners.items():
         optimizers[name].register_step_post_hook(lambda opt, *_, p=pruner: p.after_optimizer_step(opt))
     width = next(models["dense"].parameters()).shape[1]
     x = torch.randn(batch, width)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    cpu_times: dict[str, list[float]] = {name: [] for name in models}
-    for i in range(steps + 3):
-        for name, model in models.items():
+    times: dict[str, list[float]] = {name: [] for name in names}
+    cpu_times: dict[str, list[float]] = {name: [] for name in names}
+    warm_up = 3
+    for i in range(steps + warm_up):
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate: no variant always follows another
+            model = models[name]
             start, cpu_start = time.perf_counter(), time.process_time()
             optimizers[name].zero_grad()
             model(x).square().mean().backward()
             if name in pruners:
                 pruners[name].mask_gradients()
             optimizers[name].step()
-            if i >= 3:
+            if name in pruners:
+                pruners[name].step(1)  # as the callback does after every optimizer step (the masks stay)
+            if i >= warm_up:
                 times[name].append(time.perf_counter() - start)
                 cpu_times[name].append(time.process_time() - cpu_start)
-    for name, pruner in pruners.items():
-        if name == "before":
-            continue
-        masks = pruner.masks
+    for name in ("pruned", "pruned_rezero", "previous"):
+        masks = pruners["pruned"].masks  # the same masks in every variant (same weights, same update)
         zeros_ok = all(bool((p.detach()[~masks[n]] == 0).all()) for n, p in models[name].named_parameters())
         assert zeros_ok, f"{name}: pruned weights must be exactly zero after every step"
     ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
     cpu_ms = {name: 1000 * statistics.median(t) for name, t in cpu_times.items()}
+
+    def rounds(name: str) -> list[float]:
+        return [a / b for a, b in zip(times[name], times["dense"], strict=True)]
+
     return {
         "weights": sum(p.numel() for p in models["dense"].parameters()),
         "batch": batch,
         "dense_ms": ms["dense"],
         "pruned_ms": ms["pruned"],
         "pruned_rezero_ms": ms["pruned_rezero"],
+        "previous_ms": ms["previous"],
         "ratio": ms["pruned"] / ms["dense"],
+        "ratio_rounds_quartiles": _quartiles(rounds("pruned")),
         "ratio_rezero": ms["pruned_rezero"] / ms["dense"],
+        "ratio_previous": ms["previous"] / ms["dense"],
+        "ratio_previous_rounds_quartiles": _quartiles(rounds("previous")),
         "cpu_ratio": cpu_ms["pruned"] / cpu_ms["dense"],
         "cpu_ratio_rezero": cpu_ms["pruned_rezero"] / cpu_ms["dense"],
-        "before_ms": ms["before"],
-        "ratio_before": ms["before"] / ms["dense"],
+        "cpu_ratio_previous": cpu_ms["previous"] / cpu_ms["dense"],
     }
 
 
@@ -207,6 +244,75 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return mean_y - slope * mean_x, slope
 
 
+def _cpu_details() -> str:
+    """The CPU as ``/proc/cpuinfo`` names it (family/model/stepping: a VM may hide the marketing name), and caches."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return "unknown CPU"
+    details = (
+        f"{fields.get('model name', '?')}, family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+        f" stepping {fields.get('stepping', '?')}"
+    )
+    flags = fields.get("flags", "").split()
+    return details + (", AVX-512" if "avx512f" in flags else "") + f", {fields.get('cache size', '?')} cache reported"
+
+
+_TARGET_NS, _TARGET_TRANSIENT, _TARGET_RESIDENT, _TARGET_STEP = 15.0, 2.0, 1.0, 1.03
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def _targets(updates: list[dict[str, Any]], steps: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    rows = []
+    at_50 = [r for r in updates if 40e6 <= r["weights"] <= 60e6]
+    for r in at_50:
+        low, high = r["cpu_ns_per_weight_spread"]
+        rows.append(
+            (
+                f"update at {r['weights'] / 1e6:.0f}M, CPU ns per weight (<= {_TARGET_NS:.0f})",
+                f"{r['cpu_ns_per_weight']:.1f} (repeats {low:.1f}-{high:.1f}; {r['ns_per_weight']:.1f} wall;"
+                f" all-ties worst case {r['cpu_ns_per_weight_ties']:.1f})",
+                _verdict(r["cpu_ns_per_weight"] <= _TARGET_NS),
+            )
+        )
+        rows.append(
+            (
+                f"update transient at {r['weights'] / 1e6:.0f}M, B per weight (<= {_TARGET_TRANSIENT:.0f})",
+                f"{r['transient_bytes_per_weight']:.2f}",
+                _verdict(r["transient_bytes_per_weight"] <= _TARGET_TRANSIENT),
+            )
+        )
+    worst = max(updates, key=lambda r: r["resident_bytes_per_weight"]) if updates else None
+    if worst is not None:
+        rows.append(
+            (
+                f"resident masks, B per weight (<= {_TARGET_RESIDENT:.0f})",
+                f"{worst['mask_tensor_bytes_per_weight']:.2f} mask tensors; at most"
+                f" {worst['resident_bytes_per_weight']:.2f} process memory",
+                _verdict(worst["mask_tensor_bytes_per_weight"] <= _TARGET_RESIDENT),
+            )
+        )
+    for r in steps:
+        if r["weights"] < 5e6:
+            continue
+        q1, q3 = r["ratio_rounds_quartiles"]
+        rows.append(
+            (
+                f"steady step at {r['weights'] / 1e6:.0f}M, batch {r['batch']}, vs dense (<= {_TARGET_STEP}x)",
+                f"{r['ratio']:.3f}x (rounds {q1:.3f}-{q3:.3f}x; CPU time {r['cpu_ratio']:.3f}x; previously"
+                f" {r['ratio_previous']:.3f}x)",
+                _verdict(r["ratio"] <= _TARGET_STEP),
+            )
+        )
+    return rows
+
+
 def _section(env: dict[str, Any], args: argparse.Namespace, data: dict[str, Any]) -> str:
     updates, steps, fit = data["updates"], data["steps"], data["fit"]
     command = "python bench/scale.py" + (" --quick" if args.quick else "")
@@ -216,6 +322,8 @@ def _section(env: dict[str, Any], args: argparse.Namespace, data: dict[str, Any]
             f"{r['seconds']:.3f}",
             f"{r['ns_per_weight']:.1f}",
             f"{r['cpu_ns_per_weight']:.1f}",
+            f"{r['cpu_ns_per_weight_spread'][0]:.1f}-{r['cpu_ns_per_weight_spread'][1]:.1f}",
+            f"{r['cpu_ns_per_weight_ties']:.1f}",
             f"{r['transient_bytes_per_weight']:.2f}",
             f"{r['resident_bytes_per_weight']:.2f}",
         )
@@ -228,9 +336,11 @@ def _section(env: dict[str, Any], args: argparse.Namespace, data: dict[str, Any]
             f"{r['dense_ms']:.1f}",
             f"{r['pruned_ms']:.1f}",
             f"{r['ratio']:.3f}x",
+            f"{r['ratio_rounds_quartiles'][0]:.3f}-{r['ratio_rounds_quartiles'][1]:.3f}x",
             f"{r['cpu_ratio']:.3f}x",
+            f"{1e9 * (r['pruned_ms'] - r['dense_ms']) / 1e3 / r['weights']:.2f}",
             f"{r['ratio_rezero']:.3f}x",
-            f"{r['ratio_before']:.3f}x",
+            f"{r['ratio_previous']:.3f}x",
         )
         for r in steps
     ]
@@ -247,32 +357,62 @@ def _section(env: dict[str, Any], args: argparse.Namespace, data: dict[str, Any]
                     f"{local * transient / 1e9:.2f} GB",
                     f"{local * _GPU_BYTES_PER_WEIGHT / _GPU_BANDWIDTH * 1e3:.0f} ms",
                     f"{fixed_s + local * fit['seconds_per_weight']:.0f} s",
+                    f"{local * _GPU_STEP_BYTES_PER_WEIGHT / _GPU_BANDWIDTH * 1e3:.1f} ms",
                     "0" if local == n else "5 per update (about 0.8 MB in all), 0 per step",
                 )
             )
     return (
         "## Pruning at scale: mask updates, resident masks, steady step\n\n"
-        f"`{command}` ({env['cpu']}, {env['cpu_count']} cores shared with other work, 1 thread, every row in a"
-        f" fresh process; updates: median of {data['repeats']}, steps: median of {data['steps_timed']} alternated"
-        " with dense). Square bias-free Linear stacks. **Measured**:\n\n"
-        "One global magnitude update 50% -> 90% (`GradualPruner.step`: NaN/Inf check, chunked radix select on the"
-        " weights' device, re-zeroing). Transient = peak resident memory during the update above the resident"
-        " memory before it (`VmHWM` reset through `/proc/self/clear_refs`; glibc made to map every allocation above"
-        " 64 KiB separately and return it on free, so the resident size follows the live tensors and the kernel's"
+        f"`{command}` on {data.get('cpu_details', env['cpu'])}; {env['cpu_count']} cores shared with other work"
+        f" (load average {data.get('load_average_start', float('nan')):.1f} at the start), 1 thread, every row in a"
+        f" fresh process; updates: median of {data['repeats']}, steps: median of {data['steps_timed']} rounds after"
+        " 3 of warm-up, each round one step of every variant in a rotating order. Square bias-free Linear stacks."
+        " **Measured**:\n\n"
+        + markdown_table(["target", "result", ""], _targets(updates, steps), align="lll")
+        + "\n\nOne global magnitude update 50% -> 90% (`GradualPruner.step`: NaN/Inf check, chunked radix select on"
+        " the weights' device, re-zeroing), each repeat from the same 50% masks *and weights*. `all ties`: the same"
+        " update with the weights left as the previous repeat zeroed them (40% of the live weights exactly zero, all"
+        " in one histogram bin: the worst case of the selection's second pass; the previous version of this table"
+        " timed repeats this way). Transient = peak resident memory during the update above the resident memory"
+        " before it (`VmHWM` reset through `/proc/self/clear_refs`; glibc made to map every allocation above 64 KiB"
+        " separately and return it on free, so the resident size follows the live tensors and the kernel's"
         " high-water mark cannot miss a peak); it includes the new masks, which replace the old ones. Resident ="
         " memory added by the pruner and its masks (bool, 1 byte per weight; no multipliers).\n\n"
         + markdown_table(
-            ["weights", "s / update", "ns / weight", "CPU ns / weight", "transient B / weight", "resident B / weight"],
+            [
+                "weights",
+                "s / update",
+                "ns / weight",
+                "CPU ns / weight",
+                "CPU ns, repeats",
+                "CPU ns, all ties",
+                "transient B / weight",
+                "resident B / weight",
+            ],
             update_rows,
         )
         + "\n\nSteady SGD step (momentum 0.9, batch of 64 or 512 rows), pruned at 90% as the callback runs it:"
-        " gradients masked before the step; after it the weights are left alone because SGD keeps an entry with zero"
-        " weight, gradient and (masked) state at exactly zero (`ZERO_PRESERVING`; any other optimizer gets"
-        " `re-zero`: the weights multiplied by the masks after every step); `before`: what every step did before"
-        " this change (gradients and weights multiplied by float32 copies of the masks), in the same alternation."
-        " Every run checks that pruned weights are exactly zero.\n\n"
+        " gradients masked before the step (on the CPU chunk by chunk: each chunk of a mask converted into one"
+        " cached float buffer, then multiplied in); after it the weights are left alone because SGD keeps an entry"
+        " with zero weight, gradient and (masked) state at exactly zero (`ZERO_PRESERVING`; any other optimizer gets"
+        " `re-zero`: the weights masked again after every step); `previous`: the step before this change (the"
+        " gradients multiplied by the masks' `uint8` views in one `torch._foreach_mul_`, for which PyTorch's CPU"
+        " kernel first converts each whole mask into a float32 temporary), in the same rounds. `rounds`: quartiles"
+        " of the per-round ratios. `extra ns`: (pruned - dense) / weights. Every run checks that pruned weights are"
+        " exactly zero.\n\n"
         + markdown_table(
-            ["weights", "batch", "dense ms", "pruned ms", "ratio", "CPU-time ratio", "re-zero ratio", "before ratio"],
+            [
+                "weights",
+                "batch",
+                "dense ms",
+                "pruned ms",
+                "ratio",
+                "rounds",
+                "CPU-time ratio",
+                "extra ns / weight",
+                "re-zero ratio",
+                "previous ratio",
+            ],
             step_rows,
         )
         + f"\n\nFit over the measured sizes: update CPU time = {fixed_s:.3f} s + {per_weight_ns:.1f} ns x N;"
@@ -286,8 +426,9 @@ def _section(env: dict[str, Any], args: argparse.Namespace, data: dict[str, Any]
         " histogram, 8 tie counts), plus 1 more only when a weight is NaN/Inf or the largest float; `scope=local`"
         " needs 4 per tensor. Nothing is exchanged per step (masks are local to the shards). GPU times assume"
         f" {_GPU_BYTES_PER_WEIGHT} bytes moved per fp32 weight per update (three passes reading the weight and the"
-        f" mask, one writing the new mask) at {_GPU_BANDWIDTH / 1e12:.0f} TB/s, and no GPU was measured here; the"
-        " CPU column is this machine's single-thread rate.\n\n"
+        f" mask, one writing the new mask) and {_GPU_STEP_BYTES_PER_WEIGHT} per step (the gradient read and written,"
+        f" the mask read) at {_GPU_BANDWIDTH / 1e12:.0f} TB/s, and no GPU was measured here; the CPU column is this"
+        " machine's single-thread rate.\n\n"
         + markdown_table(
             [
                 "weights",
@@ -296,20 +437,27 @@ def _section(env: dict[str, Any], args: argparse.Namespace, data: dict[str, Any]
                 "update transient",
                 "update, GPU (projected)",
                 "update, 1 CPU thread (projected)",
+                "step: gradient pass, GPU (projected)",
                 "collectives",
             ],
             projection_rows,
-            align="llrrrrl",
+            align="llrrrrrl",
         )
-        + "\n\nThe steady step costs one pass over the gradients of the pruned weights (gradient read and written,"
-        " 1-byte mask read), whatever the sparsity; its share falls as the work per weight grows (larger batches or"
-        " sequences), and it is the same per local weight on every FSDP2 rank. The pass multiplies by the masks'"
-        " `uint8` views, and PyTorch's CPU kernel converts every byte to float in a mixed-dtype loop: on this"
-        " machine one such pass costs about as much as the two float32 passes of `before`, so the change saves 4"
-        " bytes per weight of memory rather than step time (`ratio` vs `before ratio`). Wall-clock ratios of"
-        " processes sharing 2 cores with other work vary by several percent from run to run.\n\n"
-        "Before this change (`bench/pruning_scale.py`, same machine, 50M weights): update 0.73-0.85 s (15-17 ns per"
-        " weight), transient 6.7-10.9 bytes per weight, resident masks 5 bytes per weight (a bool and an fp32"
+        + "\n\nWhy the steady step costs what it does. SGD with momentum, Adam and AdamW (with weight decay) all move"
+        " a zero weight whose gradient is not zero (the tests show each of them reviving pruned weights without"
+        " masking), and a Linear layer's weight gradient is non-zero at every entry, so exactness needs one pass per"
+        " step over the gradients (or over the weights) of the pruned tensors, whatever the sparsity: the gradient"
+        " read and written and the 1-byte mask read, 9 bytes per weight. The optimizer's own passes are not"
+        " reachable from outside it, and masking each gradient as backward produces it (a post-accumulate-grad hook,"
+        " while it is in cache) measured no better here, with other work sharing the 32 MiB L3, and would mask"
+        " before DDP's all-reduce and communication hooks. What is left is making that pass as fast as a float32"
+        " multiply without a float32 copy of the masks: the chunked conversion above (`previous ratio` vs `ratio`)."
+        " Its cost per weight is fixed while the dense step's grows with the work per weight, so the ratio falls"
+        " with the batch (or sequence) length; at batch 64 a dense step of these layers costs about 6 ns per weight"
+        " on this CPU, so one such pass alone is worth several percent. Wall-clock ratios of processes sharing 2"
+        " cores with other work vary by several percent from run to run (the `rounds` column).\n\n"
+        "Before the 1-byte masks (`bench/pruning_scale.py`, same machine, 50M weights): update 0.73-0.85 s (15-17 ns"
+        " per weight), transient 6.7-10.9 bytes per weight, resident masks 5 bytes per weight (a bool and an fp32"
         " multiplier), steady step 1.08-1.09x dense at batch 64 (gradients and weights multiplied every step).\n"
     )
 
@@ -326,17 +474,19 @@ def main() -> None:
     sizes = args.sizes or ([1, 10] if args.quick else [1, 10, 50, 200])
     step_sizes = args.step_sizes or ([1, 10] if args.quick else [1, 10, 50])
     repeats = args.repeats or (2 if args.quick else 5)
-    steps = args.steps or (6 if args.quick else 21)
+    steps = args.steps or (6 if args.quick else 31)
     torch.set_num_threads(1)
     env = environment()
-    print(f"CPU: {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, 1 thread per measurement")
+    cpu_details, load_start = _cpu_details(), os.getloadavg()[0]
+    print(f"CPU: {cpu_details} ({env['cpu_count']} cores, load average {load_start:.2f}), torch {env['torch']},")
+    print("1 thread per measurement")
     updates = []
     for size in sizes:
         job = (size, max(2, repeats // 2) if size >= 200 else repeats)
         # Time under the default allocator; memory in a second process whose allocator returns every freed block.
         timed, memory = _in_fresh_process(_measure_update, job), _in_fresh_process(_measure_update, job, _MALLOC_ENV)
         result = {
-            **{k: timed[k] for k in ("weights", "seconds", "ns_per_weight", "cpu_ns_per_weight")},
+            **{k: timed[k] for k in timed if not k.endswith("bytes_per_weight")},
             **{k: memory[k] for k in memory if k.endswith("bytes_per_weight")},
             "load_average": os.getloadavg()[0],
         }
@@ -358,7 +508,15 @@ def main() -> None:
         "transient_fixed": fixed_b,
         "transient_per_weight": per_weight_b,
     }
-    data = {"environment": env, "repeats": repeats, "steps_timed": steps, "updates": updates, "steps": step_results}
+    data = {
+        "environment": env,
+        "cpu_details": cpu_details,
+        "load_average_start": load_start,
+        "repeats": repeats,
+        "steps_timed": steps,
+        "updates": updates,
+        "steps": step_results,
+    }
     data["fit"] = fit
     RESULTS.write_text(json.dumps(data, indent=2) + "\n")
     section = _section(env, args, data)

@@ -17,7 +17,7 @@ scope), and ``round(s * C)`` of the ``C`` candidate channels are pruned.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -27,12 +27,15 @@ from torch import Tensor
 
 from lightning_compress.engine.config import Criterion, Scope, Structure
 from lightning_compress.engine.distributed import (
+    CHUNK,
+    KeySource,
     MagnitudeKeys,
     NonFiniteError,
     keep_masks,
     local_tensor,
     lowest_k_cut,
     scratch,
+    sortable_keys,
 )
 from lightning_compress.engine.validation import check_choice, check_fraction
 
@@ -43,30 +46,12 @@ CRITERIA: tuple[str, ...] = get_args(Criterion)
 _PRUNED_SCORE = -1.0  # below any magnitude or uniform random score, so pruned entries are always chosen first
 
 
-def _scores(
-    weight: Tensor, mask: Tensor | None, structure: str, criterion: str, generator: torch.Generator | None
-) -> Tensor:
-    """A flat score per prunable unit (weight or output channel); low scores are pruned first."""
-    if structure == "channel":
-        rows = weight.detach().reshape(weight.shape[0], -1).float()
-        if criterion == "magnitude":
-            score = rows.norm(dim=1) / rows.shape[1] ** 0.5
-        else:
-            score = torch.rand(rows.shape[0], generator=generator).to(weight.device)
-        if mask is not None:
-            score[~mask.reshape(mask.shape[0], -1).any(dim=1)] = _PRUNED_SCORE
-        return score
-    if criterion == "magnitude":
-        score = weight.detach().abs().flatten().float()
-    else:
-        score = torch.rand(weight.numel(), generator=generator).to(weight.device)
-    if mask is not None:
-        score[~mask.flatten()] = _PRUNED_SCORE
-    return score
-
-
 def _lowest_k(scores: Tensor, k: int) -> Tensor:
-    """Boolean "prune" vector marking exactly the ``k`` lowest scores; ties go to the lowest index."""
+    """Boolean "prune" vector marking exactly the ``k`` lowest scores; ties go to the lowest index.
+
+    The plain definition (a ``kthvalue`` over one CPU copy of the scores), kept as the reference the chunked
+    selection that ``compute_masks`` uses is tested against; nothing in the library calls it.
+    """
     pruned = torch.zeros_like(scores, dtype=torch.bool)
     if k <= 0:
         return pruned
@@ -82,6 +67,75 @@ def _lowest_k(scores: Tensor, k: int) -> Tensor:
     return pruned | (ties & (torch.cumsum(ties, 0) <= missing))
 
 
+class _RandomStream:
+    """The uniform ``[0, 1)`` scores of the ``random`` criterion: one seeded CPU stream over the ranked tensors in
+    order (the draws of ``torch.rand`` over each tensor in turn), produced chunk by chunk and drawn again on every
+    pass of the selection, so no array of all scores exists. Drawn on the CPU whatever the weights' device, so the
+    masks do not depend on it."""
+
+    def __init__(self, seed: int, numels: Sequence[int]) -> None:
+        self._seed = seed
+        self.offsets = [0]
+        for numel in numels:
+            self.offsets.append(self.offsets[-1] + numel)
+        self._generator = torch.Generator()
+        self._position = -1  # no draw yet: the next one restarts the stream
+        self._buffer = torch.empty(0)
+
+    def draw(self, position: int, count: int) -> Tensor:
+        """Scores ``[position, position + count)`` of the whole stream (valid until the next call)."""
+        if position != self._position:  # a new pass (or an out-of-order read): start over and skip ahead
+            self._generator.manual_seed(self._seed)
+            self._position = 0
+            while self._position < position:
+                self._position += self.draw(self._position, min(CHUNK, position - self._position)).numel()
+        if self._buffer.numel() < count:
+            self._buffer = torch.empty(count)
+        out = self._buffer[:count]
+        torch.rand(count, generator=self._generator, out=out)
+        self._position = position + count
+        return out
+
+
+class RandomKeys(KeySource):
+    """Keys of the ``random`` criterion's scores for the ``index``-th ranked tensor, 0 where ``keep`` is ``False``.
+
+    Args:
+        stream: The scores of all ranked tensors (shared by their sources, read in order).
+        index: This tensor's place among them.
+        keep: Optional boolean keep-mask of the tensor: entries already pruned get key 0.
+        device: Where the tensor lives (the keys are produced there).
+    """
+
+    def __init__(self, stream: _RandomStream, index: int, keep: Tensor | None, device: torch.device) -> None:
+        self._stream = stream
+        self._start = stream.offsets[index]
+        self.numel = stream.offsets[index + 1] - self._start
+        self.device = device
+        self._keep = None if keep is None else keep.to(device).reshape(-1).view(torch.uint8)
+
+    def keys(self, start: int, stop: int) -> Tensor:
+        """The keys of the flat entries ``[start, stop)`` (in a buffer reused by the next call)."""
+        scores = self._stream.draw(self._start + start, stop - start)
+        keys = scores.view(torch.int32).add_(1).to(self.device)  # uniform scores are finite and non-negative
+        if self._keep is not None:
+            keys = keys.mul_(self._keep[start:stop])
+        return keys
+
+
+def _channel_scores(weight: Tensor, mask: Tensor | None, criterion: str, generator: torch.Generator | None) -> Tensor:
+    """The score of each output channel (dim 0) of ``weight`` (RMS magnitude or uniform random), ``_PRUNED_SCORE``
+    where ``mask`` prunes the whole channel; one float per channel, so never more than ``C`` numbers."""
+    if criterion == "magnitude":
+        rows = weight.detach().reshape(weight.shape[0], -1)
+        score = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32) / max(rows.shape[1], 1) ** 0.5
+    else:
+        score = torch.rand(weight.shape[0], generator=generator).to(weight.device)
+    if mask is not None:
+        score[~mask.reshape(mask.shape[0], -1).any(dim=1)] = _PRUNED_SCORE
+    return score
+
+
 def compute_masks(
     weights: Mapping[str, Tensor],
     sparsity: float,
@@ -95,6 +149,11 @@ def compute_masks(
     group: Any = None,
 ) -> dict[str, Tensor]:
     """Compute boolean keep-masks so that a fraction ``sparsity`` of the weights (or channels) is pruned.
+
+    Every ranking is the exact chunked radix selection of ``engine.distributed`` (``lowest_k_cut``, ``keep_masks``):
+    no sort, no ``kthvalue``, no concatenated or CPU copy of the scores. Unstructured scores are produced chunk by
+    chunk (``MagnitudeKeys``, ``RandomKeys``), so an update holds the new masks (1 byte per weight) plus a few MiB;
+    channel scores are one number per channel.
 
     With ``structure="channel"`` every tensor keeps at least its highest-scored channel (a layer with no output
     channel left would cut the network), so at most ``C - (number of tensors)`` channels are pruned.
@@ -118,7 +177,7 @@ def compute_masks(
 
     Raises:
         ValueError: If ``sparsity``, ``scope``, ``structure`` or ``criterion`` is not an allowed value.
-        NonFiniteWeightsError: If unstructured magnitude ranking meets NaN or Inf weights (a ``ValueError``).
+        NonFiniteWeightsError: If magnitude ranking meets NaN or Inf weights (a ``ValueError``).
 
     Examples:
         >>> masks = compute_masks({"w": torch.tensor([[0.1, -2.0], [0.5, 3.0]])}, 0.5)
@@ -131,67 +190,85 @@ def compute_masks(
     check_choice("structure", structure, STRUCTURES)
     check_choice("criterion", criterion, CRITERIA)
     current_masks = current_masks or {}
-    if group is not None or (structure == "unstructured" and criterion == "magnitude"):
-        return _magnitude_masks(weights, sparsity, scope, structure, criterion, current_masks, protected, group)
-    generator = torch.Generator().manual_seed(seed) if criterion == "random" else None
-    ranked = {name: w for name, w in weights.items() if name not in protected}
-    scores = {name: _scores(w, current_masks.get(name), structure, criterion, generator) for name, w in ranked.items()}
-    if structure == "channel":
-        for score in scores.values():
-            score[score.argmax()] = float("inf")  # the best channel of every layer stays
-        if scope == "global" and scores:  # never more than all but one channel per layer
-            sparsity = min(sparsity, 1.0 - len(scores) / sum(s.numel() for s in scores.values()))
-    if scope == "global" and scores:
-        flat = torch.cat([s.to(next(iter(scores.values())).device) for s in scores.values()])
-        pruned_flat = _lowest_k(flat, round(sparsity * flat.numel()))
-        pruned = dict(zip(scores, torch.split(pruned_flat, [s.numel() for s in scores.values()]), strict=True))
-    else:
-        keep_one = int(structure == "channel")
-        pruned = {
-            name: _lowest_k(s, min(round(sparsity * s.numel()), s.numel() - keep_one)) for name, s in scores.items()
-        }
-
-    masks = {}
-    for name, w in weights.items():
-        if name in protected:
-            masks[name] = torch.ones_like(w, dtype=torch.bool)
-            continue
-        keep = ~pruned[name].to(w.device)
-        if structure == "channel":
-            keep = keep.reshape(-1, *([1] * (w.dim() - 1))).expand_as(w)
-        masks[name] = keep.reshape(w.shape).clone()
-        if name in current_masks:  # masks only grow, even if the target went down
-            masks[name] &= current_masks[name].to(w.device)
-    return masks
-
-
-def _magnitude_masks(
-    weights: Mapping[str, Tensor],
-    sparsity: float,
-    scope: str,
-    structure: str,
-    criterion: str,
-    current_masks: Mapping[str, Tensor],
-    protected: Collection[str],
-    group: Any,
-) -> dict[str, Tensor]:
-    """Unstructured magnitude masks by radix selection over ``int32`` keys computed chunk by chunk on the weights'
-    device (no sort, no copy to the CPU, no array of all keys: the new masks, 1 byte per weight, plus a few MiB);
-    with a ``group``, over local shards with exact global counts and no gather."""
-    if structure != "unstructured" or criterion != "magnitude":
+    if group is not None and (structure != "unstructured" or criterion != "magnitude"):
         raise ValueError(
             f"Sharded weights (FSDP2) are pruned with `structure`='unstructured' and `criterion`='magnitude', got"
             f" `structure`={structure!r}, `criterion`={criterion!r}: channel groups and random scores span shards."
         )
+    if structure == "unstructured":
+        return _unstructured_masks(weights, sparsity, scope, criterion, current_masks, protected, group, seed)
+    return _channel_masks(weights, sparsity, scope, criterion, current_masks, protected, seed)
+
+
+def _channel_masks(
+    weights: Mapping[str, Tensor],
+    sparsity: float,
+    scope: str,
+    criterion: str,
+    current_masks: Mapping[str, Tensor],
+    protected: Collection[str],
+    seed: int,
+) -> dict[str, Tensor]:
+    generator = torch.Generator().manual_seed(seed) if criterion == "random" else None
     ranked = [name for name in weights if name not in protected]
-    buffers: dict[torch.device, Tensor] = {}  # one chunk of scratch per device, shared by all tensors
-    for name in ranked:
-        device = weights[name].device
-        if device not in buffers:
-            buffers[device] = scratch(device)
-    sources = {
-        name: MagnitudeKeys(weights[name], current_masks.get(name), buffers[weights[name].device]) for name in ranked
-    }
+    scores = {name: _channel_scores(weights[name], current_masks.get(name), criterion, generator) for name in ranked}
+    bad = {name: int((~torch.isfinite(weights[name].detach())).sum()) for name, s in scores.items() if s.isnan().any()}
+    if bad:
+        raise NonFiniteWeightsError(bad)
+    for score in scores.values():
+        if score.numel():
+            score[score.argmax()] = float("inf")  # the best channel of every layer stays
+    # Pruned channels get key 0, the others 1 + the bits of their score (the order of the scores).
+    sources = {name: KeySource(sortable_keys(s.clamp(min=0), s < 0)) for name, s in scores.items()}
+    keeps: dict[str, Tensor] = {}
+    if scope == "global" and sources:
+        channels = sum(s.numel for s in sources.values())
+        sparsity = min(sparsity, 1.0 - len(sources) / max(channels, 1))  # never more than all but one per layer
+        chosen = list(sources.values())
+        keeps = dict(zip(sources, keep_masks(chosen, lowest_k_cut(chosen, round(sparsity * channels))), strict=True))
+    else:
+        for name, source in sources.items():
+            k = min(round(sparsity * source.numel), max(source.numel - 1, 0))
+            keeps[name] = keep_masks([source], lowest_k_cut([source], k))[0]
+    masks = {}
+    for name, w in weights.items():
+        if name in keeps:
+            keep = keeps[name].to(w.device).reshape(-1, *([1] * (w.dim() - 1))).expand_as(w).clone()
+        else:
+            keep = torch.ones_like(w, dtype=torch.bool)
+        if name in current_masks:  # masks only grow, even if the target went down (protected tensors too)
+            keep &= current_masks[name].to(w.device)
+        masks[name] = keep
+    return masks
+
+
+def _unstructured_masks(
+    weights: Mapping[str, Tensor],
+    sparsity: float,
+    scope: str,
+    criterion: str,
+    current_masks: Mapping[str, Tensor],
+    protected: Collection[str],
+    group: Any,
+    seed: int,
+) -> dict[str, Tensor]:
+    """Unstructured masks by radix selection over ``int32`` keys computed chunk by chunk on the weights' device
+    (magnitudes) or drawn chunk by chunk (random scores): no sort, no copy to the CPU, no array of all keys, so the
+    new masks (1 byte per weight) plus a few MiB; with a ``group``, over local shards with exact global counts and no
+    gather."""
+    ranked = [name for name in weights if name not in protected]
+    sources: dict[str, KeySource] = {}
+    if criterion == "random":
+        stream = _RandomStream(seed, [weights[name].numel() for name in ranked])
+        for i, name in enumerate(ranked):
+            sources[name] = RandomKeys(stream, i, current_masks.get(name), weights[name].device)
+    else:
+        buffers: dict[torch.device, Tensor] = {}  # one chunk of scratch per device, shared by all tensors
+        for name in ranked:
+            device = weights[name].device
+            if device not in buffers:
+                buffers[device] = scratch(device)
+            sources[name] = MagnitudeKeys(weights[name], current_masks.get(name), buffers[device])
     numels = torch.tensor([weights[name].numel() for name in ranked], dtype=torch.int64)
     if group is not None:
         dist.all_reduce(numels, group=group)  # whole-tensor sizes
@@ -212,7 +289,7 @@ def _magnitude_masks(
     masks = {}
     for name, w in weights.items():
         keep = keeps[name].reshape(w.shape) if name in keeps else torch.ones_like(w, dtype=torch.bool)
-        if name in protected and name in current_masks:
+        if name in protected and name in current_masks:  # never pruned, but what is pruned stays pruned
             keep &= current_masks[name].to(w.device)
         masks[name] = keep
     return masks
@@ -231,13 +308,22 @@ class NonFiniteWeightsError(ValueError):
         super().__init__(f"Magnitude pruning needs finite weights; NaN or Inf entries: {found}.")
 
 
-class MaskApplier:
-    """Masks ready for the training hot path: zero pruned weights or gradients in one fused op.
+#: CPU: entries of a mask converted to the weight's dtype at a time, in a reused buffer (1 MiB at float32: it stays in
+#: the L2 cache). Tensors at most this long are masked together in one ``torch._foreach_mul_``.
+APPLY_CHUNK = 1 << 18
 
-    The boolean keep-masks themselves are used (1 byte per weight, no copy): each is multiplied in through its
-    ``uint8`` view, which ``torch._foreach_mul_`` runs nearly as fast as a float multiplier in the weight's dtype
-    (4 bytes per weight) and several times faster than a ``bool`` operand or ``masked_fill_`` (measured on CPU,
-    50M weights: 13-15 ms uint8, 12-13 ms float32, 40 ms bool, 80 ms ``masked_fill_``).
+
+class MaskApplier:
+    """Masks ready for the training hot path: zero pruned weights or gradients in place, one pass, no allocation.
+
+    The boolean keep-masks themselves are used (1 byte per weight, no copy), through their ``uint8`` views. On an
+    accelerator a tensor is multiplied by its mask directly (the kernel converts the bytes in registers). On the CPU
+    PyTorch would first convert a mixed-dtype operand into a temporary as large as the tensor (4 bytes per weight,
+    allocated and page-faulted at every call: about twice the time of a float multiply), so each large tensor is
+    masked in chunks of ``APPLY_CHUNK`` entries: the chunk of the mask is converted into one reused buffer of the
+    tensor's dtype that stays in cache, then multiplied in. Measured on this CPU at 4M weights: 1.1-1.3 ms per pass,
+    as fast as a float32 multiplier, against 2.1 ms for the direct ``uint8`` multiply, 8 ms for a ``bool`` operand and
+    13-16 ms for ``masked_fill_``/``torch.where``.
 
     Args:
         weights: The pruned tensors, by name.
@@ -253,38 +339,68 @@ class MaskApplier:
         self._multipliers = [_as_multiplier(masks[n], t) for n, t in zip(names, local, strict=True)]
         # Tensors no optimizer updates but that change anyway (BatchNorm running means of pruned channels).
         self._static = [i for i, w in enumerate(self._weights) if not w.requires_grad]
+        # CPU tensors longer than a chunk: their masks' chunks, made once (the hot path only splits the tensor).
+        self._chunks: dict[int, tuple[Tensor, ...]] = {
+            i: m.reshape(-1).split(APPLY_CHUNK)
+            for i, (m, t) in enumerate(zip(self._multipliers, local, strict=True))
+            if t.device.type == "cpu" and t.numel() > APPLY_CHUNK and m.is_contiguous()
+        }
+        self._buffers: dict[torch.dtype, Tensor] = {}  # one chunk per dtype, shared by every tensor
 
     def _local(self, tensors: list[Tensor]) -> list[Tensor]:
         return [local_tensor(t) for t in tensors] if self._sharded else tensors
+
+    def _zero_pruned(self, tensors: list[Tensor], indices: Sequence[int]) -> None:
+        """Multiply ``tensors`` (local tensors of the weights at ``indices``, or their gradients) by their masks."""
+        together: list[Tensor] = []
+        multipliers: list[Tensor] = []
+        for tensor, i in zip(tensors, indices, strict=True):
+            chunks = self._chunks.get(i)
+            if chunks is None or not tensor.is_contiguous() or not tensor.is_floating_point():
+                together.append(tensor)
+                multipliers.append(self._multipliers[i])
+                continue
+            buffer = self._buffers.get(tensor.dtype)
+            if buffer is None:
+                buffer = self._buffers[tensor.dtype] = torch.empty(APPLY_CHUNK, dtype=tensor.dtype)
+            for part, mask in zip(tensor.view(-1).split(APPLY_CHUNK), chunks, strict=True):
+                converted = buffer if mask.numel() == APPLY_CHUNK else buffer[: mask.numel()]
+                part.mul_(converted.copy_(mask))
+        if together:
+            torch._foreach_mul_(together, multipliers)
 
     @torch.no_grad()
     def apply(self) -> None:
         """Zero the pruned entries of every weight in place."""
         if self._weights:
-            torch._foreach_mul_(self._local(self._weights), self._multipliers)
+            self._zero_pruned(self._local(self._weights), range(len(self._weights)))
 
     @torch.no_grad()
     def apply_static(self) -> None:
         """Zero the pruned entries of the tensors that do not require gradients (buffers, frozen weights)."""
         if self._static:
-            weights = self._local([self._weights[i] for i in self._static])
-            torch._foreach_mul_(weights, [self._multipliers[i] for i in self._static])
+            self._zero_pruned(self._local([self._weights[i] for i in self._static]), self._static)
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
         """Zero the gradients of pruned entries in place, so clipping and optimizer statistics ignore them."""
-        pairs = [(w.grad, m) for w, m in zip(self._weights, self._multipliers, strict=True) if w.grad is not None]
-        if pairs:
-            torch._foreach_mul_(self._local([g for g, _ in pairs]), [m for _, m in pairs])
+        indices = [i for i, w in enumerate(self._weights) if w.grad is not None]
+        if indices:
+            grads = [self._weights[i].grad for i in indices]
+            self._zero_pruned(self._local(grads), indices)  # type: ignore[arg-type]  # not None, checked above
 
     @torch.no_grad()
     def mask_state(self, optimizer: torch.optim.Optimizer) -> None:
         """Zero the pruned entries of ``optimizer``'s per-weight state (momentum, Adam moments), so that with masked
         gradients its next steps leave pruned weights at zero."""
-        for weight, multiplier in zip(self._weights, self._multipliers, strict=True):
+        tensors, indices = [], []
+        for i, weight in enumerate(self._weights):
             for value in optimizer.state.get(weight, {}).values():
                 if isinstance(value, Tensor) and value.shape == weight.shape and value.is_floating_point():
-                    local_tensor(value).mul_(multiplier)
+                    tensors.append(local_tensor(value))
+                    indices.append(i)
+        if tensors:
+            self._zero_pruned(tensors, indices)
 
 
 def _as_multiplier(mask: Tensor, like: Tensor) -> Tensor:

@@ -413,7 +413,13 @@ class GradualPruner:
 
     def _check_finite(self, step: int) -> None:
         local = self._local_weights()
-        bad_counts = torch.tensor([int((~torch.isfinite(w.detach())).sum()) for w in local.values()])
+        # A sum is NaN or Inf when an entry is (or, rarely, when finite entries overflow it): one read of each weight
+        # and no tensor-sized temporary; entries are counted exactly only in a tensor whose sum is not finite.
+        counts = []
+        for weight in local.values():
+            finite = bool(torch.isfinite(weight.detach().sum(dtype=torch.float32)))
+            counts.append(0 if finite else int((~torch.isfinite(weight.detach())).sum()))
+        bad_counts = torch.tensor(counts, dtype=torch.int64)
         if self.shard_group is not None:  # every process raises together (else the others hang in a collective)
             dist.all_reduce(bad_counts, group=self.shard_group)
         self._raise_non_finite(dict(zip(local, bad_counts.tolist(), strict=True)), step)

@@ -239,3 +239,143 @@ def test_applier_holds_the_boolean_masks_only():
         assert multiplier.dtype == torch.uint8 and multiplier.data_ptr() == mask.data_ptr()  # a view, no copy
     with pytest.raises(ValueError, match=r"must be boolean and shaped like its weight"):
         MaskApplier(weights, {"a": masks["a"].float()})
+
+
+def _old_scores_reference(weights, sparsity, scope, structure, criterion, current, protected, seed):
+    """The masks of the former implementation: every score in one tensor, ``kthvalue``, ties to the lowest index."""
+    from lightning_compress.engine.masks import _lowest_k
+
+    generator = torch.Generator().manual_seed(seed)
+    ranked = [n for n in weights if n not in protected]
+    scores = {}
+    for name in ranked:
+        w, mask = weights[name], current.get(name)
+        if structure == "channel":
+            rows = w.reshape(w.shape[0], -1).float()
+            s = (
+                rows.norm(dim=1) / rows.shape[1] ** 0.5
+                if criterion == "magnitude"
+                else torch.rand(w.shape[0], generator=generator)
+            )
+            if mask is not None:
+                s[~mask.reshape(mask.shape[0], -1).any(dim=1)] = -1.0
+            s[s.argmax()] = float("inf")
+        else:
+            s = w.abs().flatten() if criterion == "magnitude" else torch.rand(w.numel(), generator=generator)
+            if mask is not None:
+                s[~mask.flatten()] = -1.0
+        scores[name] = s
+    if structure == "channel" and scope == "global":
+        sparsity = min(sparsity, 1.0 - len(scores) / sum(s.numel() for s in scores.values()))
+    if scope == "global":
+        flat = torch.cat(list(scores.values()))
+        pruned = dict(
+            zip(
+                scores,
+                torch.split(_lowest_k(flat, round(sparsity * flat.numel())), [s.numel() for s in scores.values()]),
+                strict=True,
+            )
+        )
+    else:
+        keep_one = int(structure == "channel")
+        pruned = {n: _lowest_k(s, min(round(sparsity * s.numel()), s.numel() - keep_one)) for n, s in scores.items()}
+    masks = {}
+    for name, w in weights.items():
+        if name not in pruned:  # protected: never pruned, but what is pruned already stays pruned
+            masks[name] = current.get(name, torch.ones_like(w, dtype=torch.bool)).clone()
+            continue
+        keep = ~pruned[name]
+        if structure == "channel":
+            keep = keep.reshape(-1, *([1] * (w.dim() - 1))).expand_as(w)
+        masks[name] = keep.reshape(w.shape).clone() & current.get(name, torch.ones_like(w, dtype=torch.bool))
+    return masks
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    structure=st.sampled_from(["unstructured", "channel"]),
+    criterion=st.sampled_from(["random", "magnitude"]),
+    scope=st.sampled_from(["global", "local"]),
+    sparsity=st.floats(0.0, 1.0),
+    seed=st.integers(0, 1000),
+    ties=st.booleans(),
+    protect=st.booleans(),
+)
+def test_random_and_channel_rankings_equal_the_former_kthvalue_masks(
+    structure, criterion, scope, sparsity, seed, ties, protect
+):
+    """Random and channel rankings go through the chunked radix selection (chunks of 64 entries here, so tensors span
+    many): the same masks as the former concatenated ``kthvalue``, ties and pruned entries included."""
+    import lightning_compress.engine.distributed as distributed
+
+    g = torch.Generator().manual_seed(seed)
+    weights = {
+        "a": torch.randn(40, 9, generator=g),
+        "b": torch.randn(12, 3, 2, 2, generator=g),
+        "c": torch.randn(300, generator=g),
+    }
+    if ties:
+        weights = {n: (w * 2).round() / 2 for n, w in weights.items()}
+    current = {n: torch.rand(w.shape, generator=g) > 0.3 for n, w in weights.items()}
+    if structure == "channel":  # whole channels pruned in the current masks
+        current = {
+            n: m.reshape(m.shape[0], -1)[:, :1].expand(m.shape[0], m[0].numel()).reshape(m.shape)
+            for n, m in current.items()
+        }
+    protected = ["b"] if protect else []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(distributed, "CHUNK", 64)
+        got = compute_masks(
+            weights,
+            sparsity,
+            scope=scope,
+            structure=structure,
+            criterion=criterion,
+            current_masks=current,
+            seed=seed,
+            protected=protected,
+        )
+    expected = _old_scores_reference(weights, sparsity, scope, structure, criterion, current, protected, seed)
+    assert all(torch.equal(got[n], expected[n]) for n in weights)
+
+
+def test_random_scores_are_drawn_again_for_out_of_order_reads():
+    from lightning_compress.engine.masks import RandomKeys, _RandomStream
+
+    stream = _RandomStream(7, [5, 0, 9])
+    first, last = RandomKeys(stream, 0, None, torch.device("cpu")), RandomKeys(stream, 2, None, torch.device("cpu"))
+    in_order = [first.keys(0, 5).clone(), last.keys(0, 4).clone(), last.keys(4, 9).clone()]
+    expected = torch.rand(14, generator=torch.Generator().manual_seed(7)).view(torch.int32) + 1
+    assert torch.equal(torch.cat(in_order), expected)
+    assert torch.equal(last.keys(4, 9), expected[9:])  # a read that does not continue the stream: drawn again
+    assert torch.equal(first.keys(2, 5), expected[2:5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_applier_masks_tensors_larger_than_a_chunk_exactly(dtype):
+    """CPU tensors longer than ``APPLY_CHUNK`` are masked chunk by chunk through a cached buffer; small ones, and
+    gradients laid out unlike their masks, in one ``torch._foreach_mul_``: every result equals ``tensor * mask``."""
+    from lightning_compress.engine.masks import APPLY_CHUNK
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"big": (APPLY_CHUNK // 100 + 3, 250), "small": (7, 5), "exact": (APPLY_CHUNK,)}
+    weights = {n: nn.Parameter(torch.randn(s, generator=g).to(dtype)) for n, s in shapes.items()}
+    masks = {n: torch.rand(s, generator=g) > 0.6 for n, s in shapes.items()}
+    expected = {n: w.detach() * masks[n].to(dtype) for n, w in weights.items()}
+    grads = {n: torch.randn(s, generator=g).to(dtype) for n, s in shapes.items()}
+    grads["big"] = grads["big"].t().contiguous().t()  # same shape, column-major: not chunked
+    for name, weight in weights.items():
+        weight.grad = grads[name].clone()
+    optimizer = torch.optim.Adam(weights.values())
+    optimizer.state[weights["big"]] = {"exp_avg": torch.randn(shapes["big"], generator=g), "step": torch.tensor(3.0)}
+    state_before = optimizer.state[weights["big"]]["exp_avg"].clone()
+    applier = MaskApplier(weights, masks)
+    applier.apply()
+    applier.mask_gradients()
+    applier.mask_state(optimizer)
+    for name, weight in weights.items():
+        assert torch.equal(weight.detach(), expected[name]), name
+        assert torch.equal(weight.grad, grads[name] * masks[name].to(dtype)), name
+    assert torch.equal(optimizer.state[weights["big"]]["exp_avg"], state_before * masks["big"])
+    assert optimizer.state[weights["big"]]["step"] == 3.0
+    assert len(applier._buffers) == 1 + (dtype != torch.float32)  # one chunk per dtype (the fp32 Adam state)

@@ -191,3 +191,49 @@ def test_the_weight_pass_is_skipped_only_when_it_would_change_nothing(monkeypatc
     pruner.mask_gradients()
     pruner.after_optimizer_step(other)  # an optimizer outside ZERO_PRESERVING
     assert len(passes) == 3
+
+
+_REVIVING = {
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.05),
+    "adamw_decay": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("make", _REVIVING.values(), ids=list(_REVIVING))
+def test_without_masking_each_step_these_optimizers_revive_pruned_weights(make):
+    """Why a pass per step is needed: with the weights zeroed once, an unmasked gradient moves them at the next step;
+    with masked gradients but the state from before the masks (momentum, Adam moments), they move too; masking both
+    (what ``after_optimizer_step`` does once per mask change, ``mask_gradients`` every step) keeps them at zero."""
+
+    def pruned_after_steps(mask_gradients: bool, mask_state: bool) -> int:
+        net = _net()
+        pruner = GradualPruner(_weights(net), PruningConfig(target_sparsity=0.5, end_step=3).resolve(None))
+        opt = make(net.parameters())
+        for step in range(6):  # dense steps: the optimizer's state fills at every entry
+            opt.zero_grad()
+            net(torch.randn(16, 8)).pow(2).mean().backward()
+            if step == 3:
+                assert pruner.step(3)  # masks at 50%, weights zeroed once
+                if mask_state:
+                    pruner._applier.mask_state(opt)
+            if step >= 3 and mask_gradients:
+                pruner.mask_gradients()
+            opt.step()
+        return sum(int(torch.count_nonzero(w.detach()[~pruner.masks[n]])) for n, w in _weights(net).items())
+
+    assert pruned_after_steps(mask_gradients=False, mask_state=True) > 0
+    assert pruned_after_steps(mask_gradients=True, mask_state=False) > 0
+    assert pruned_after_steps(mask_gradients=True, mask_state=True) == 0
+
+
+def test_random_criterion_refuses_nan_and_inf_weights():
+    net = _net()
+    config = PruningConfig(target_sparsity=0.5, end_step=4, criterion="random").resolve(None)
+    pruner = GradualPruner(_weights(net), config)
+    with torch.no_grad():
+        net[0].weight[1, 2] = float("inf")
+        net[0].weight[3, 0] = -float("inf")  # the sum of the tensor is NaN
+        net[2].weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"2 entries of '0.weight' are NaN or Inf at step 4"):
+        pruner.step(4)
