@@ -1,23 +1,31 @@
-"""The demo study: LeNet-5 on Fashion-MNIST, dense vs pruned vs pruned + QAT vs PTQ, compared in one table.
+"""The demo study: what compression buys on a ResNet on Fashion-MNIST, dense vs pruned vs int8 vs pruned + int8.
 
-    python examples/study.py                  # the full study (a few minutes on 2 CPU cores)
+    python examples/study.py                  # the full study (about 10 minutes on 2 CPU cores)
     python examples/study.py --quick          # small subsets, 1 epoch: a smoke test
-    python examples/study.py --studies dense prune --epochs 8 --logdir runs/mine
+    python examples/study.py --net lenet5     # LeNet-5: dense, 90% unstructured pruning, + QAT, PTQ (~2 minutes)
+    python examples/study.py --studies dense channel --epochs 6 --logdir runs/mine
 
-Every study trains (or, for ``ptq``, quantizes) LeNet-5 from the same seed with the same data order, and is its own
-TensorBoard run under one log directory (``<logdir>/<study>/version_N``) with a :class:`CompressionReport`:
+Every study trains (or, for ``ptq``, quantizes) the network (``--net``: the ResNet-ish net by default, 3 stages x 2
+residual blocks of widths 32/64/128, 0.7M parameters; or LeNet-5) from the same seed with the same data order, and is
+its own TensorBoard run under one log directory (``<logdir>/<study>/version_N``) with a :class:`CompressionReport`:
 
 * ``dense``: the baseline;
-* ``prune``: :class:`IterativePruningCallback`, cubic ramp to 90% sparsity over the first half of training;
+* ``channel``: :class:`IterativePruningCallback` with ``structure="channel"``, a cubic ramp to 50% of the channels
+  over the first half of training, then the pruned channels removed at fit end: a smaller, faster float network;
+* ``channel_qat``: the same channel pruning, then :class:`QATCallback` from the end of the ramp on: the int8 model of
+  the compact network (pruned + int8);
+* ``prune``: :class:`IterativePruningCallback`, cubic ramp to 90% (unstructured) sparsity over the first half;
 * ``prune_qat``: the same pruning, then :class:`QATCallback` from the end of the ramp on: a sparse int8 model;
 * ``ptq``: :class:`PostTrainingQuantCallback` on the dense model (its saved weights, no retraining), run by
-  ``trainer.validate``.
+  ``trainer.validate``: int8 without retraining.
 
-At the end every artifact is loaded back from disk and measured the same way: test accuracy (the 10k test images),
-sparsity and non-zero weights, size on disk (float: the saved ``state_dict``; int8: the ``.onnx`` file of the
-callbacks' default ONNX Runtime backend) and CPU latency at batch 1 and 64 (1 thread, medians of runs alternated with
-the dense model; float eager, int8 run by ONNX Runtime, or compiled with Inductor for a ``.pt2``), each relative to
-dense. The table is printed and written to ``study.md`` / ``study.json`` in the log
+The ResNet-ish net runs ``dense channel channel_qat ptq`` by default, LeNet-5 ``dense prune prune_qat ptq`` (too
+small for channel pruning to speed it up); ``--studies`` picks any of them. At the end every artifact is loaded back
+from disk and measured the same way: test accuracy, the weights left (non-zero weights of the artifact against the
+dense network's), size on disk (float: the saved ``state_dict``, compact: its smaller ``state_dict``; int8: the
+``.onnx`` file of the callbacks' default ONNX Runtime backend) and CPU latency at batch 1 and 64 (1 thread, medians of
+runs alternated with the dense model; float eager, int8 run by ONNX Runtime, or compiled with Inductor for a
+``.pt2``), each relative to dense. The table is printed and written to ``study.md`` / ``study.json`` in the log
 directory, with a cross-run accuracy-vs-sparsity figure in the TensorBoard run ``study``.
 """
 
@@ -50,16 +58,22 @@ from lightning_compress import IterativePruningCallback, QATCallback
 from lightning_compress.callbacks import _figures as figures
 from lightning_compress.callbacks.report import CompressionReport, jsonable
 from lightning_compress.demos.data import FashionMNISTDataModule
-from lightning_compress.demos.models import ImageClassifier, LeNet5
+from lightning_compress.demos.models import ImageClassifier, build_model
 from lightning_compress.engine.convert import compile_int8, int8_weights, load_quantized
 from lightning_compress.engine.masks import measure_sparsity
 from lightning_compress.engine.measure import compare_latency, measure_latency
 from lightning_compress.engine.selection import select_parameters
+from lightning_compress.engine.structured import load_compact
 
-STUDIES = ("dense", "prune", "prune_qat", "ptq")
+STUDIES = ("dense", "channel", "channel_qat", "prune", "prune_qat", "ptq")
+NETS = {"resnetish": "ResNet-ish", "lenet5": "LeNet-5"}
+DEFAULT_STUDIES = {
+    "resnetish": ("dense", "channel", "channel_qat", "ptq"),
+    "lenet5": ("dense", "prune", "prune_qat", "ptq"),
+}
 DEFAULT_LOGDIR = "runs/demo"
-DEFAULT_EPOCHS = 4  # ~88% test accuracy dense; the whole study takes about 4.5 CPU-minutes
-TARGET_SPARSITY = 0.9
+TARGET_SPARSITY = 0.9  # unstructured: a fraction of the weights
+CHANNEL_SPARSITY = 0.5  # structured: a fraction of the prunable channels
 LATENCY_BATCH_SIZES = (1, 64)
 FLOAT_FILE = "model_float.pt"
 
@@ -75,6 +89,7 @@ class Settings:
     epochs: int
     seed: int
     quick: bool
+    net: str = "resnetish"
     batch_size: int = 128
     train_subset: int | None = None
     val_size: int = 5000
@@ -87,8 +102,14 @@ class Settings:
         logdir = Path(args.logdir).resolve()
         if args.quick:
             epochs = args.epochs or 1
-            return cls(logdir, epochs, args.seed, True, 64, 1024, 512, 512, calibration_batches=4, latency_repeats=5)
-        return cls(logdir, args.epochs or DEFAULT_EPOCHS, args.seed, False)
+            return cls(
+                logdir, epochs, args.seed, True, args.net, 64, 1024, 512, 512, calibration_batches=4, latency_repeats=5
+            )
+        if args.net == "resnetish":
+            # 81M multiply-accumulates per image: about 0.9 s per training step of 128 on one core, so an 8k-image
+            # subset for 3 epochs keeps the four studies near 10 minutes
+            return cls(logdir, args.epochs or 3, args.seed, False, args.net, train_subset=8000, val_size=2000)
+        return cls(logdir, args.epochs or 4, args.seed, False, args.net)  # LeNet-5: ~88% dense, ~2 minutes
 
 
 @dataclass
@@ -98,7 +119,7 @@ class StudyRun:
     name: str
     log_dir: Path
     artifact: Path
-    kind: str  # "float" or "int8"
+    kind: str  # "float", "compact" (channels removed, float) or "int8"
     report: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     curve: list[tuple[float, float]] = field(default_factory=list)  # (sparsity, val_acc) during training
@@ -124,7 +145,7 @@ class _EpochLines(Callback):
         pruning = [
             cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, IterativePruningCallback) and cb.history
         ]
-        extra = f", sparsity {pruning[0].history[-1][1]:.1%}" if pruning else ""
+        extra = f", weight sparsity {pruning[0].history[-1][1]:.1%}" if pruning else ""
         console.print(
             f"  [{self.name}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: val_acc {acc:.4f}{extra}"
             f" ({time.perf_counter() - self.start:.0f} s)",
@@ -176,18 +197,30 @@ def _report(baseline: float | None) -> CompressionReport:
 
 
 def train_study(name: str, settings: Settings, baseline: float | None) -> StudyRun:
-    """Train LeNet-5 from the common seed with the callbacks of study ``name`` (``dense``, ``prune``, ``prune_qat``)."""
+    """Train the network from the common seed with the callbacks of study ``name`` (every study but ``ptq``)."""
     data = _data(settings)
     total = _steps(settings, data)
-    ramp_end = max(1, total // 2)  # prune over the first half, then recover (and, for prune_qat, quantize)
+    ramp_end = max(1, total // 2)  # prune over the first half, then recover (and, for *_qat, quantize)
     callbacks: list[Callback] = [_report(baseline)]
+    pruning: IterativePruningCallback | None = None
     if name in ("prune", "prune_qat"):
-        callbacks.append(
-            IterativePruningCallback(
-                target_sparsity=TARGET_SPARSITY, end_step=ramp_end, monitor="val_acc", verbose=False
-            )
+        pruning = IterativePruningCallback(
+            target_sparsity=TARGET_SPARSITY, end_step=ramp_end, monitor="val_acc", verbose=False
         )
-    if name == "prune_qat":
+    if name in ("channel", "channel_qat"):
+        # group-complete channel masks during training; at fit end the pruned channels are removed for real, and a
+        # QATCallback in the same fit converts that compact network
+        pruning = IterativePruningCallback(
+            target_sparsity=CHANNEL_SPARSITY,
+            structure="channel",
+            end_step=ramp_end,
+            module="net",
+            monitor="val_acc",
+            verbose=False,
+        )
+    if pruning is not None:
+        callbacks.append(pruning)
+    if name in ("prune_qat", "channel_qat"):
         callbacks.append(
             QATCallback(
                 start=ramp_end,
@@ -199,18 +232,20 @@ def train_study(name: str, settings: Settings, baseline: float | None) -> StudyR
             )
         )
     L.seed_everything(settings.seed, verbose=False)  # the same initial weights for every study
-    model = ImageClassifier(arch="lenet5")
+    model = ImageClassifier(arch=settings.net, lr_schedule="cosine")
     trainer = _trainer(settings, name, callbacks)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     log_dir = Path(trainer.log_dir or settings.logdir)
     run = StudyRun(name, log_dir, log_dir / FLOAT_FILE, "float", seconds=time.perf_counter() - start)
+    if pruning is not None:
+        run.curve = [(s, m) for _, s, m in pruning.history]
+        if getattr(pruning, "compact_paths", None):  # the compact network's state dict (rebuilt with load_compact)
+            run.artifact, run.kind = Path(pruning.compact_paths[0]), "compact"
     for cb in callbacks:
         if isinstance(cb, QATCallback):
             run.artifact, run.kind = Path(str(cb.results["saved_to"])), "int8"
-        if isinstance(cb, IterativePruningCallback):
-            run.curve = [(s, m) for _, s, m in cb.history]
-    if run.kind == "float":  # the float artifact: the network's weights, loadable into a plain LeNet5
+    if run.kind == "float":  # the float artifact: the network's weights, loadable into a fresh network
         torch.save(model.net.state_dict(), run.artifact)
     _take_report(run, callbacks)
     return run
@@ -221,7 +256,7 @@ def ptq_study(settings: Settings, dense_weights: Path, baseline: float | None) -
     from lightning_compress.callbacks.ptq import PostTrainingQuantCallback
 
     data = _data(settings)
-    model = ImageClassifier(arch="lenet5")
+    model = ImageClassifier(arch=settings.net)
     model.net.load_state_dict(torch.load(dense_weights, weights_only=True))
     ptq = PostTrainingQuantCallback(
         mode="static",
@@ -248,20 +283,29 @@ def _take_report(run: StudyRun, callbacks: list[Callback]) -> None:
     run.report, run.settings = dict(report.results), dict(report.settings)
 
 
-def _latest_dense(logdir: Path) -> Path | None:
-    """The dense weights of the latest earlier ``dense`` run in ``logdir``."""
+def _latest_dense(logdir: Path, net: str) -> Path | None:
+    """The dense weights of the latest earlier ``dense`` run of network ``net`` in ``logdir``."""
     candidates = sorted(logdir.glob(f"dense/version_*/{FLOAT_FILE}"), key=lambda p: int(p.parent.name.split("_")[1]))
-    return candidates[-1] if candidates else None
+    for path in reversed(candidates):
+        try:  # a dense run of the other network may share the log directory
+            build_model(net).load_state_dict(torch.load(path, weights_only=True))
+        except RuntimeError:
+            continue
+        return path
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Measuring the artifacts the same way
 # --------------------------------------------------------------------------------------------------------------------
-def _load(run: StudyRun) -> tuple[Callable[..., Any], Callable[..., Any], dict[str, float]]:
+def _load(run: StudyRun, net_name: str) -> tuple[Callable[..., Any], Callable[..., Any], dict[str, float]]:
     """(eager function, deployed function, weight counts) of a run's artifact loaded from disk."""
-    if run.kind == "float":
-        net = LeNet5()
-        net.load_state_dict(torch.load(run.artifact, weights_only=True))
+    if run.kind in ("float", "compact"):
+        if run.kind == "compact":  # a fresh network, shrunk to the saved layer shapes
+            net = load_compact(run.artifact, model=build_model(net_name))
+        else:
+            net = build_model(net_name)
+            net.load_state_dict(torch.load(run.artifact, weights_only=True))
         net.eval()
         stats = measure_sparsity(select_parameters(net, None, None))
         return net, net, {"weights": float(stats.total_numel), "nonzero_weights": float(stats.nonzero)}
@@ -312,12 +356,14 @@ def measure_runs(runs: list[StudyRun], dense: StudyRun | None, settings: Setting
     data.setup("test")
     loader = data.test_dataloader()
     images = torch.cat([x for x, _ in loader])[: max(LATENCY_BATCH_SIZES)]
-    dense_fn = _load(dense)[1] if dense is not None else None
+    dense_fn = _load(dense, settings.net)[1] if dense is not None else None
+    dense_weights = measure_sparsity(select_parameters(build_model(settings.net), None, None)).total_numel
     for run in runs:
         console.print(f"  measuring {run.name} ({run.artifact.name}) ...")
-        eager, deployed, counts = _load(run)
+        eager, deployed, counts = _load(run, settings.net)
         run.measured = {"test_acc": _accuracy(eager, loader), **counts, **_file_sizes(run.artifact)}
-        run.measured["sparsity"] = 1.0 - counts["nonzero_weights"] / counts["weights"]
+        # against the dense network's weights: a removed channel counts like a zeroed weight
+        run.measured["sparsity"] = 1.0 - counts["nonzero_weights"] / dense_weights
         for n in LATENCY_BATCH_SIZES:
             batch = images[:n].contiguous()
             if dense_fn is None or run is dense:
@@ -395,9 +441,11 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 NOTES = (
     "Ratios are x dense: below 1.00x is fewer, smaller or faster. "
-    "Accuracy: the Fashion-MNIST test images, each artifact loaded back from disk with load_quantized. "
-    "Sparsity and non-zero weights: Linear/Conv weights of the artifact (int8 rounding adds a few zeros). "
-    "Size: float = the saved state_dict, int8 = the saved .onnx (ONNX Runtime, the callbacks' default backend); "
+    "Accuracy: the Fashion-MNIST test images, each artifact loaded back from disk (load_compact, load_quantized). "
+    "Sparsity and non-zero weights: the Linear/Conv weights of the artifact against the dense network's (removed "
+    "channels count as zeros; int8 rounding adds a few zeros). "
+    "Size: float = the saved state_dict, compact = the state_dict of the network with its pruned channels removed, "
+    "int8 = the saved .onnx (ONNX Runtime, the callbacks' default backend); "
     "gzipped shows what sparsity saves once compressed. Latency: medians, 1 thread, after warm-up; float eager, "
     "int8 run by ONNX Runtime (a .pt2 from backend='inductor' is compiled with Inductor). Each study is timed "
     "alternated with the dense model in 3 rounds: 'A vs B' are its median and the dense median of those same runs, "
@@ -409,7 +457,8 @@ NOTES = (
 def write_outputs(runs: list[StudyRun], dense: StudyRun | None, settings: Settings, seconds: float) -> str:
     """Print the table, write ``study.md``/``study.json`` and the cross-run TensorBoard run ``study``."""
     rows = table_rows(runs, dense)
-    table = Table(title=f"LeNet-5 on Fashion-MNIST, {settings.epochs} epoch(s){' (quick)' if settings.quick else ''}")
+    title = f"{NETS[settings.net]} on Fashion-MNIST, {settings.epochs} epoch(s){' (quick)' if settings.quick else ''}"
+    table = Table(title=title)
     for i, column in enumerate(COLUMNS):
         table.add_column(column, justify="left" if i == 0 else "right")
     for row in rows:
@@ -420,7 +469,9 @@ def write_outputs(runs: list[StudyRun], dense: StudyRun | None, settings: Settin
     markdown = f"{markdown_table(rows)}\n\n{NOTES}\n"
     (settings.logdir / "study.md").write_text(markdown)
     document = {
+        "net": settings.net,
         "epochs": settings.epochs,
+        "train_subset": settings.train_subset,
         "quick": settings.quick,
         "seed": settings.seed,
         "seconds": seconds,
@@ -468,11 +519,24 @@ def _write_study_run(runs: list[StudyRun], logdir: Path, markdown: str) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="examples/study.py",
-        description="Train LeNet-5 on Fashion-MNIST dense, pruned, pruned+QAT and PTQ, and compare them.",
+        description="Train a network on Fashion-MNIST dense, pruned, int8 and pruned + int8, and compare them.",
     )
-    parser.add_argument("--quick", action="store_true", help="small subsets and 1 epoch: a smoke test (~1 minute)")
-    parser.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {DEFAULT_EPOCHS})")
-    parser.add_argument("--studies", nargs="+", choices=STUDIES, default=list(STUDIES), help="which studies to run")
+    parser.add_argument("--quick", action="store_true", help="small subsets and 1 epoch: a smoke test (a few minutes)")
+    parser.add_argument(
+        "--net", choices=list(NETS), default="resnetish", help="the network (default resnetish; lenet5 is faster)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="training epochs (default 3 for resnetish, 4 for lenet5)"
+    )
+    parser.add_argument(
+        "--studies",
+        nargs="+",
+        choices=STUDIES,
+        default=None,
+        help="which studies to run (default: "
+        + "; ".join(f"{n}: {' '.join(s)}" for n, s in DEFAULT_STUDIES.items())
+        + ")",
+    )
     parser.add_argument(
         "--logdir", default=DEFAULT_LOGDIR, help=f"TensorBoard log directory (default {DEFAULT_LOGDIR})"
     )
@@ -481,8 +545,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--threads",
         type=int,
         default=1,
-        help="torch threads for training (default 1: LeNet-5 gains little from more, and on a busy 2-core machine"
-        " 2 threads ran 8x slower per step than 1)",
+        help="torch threads for training (default 1: on a busy 2-core machine 2 threads ran up to 8x slower per step"
+        " than 1)",
     )
     args = parser.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
@@ -514,18 +578,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, StudyRun]:
     settings.logdir.mkdir(parents=True, exist_ok=True)
     _quiet()
     torch.set_num_threads(args.threads)  # latency is always timed with 1 thread
-    studies = [s for s in STUDIES if s in args.studies]
+    chosen = args.studies or DEFAULT_STUDIES[settings.net]
+    studies = [s for s in STUDIES if s in chosen]
     start = time.perf_counter()
     runs: dict[str, StudyRun] = {}
+    subset = f" ({settings.train_subset:,} training images)" if settings.train_subset else ""
     console.print(
-        f"[bold]Compression study[/bold]: LeNet-5 on Fashion-MNIST, {settings.epochs} epoch(s), studies "
-        f"{', '.join(studies)}; logs in {settings.logdir}"
+        f"[bold]Compression study[/bold]: {NETS[settings.net]} on Fashion-MNIST, {settings.epochs} epoch(s){subset},"
+        f" studies {', '.join(studies)}; logs in {settings.logdir}"
     )
     for index, name in enumerate(studies, 1):
-        console.print(f"[bold][{index}/{len(studies)}] {name}[/bold]: {_describe(name)}")
+        console.print(f"[bold][{index}/{len(studies)}] {name}[/bold]: {_describe(name, NETS[settings.net])}")
         baseline = runs["dense"].report.get("val_acc") if "dense" in runs else None
         if name == "ptq":
-            dense_weights = runs["dense"].artifact if "dense" in runs else _latest_dense(settings.logdir)
+            dense_weights = runs["dense"].artifact if "dense" in runs else _latest_dense(settings.logdir, settings.net)
             if dense_weights is None:
                 console.print("  ptq needs the dense model and there is none in the log directory: training it first")
                 runs["dense"] = train_study("dense", settings, None)
@@ -537,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, StudyRun]:
 
     console.print("[bold]Measuring the artifacts[/bold] (test accuracy, size, latency alternated with dense) ...")
     dense = runs.get("dense")
-    if dense is None and (earlier := _latest_dense(settings.logdir)) is not None:
+    if dense is None and (earlier := _latest_dense(settings.logdir, settings.net)) is not None:
         dense = StudyRun("dense", earlier.parent, earlier, "float")  # compare with the earlier dense run
     ordered = [r for r in runs.values()]
     measure_runs([dense, *ordered] if dense is not None and dense not in ordered else ordered, dense, settings)
@@ -549,9 +615,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, StudyRun]:
     return runs
 
 
-def _describe(name: str) -> str:
+def _describe(name: str, net: str) -> str:
     return {
-        "dense": "train LeNet-5 without compression (the baseline)",
+        "dense": f"train {net} without compression (the baseline)",
+        "channel": f"IterativePruningCallback(structure='channel'): {CHANNEL_SPARSITY:.0%} of the channels over the"
+        " first half, then removed for real",
+        "channel_qat": "the same channel pruning, then QATCallback from the end of the ramp: the compact net in int8",
         "prune": f"train with IterativePruningCallback, cubic ramp to {TARGET_SPARSITY:.0%} over the first half",
         "prune_qat": "the same pruning, then QATCallback from the end of the ramp: a sparse int8 model",
         "ptq": "PostTrainingQuantCallback on the dense weights in trainer.validate: int8 without retraining",

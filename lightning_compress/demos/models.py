@@ -168,6 +168,8 @@ class ImageClassifier(pl.LightningModule):
         lr: Learning rate.
         weight_decay: Weight decay (L2 for ``"adam"`` and ``"sgd"``).
         optimizer: ``"adam"`` or ``"sgd"`` (with momentum 0.9).
+        lr_schedule: ``"constant"``, or ``"cosine"``: the learning rate decays to zero over the fit's optimizer steps
+            (``trainer.estimated_stepping_batches``), which steadies the final accuracy of short runs.
 
     Examples:
         >>> model = ImageClassifier(arch="mlp", lr=1e-3)
@@ -176,15 +178,22 @@ class ImageClassifier(pl.LightningModule):
     """
 
     def __init__(
-        self, arch: str = "lenet5", lr: float = 1e-3, weight_decay: float = 0.0, optimizer: str = "adam"
+        self,
+        arch: str = "lenet5",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        optimizer: str = "adam",
+        lr_schedule: str = "constant",
     ) -> None:
         super().__init__()
         check_choice("optimizer", optimizer, ("adam", "sgd"))
+        check_choice("lr_schedule", lr_schedule, ("constant", "cosine"))
         self.save_hyperparameters()
         self.net = build_model(arch)
         self.lr = lr
         self.weight_decay = weight_decay
         self.optimizer_name = optimizer
+        self.lr_schedule = lr_schedule
         self.val_acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
         self.example_input_array = torch.zeros(1, 1, 28, 28)
@@ -221,8 +230,16 @@ class ImageClassifier(pl.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam, or SGD with momentum 0.9, over all parameters."""
+    def configure_optimizers(self) -> Any:
+        """Adam, or SGD with momentum 0.9, over all parameters; with ``lr_schedule="cosine"`` a per-step cosine
+        decay."""
+        optimizer: torch.optim.Optimizer
         if self.optimizer_name == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.lr_schedule == "constant":
+            return optimizer
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -223,3 +223,16 @@ def test_image_classifier_checkpoint_round_trip(tmp_path: Path) -> None:
     loaded = ImageClassifier.load_from_checkpoint(path)
     assert loaded.hparams["arch"] == "mlp" and loaded.hparams["lr"] == 0.01
     assert torch.equal(loaded.state_dict()["net.fc1.weight"], model.state_dict()["net.fc1.weight"])
+
+
+def test_cosine_lr_schedule_decays_to_zero_over_the_fit() -> None:
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))
+    model = ImageClassifier(arch="mlp", lr=0.01, lr_schedule="cosine")
+    trainer = Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.T_max == 4 and scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="`lr_schedule` must be one of 'constant', 'cosine', got 'step'"):
+        ImageClassifier(lr_schedule="step")

@@ -11,7 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import study
 from lightning_compress.demos.data import DEFAULT_DIR
-from lightning_compress.demos.models import LeNet5
+from lightning_compress.demos.models import LeNet5, ResNetish
+from lightning_compress.engine.structured import load_compact
 
 pytestmark = pytest.mark.skipif(
     not Path(DEFAULT_DIR, "train-images-idx3-ubyte.gz").is_file(),
@@ -35,7 +36,7 @@ def tiny(monkeypatch):
 
 def test_dense_and_prune_quick_study(tmp_path, tiny, capsys):
     logdir = tmp_path / "demo"
-    runs = study.main(["--quick", "--studies", "dense", "prune", "--logdir", str(logdir)])
+    runs = study.main(["--quick", "--net", "lenet5", "--studies", "dense", "prune", "--logdir", str(logdir)])
     out = capsys.readouterr().out
 
     assert list(runs) == ["dense", "prune"]
@@ -74,8 +75,8 @@ def test_bad_epochs_are_rejected(capsys):
 @pytest.mark.slow
 def test_all_studies_quick_and_ptq_reuses_an_earlier_dense_run(tmp_path, tiny, capsys):
     logdir = tmp_path / "demo"
-    study.main(["--quick", "--studies", "dense", "prune_qat", "--logdir", str(logdir)])
-    runs = study.main(["--quick", "--studies", "ptq", "--logdir", str(logdir)])
+    study.main(["--quick", "--net", "lenet5", "--studies", "dense", "prune_qat", "--logdir", str(logdir)])
+    runs = study.main(["--quick", "--net", "lenet5", "--studies", "ptq", "--logdir", str(logdir)])
     out = capsys.readouterr().out
     assert list(runs) == ["ptq"]  # no dense retraining: the earlier dense weights were quantized
     assert not (logdir / "dense" / "version_1").exists()
@@ -87,3 +88,39 @@ def test_all_studies_quick_and_ptq_reuses_an_earlier_dense_run(tmp_path, tiny, c
     assert ptq["measured"]["size_bytes"] < document["runs"]["dense"]["measured"]["size_bytes"]
     assert abs(ptq["measured"]["test_acc"] - document["runs"]["dense"]["measured"]["test_acc"]) < 0.05
     assert "ptq (int8)" in out
+
+
+def test_channel_study_on_the_resnetish_net_removes_channels_for_real(tmp_path, tiny, capsys):
+    logdir = tmp_path / "demo"
+    runs = study.main(["--quick", "--studies", "dense", "channel", "--logdir", str(logdir)])  # the default net
+    assert list(runs) == ["dense", "channel"]
+    assert "ResNet-ish on Fashion-MNIST" in capsys.readouterr().out
+    document = json.loads((logdir / "study.json").read_text())
+    assert document["net"] == "resnetish"
+    dense, channel = document["runs"]["dense"], document["runs"]["channel"]
+    assert channel["kind"] == "compact" and channel["artifact"].endswith("compact_model.pt")
+    # the artifact is a smaller network (channels gone, not zeroed), rebuilt from a fresh ResNetish
+    compact = load_compact(channel["artifact"], model=ResNetish())
+    assert sum(p.numel() for p in compact.parameters()) < 0.75 * sum(p.numel() for p in ResNetish().parameters())
+    assert channel["measured"]["weights"] == channel["measured"]["nonzero_weights"] or (
+        channel["measured"]["nonzero_weights"] > 0.99 * channel["measured"]["weights"]
+    )
+    assert channel["measured"]["sparsity"] > 0.25  # against the dense network's weights
+    assert channel["measured"]["size_bytes"] < 0.75 * dense["measured"]["size_bytes"]
+    assert channel["settings"]["structure"] == "channel"
+    # timed alternated with dense; times and ratio come from the same series
+    ratio = channel["measured"]["ratio_to_dense/batch_64"]
+    pair = channel["measured"]["ms/batch_64"] / channel["measured"]["dense_ms_in_pair/batch_64"]
+    assert ratio == pytest.approx(pair)
+
+
+@pytest.mark.slow
+def test_pruned_plus_int8_study_converts_the_compact_network(tmp_path, tiny):
+    logdir = tmp_path / "demo"
+    study.main(["--quick", "--studies", "dense", "channel_qat", "--logdir", str(logdir)])
+    document = json.loads((logdir / "study.json").read_text())
+    run = document["runs"]["channel_qat"]
+    assert run["kind"] == "int8" and run["artifact"].endswith("qat_int8.onnx")
+    # the int8 file holds the compact widths: fewer int8 weights than the dense network has weights
+    assert run["measured"]["weights"] < 0.75 * document["runs"]["dense"]["measured"]["weights"]
+    assert run["measured"]["size_bytes"] < 0.25 * document["runs"]["dense"]["measured"]["size_bytes"]
