@@ -368,9 +368,11 @@ def count_quantized_layers(model: bytes | str | os.PathLike[str] | onnx.ModelPro
 #: Ops between a float tensor and the layer that produces it that stay float with it (``head(x) * scale``, a ReLU
 #: or pooling before a layer kept in float, a reshape).
 _TAIL_OPS = (
-    "Mul", "Add", "Sub", "Div", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Flatten",
+    "Mul", "Add", "Sub", "Div", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
+    "Reshape", "Flatten",
     "Transpose", "Squeeze", "Unsqueeze", "Identity",
 )  # fmt: skip
+# (Clip: ReLU6. ORT drops a quantized Relu or Clip, its uint8 grid doing the clamping; a float tensor needs it back.)
 
 
 def _unquantize(graph: Any, name: str) -> bool:

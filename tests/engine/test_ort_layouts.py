@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import onnx
 import torch
 from test_fake_quant import train_steps
 from torch import Tensor, nn
@@ -81,3 +82,29 @@ def test_static_int8_keeps_a_hand_written_attention_mask_float() -> None:
     short = {k: v[:3, :7] for k, v in kw.items()}
     torch.testing.assert_close(int8(short["input_ids"], attention_mask=short["attention_mask"]), int8(**short))
     assert int8(short["input_ids"], short["attention_mask"]).shape == (3, 3)
+
+
+class ReLU6Head(nn.Module):
+    """Conv -> BN -> ReLU6 -> global pool -> Linear, as at the end of EfficientNet-Lite and MobileNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.Linear(16, 5)
+        self.bn.running_var.fill_(4.0)  # pre-activations well beyond 6: the clamp matters
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(nn.functional.relu6(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_a_float_layer_after_relu6_keeps_the_clamp() -> None:
+    # ORT drops a quantized Clip (its uint8 grid clamps to [0, 6]); when the layer after it is kept float and its
+    # input unquantized, the Clip must stay, or ReLU6 disappears from the graph
+    torch.manual_seed(0)
+    model, x = ReLU6Head().eval(), torch.randn(16, 3, 12, 12) * 4
+    int8 = convert_to_onnx_int8(model, x[:2], mode="static", calibration=[x], float_layers=["fc"])
+    assert int8.quantized_layers == {"Conv": 1} and int8.float_layers == ("fc",)
+    graph = onnx.load_from_string(int8.onnx_bytes).graph
+    assert any(n.op_type == "Clip" for n in graph.node)
+    with torch.no_grad():
+        reference = model(x)
+    assert sqnr_db(reference, int8(x)) > 25.0
