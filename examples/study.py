@@ -240,7 +240,7 @@ def train_study(name: str, settings: Settings, baseline: float | None) -> StudyR
     run = StudyRun(name, log_dir, log_dir / FLOAT_FILE, "float", seconds=time.perf_counter() - start)
     if pruning is not None:
         run.curve = [(s, m) for _, s, m in pruning.history]
-        if getattr(pruning, "compact_paths", None):  # the compact network's state dict (rebuilt with load_compact)
+        if pruning.compact_paths:  # the compact network's state dict (rebuilt with load_compact)
             run.artifact, run.kind = Path(pruning.compact_paths[0]), "compact"
     for cb in callbacks:
         if isinstance(cb, QATCallback):
