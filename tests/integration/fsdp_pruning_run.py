@@ -1,9 +1,9 @@
 """One FSDP2 run for tests/integration/test_pruning_fsdp.py: 2 gloo processes, Lightning's ModelParallelStrategy.
 
-python fsdp_pruning_run.py OUT_DIR [--checkpoint-every N] [--resume CKPT]
+python fsdp_pruning_run.py OUT_DIR [--checkpoint-every N] [--resume CKPT] [--lr LR]
 
 Every rank writes ``OUT_DIR/rank<r>.json``: the zeros and sizes of the gathered full weights, a checksum of them,
-the callback's results, and the masks' local shapes.
+the callback's results, the masks' local shapes, and the flat indices of the zeros of every pruned weight.
 """
 
 import json
@@ -29,7 +29,7 @@ class ShardedClassifier(TinyClassifier):
         fully_shard(self, mesh=mesh)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
 class FullWeights(Callback):
@@ -46,6 +46,7 @@ class FullWeights(Callback):
             "checksum": sum(float(t.double().abs().sum()) for t in full.values()),
             "results": {k: v for k, v in pruning.results.items() if isinstance(v, float)},
             "local_mask_rows": {n: list(m.shape) for n, m in pruning.pruner.masks.items()},
+            "zero_indices": {n: (full[n] == 0).flatten().nonzero().flatten().tolist() for n in pruned},
         }
         Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
@@ -54,6 +55,7 @@ def main() -> None:
     out_dir = sys.argv[1]
     every = int(sys.argv[sys.argv.index("--checkpoint-every") + 1]) if "--checkpoint-every" in sys.argv else 0
     resume = sys.argv[sys.argv.index("--resume") + 1] if "--resume" in sys.argv else None
+    lr = float(sys.argv[sys.argv.index("--lr") + 1]) if "--lr" in sys.argv else 0.05
     L.seed_everything(0)
     pruning = IterativePruningCallback(
         target_sparsity=0.7, start_step=2, end_step=20, update_every_n_steps=3, verbose=False
@@ -73,7 +75,7 @@ def main() -> None:
         enable_model_summary=False,
         deterministic=True,
     )
-    trainer.fit(ShardedClassifier(), ResumableLoader(classification_data()), ckpt_path=resume)
+    trainer.fit(ShardedClassifier(lr=lr), ResumableLoader(classification_data()), ckpt_path=resume)
     # Tear the process group down before the interpreter exits: gloo's threads otherwise sometimes abort the exit.
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
+
+from helpers import ResumableLoader, TinyClassifier, classification_data, trainer
+from lightning_compress import IterativePruningCallback
 
 SCRIPT = Path(__file__).with_name("fsdp_pruning_run.py")
 
@@ -37,3 +41,21 @@ def test_exact_global_sparsity_on_sharded_weights_and_bitwise_resume(tmp_path):
     resumed0, _ = _run(tmp_path / "resumed", "--resume", str(ckpt))
     assert resumed0["zeros"] == rank0["zeros"]
     assert resumed0["checksum"] == rank0["checksum"]
+
+
+@pytest.mark.ddp
+def test_sharded_masks_equal_a_single_process_run_on_the_same_weights(tmp_path):
+    """With lr=0 the weights stay the seeded initial ones, so the masks depend on them alone: the 2-process run over
+    row shards must zero exactly the weights a single-process run of the same callback zeroes."""
+    sharded, _ = _run(tmp_path / "sharded", "--lr", "0")
+
+    L.seed_everything(0)
+    model = TinyClassifier(lr=0.0)
+    pruning = IterativePruningCallback(
+        target_sparsity=0.7, start_step=2, end_step=20, update_every_n_steps=3, verbose=False
+    )
+    trainer(tmp_path / "single", [pruning], max_epochs=3).fit(model, ResumableLoader(classification_data()))
+    weights = dict(model.named_parameters())
+    single = {n: (weights[n] == 0).flatten().nonzero().flatten().tolist() for n in pruning.pruner.weights}
+    assert sharded["zero_indices"] == single
+    assert sum(map(len, single.values())) == round(0.7 * 1280)
