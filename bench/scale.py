@@ -336,10 +336,21 @@ def _targets(updates: list[dict[str, Any]], steps: list[dict[str, Any]]) -> list
                 f" {1 + r['pruning_calls_ms'] / r['dense_ms']:.3f}x; the previous version in the same rounds"
                 f" {r['ratio_previous']:.3f}x, its calls alone"
                 f" {1 + r['pruning_calls_ms_previous'] / r['dense_ms']:.3f}x)",
-                _verdict(r["ratio"] <= _TARGET_STEP),
+                _step_verdict(r),
             )
         )
     return rows
+
+
+def _step_verdict(r: dict[str, Any]) -> str:
+    """Met only when the ratio of the medians, the median of the rounds and the directly timed pruning calls all
+    are within the target: on a shared machine any one of them alone can land under it by chance."""
+    measures = [r["ratio"], r.get("ratio_rounds_median", r["ratio"]), 1 + r["pruning_calls_ms"] / r["dense_ms"]]
+    if all(m <= _TARGET_STEP for m in measures):
+        return "met"
+    if r["ratio"] <= _TARGET_STEP:
+        return "**missed** (the ratio of medians alone is under the target; the rounds and the direct timing are not)"
+    return "**missed**"
 
 
 def _section(env: dict[str, Any], args: argparse.Namespace, data: dict[str, Any]) -> str:
@@ -493,9 +504,9 @@ def _section(env: dict[str, Any], args: argparse.Namespace, data: dict[str, Any]
         " before DDP's all-reduce and communication hooks. What is left is making that pass as fast as a float32"
         " multiply without a float32 copy of the masks: the chunked conversion above (`previous ratio` vs `ratio`)."
         " Its cost per weight is fixed while the dense step's grows with the work per weight, so the ratio falls"
-        " with the batch (or sequence) length: timed directly, the pruning calls take 0.4-0.5 ns per weight (about"
-        " 20 GB/s, what one core draws from memory here), and at batch 64 a dense step of these layers costs 6-7 ns"
-        " per weight on this CPU, so the pass alone is worth 6-8%: the 1.03x target at batch 64 is out of reach of"
+        " with the batch (or sequence) length: timed directly, the pruning calls take 0.3-0.5 ns per weight (20-25"
+        " GB/s, what one core draws from memory here), and at batch 64 a dense step of these layers costs 6-7 ns"
+        " per weight on this CPU, so the pass alone is worth 5-8%: the 1.03x target at batch 64 is out of reach of"
         " a separate pass over memory on this machine (it is met at batch 512). Wall-clock ratios of processes"
         " sharing 2 cores with other work vary by several percent from run to run (the `rounds` column); a ratio of"
         " medians far outside its rounds' quartiles, with a CPU-time ratio"
