@@ -207,9 +207,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             at_target.setdefault("val_agree", float(trainer.callback_metrics["val_agree"]))
 
     start = time.perf_counter()
-    trainer(callbacks=[pruning, AtTarget()], max_steps=steps, val_check_interval=args.prune_steps).fit(
-        pruned, datamodule=data
-    )
+    trainer(
+        callbacks=[pruning, AtTarget()],
+        max_steps=steps,
+        default_root_dir=args.logdir,
+        val_check_interval=args.prune_steps,
+    ).fit(pruned, datamodule=data)
     prune_seconds = time.perf_counter() - start
     compact = pruning.compact_model  # the channels removed: a smaller float network
     assert compact is not None

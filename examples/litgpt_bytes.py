@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         devices=1,
         callbacks=[qat, report],
         logger=False,
+        default_root_dir=args.logdir,  # the report's files
         enable_checkpointing=False,
         enable_model_summary=False,
         val_check_interval=qat_start,  # a validation right before QAT starts: the float baseline

@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         devices=1,
         callbacks=[pruning, qat, report],
         logger=False,
+        default_root_dir=args.logdir,  # the report's files
         enable_checkpointing=False,
         enable_model_summary=False,
         val_check_interval=max(1, prune_start),  # a validation right before pruning starts: the dense baseline
