@@ -40,6 +40,7 @@ from lightning_compress.engine.convert.backend import (
     convert_auto,
     convert_with_backend,
     int8_module,
+    shapes_taken,
 )
 from lightning_compress.engine.distributed import run_on_rank_zero
 from lightning_compress.engine.fake_quant import prepare_qat
@@ -240,7 +241,8 @@ class PostTrainingQuantCallback(Callback):
         #: Inductor backend made it;
         #: ``None`` before and for ONNX Runtime (its ONNX bytes are ``quantized_model.onnx_bytes``).
         self.quantized_program: torch.export.ExportedProgram | None = None
-        #: The numbers of the last run (also logged under ``compress/ptq/``).
+        #: The numbers of the last run (also logged under ``compress/ptq/``), with ``"backend"``, ``"saved_to"`` and
+        #: ``"input_shapes"`` (the shapes the int8 model takes, e.g. ``"x: (batch, 3, dim_28, dim_28)"``) as strings.
         self.results: dict[str, float | str] = {}
         #: One record per conversion of the last run, in the order tried (the first keeps no layer in float).
         self.attempts: list[FallbackAttempt] = []
@@ -491,6 +493,9 @@ class PostTrainingQuantCallback(Callback):
         results.update(self._attempt_results(monitor, fallback.budget_met))
         results["saved_to"] = report.saved_to
         results["backend"] = backend
+        shapes = shapes_taken(int8)
+        if shapes is not None:
+            results["input_shapes"] = shapes
         results["compact"] = float(compact is not None)
         if reason is not None:
             results["backend_reason"] = reason

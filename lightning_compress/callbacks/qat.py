@@ -38,6 +38,7 @@ from lightning_compress.engine.convert.backend import (
     convert_auto,
     convert_with_backend,
     int8_module,
+    shapes_taken,
 )
 from lightning_compress.engine.distributed import run_on_rank_zero
 from lightning_compress.engine.fake_quant import (
@@ -225,7 +226,8 @@ class QATCallback(Callback):
         #: ``None`` before and for ONNX Runtime (its ONNX bytes are ``quantized_model.onnx_bytes``).
         self.quantized_program: torch.export.ExportedProgram | None = None
         #: The numbers measured at fit end (also logged under ``compress/quant/``), with ``"backend"`` (the int8
-        #: runtime used), ``"backend_reason"`` (``"auto"`` only) and ``"saved_to"`` as strings.
+        #: runtime used), ``"backend_reason"`` (``"auto"`` only), ``"input_shapes"`` (the shapes the int8 model
+        #: takes, e.g. ``"x: (batch, 3, dim_28, dim_28)"``: names are dynamic sizes) and ``"saved_to"`` as strings.
         self.results: dict[str, float | str] = {}
         self._phase: QATPhase | None = None  # the phase in force
         self._batch_step = 0  # the optimizer step of the training batch in progress
@@ -535,6 +537,9 @@ class QATCallback(Callback):
             self.quantized_model = int8_module(int8)
             self.results = self._measure(trainer, pl_module, target, int8, args, kwargs, backend)
             self.results["backend"] = backend
+            shapes = shapes_taken(int8)
+            if shapes is not None:
+                self.results["input_shapes"] = shapes
             self.results["compact"] = float(self._compact)
             if reason is not None:
                 self.results["backend_reason"] = reason

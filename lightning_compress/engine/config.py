@@ -333,7 +333,9 @@ class ConversionConfig:
             for a cosine of 0.9914 instead of 0.9921 to the float embeddings; in transformers the tables are often
             the largest tensors (a third to a half of a small BERT).
         dynamic_batch: Export with a dynamic batch dimension (falls back to static shapes, with a note, when the
-            model cannot have one).
+            model cannot have one). The ``"inductor"`` export then also makes dynamic every sequence length or image
+            size the network runs at in eager at another size (checked against eager; the others stay fixed, noted:
+            ``Int8Model.input_shapes``); ``False``: every shape is the example's.
 
     Raises:
         ValueError: If a value is outside what is allowed (the message names the argument and the choices).

@@ -183,6 +183,7 @@ def test_static_cnn_at_fit_end_leaves_module_unchanged_saves_and_logs(tmp_path) 
     results = ptq.results
     assert ptq.quantized_model is not None
     assert results["quantized_layers"] == 3.0
+    assert str(results["input_shapes"]).startswith("x: (batch, ")  # the shapes the artifact takes
     assert {"float_bytes", "int8_bytes", "size_ratio", "float_val_acc", "int8_val_acc", "val_acc_drop"} <= set(results)
     assert {"sqnr/conv1", "sqnr/conv2", "sqnr/fc"} <= set(results)
     assert all(results[f"sqnr/{n}"] > 20.0 for n in ("conv1", "conv2", "fc"))  # int8 per-channel: ~30-45 dB

@@ -1,7 +1,8 @@
 """A real int8 model, built from a *copy* of a float or fake-quant model, through torchao's pt2e flow.
 
-``torch.export`` (dynamic batch) → ``prepare_pt2e`` with ``X86InductorQuantizer`` → calibration → ``convert_pt2e``
-→ unused float tensors dropped → ``torch.export`` again, so the result is a ``torch.export.ExportedProgram`` that
+``torch.export`` (dynamic batch; dynamic sequence/spatial sizes where the network takes them) → ``prepare_pt2e``
+with ``X86InductorQuantizer`` → calibration → ``convert_pt2e`` → unused float tensors dropped → ``torch.export``
+again, so the result is a ``torch.export.ExportedProgram`` that
 ``save_int8`` / ``load_int8`` store with ``torch.export.save`` / ``torch.export.load``.
 
 The input model is never modified. When it was prepared by ``prepare_qat``,
@@ -13,13 +14,14 @@ The converted program holds quantize/dequantize ops around float kernels: run ea
 correct but 1.5-6x *slower* than fp32; ``compile_int8`` lowers it with Inductor (``freezing=True``) to the real
 int8 kernels. torchao is imported lazily (only when converting).
 
-Modules: ``.pipeline`` (``convert_to_int8``), ``.export`` (export with a dynamic batch,
+Modules: ``.pipeline`` (``convert_to_int8``), ``.export`` (export with dynamic shapes, ``input_shapes``,
 ``check_exportable``), ``.observers`` (calibration observers), ``.quantizer`` (the x86 quantizer per mode),
 ``.embedding`` (``Int8Embedding``) and ``.artifact`` (``Int8Model``, ``QuantizedModule``, save,
 load, size, compile, ``quantized_layers``). Everything public is re-exported here.
 """
 
 from lightning_compress.engine.convert.artifact import (
+    SHAPES_FILE,
     SIGNATURE_FILE,
     ArgSpec,
     Int8Model,
@@ -35,10 +37,11 @@ from lightning_compress.engine.convert.artifact import (
     save_int8,
 )
 from lightning_compress.engine.convert.embedding import Int8Embedding
-from lightning_compress.engine.convert.export import Int8ConversionError, check_exportable
+from lightning_compress.engine.convert.export import Int8ConversionError, check_exportable, input_shapes
 from lightning_compress.engine.convert.pipeline import ModelCall, convert_to_int8
 
 __all__ = [
+    "SHAPES_FILE",
     "SIGNATURE_FILE",
     "ArgSpec",
     "Int8ConversionError",
@@ -50,6 +53,7 @@ __all__ = [
     "check_exportable",
     "compile_int8",
     "convert_to_int8",
+    "input_shapes",
     "int8_weights",
     "load_int8",
     "load_quantized",

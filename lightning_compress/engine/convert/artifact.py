@@ -21,6 +21,8 @@ from lightning_compress.engine.io import write_atomically
 
 #: Name of the artifact member that stores the call signature of the converted network.
 SIGNATURE_FILE = "lightning_compress/signature.json"
+#: Name of the artifact member that stores the shape each input takes (``input_shapes``).
+SHAPES_FILE = "lightning_compress/input_shapes.json"
 _DEFAULT_TYPES = (type(None), bool, int, float, str)
 
 
@@ -70,22 +72,34 @@ class QuantizedModule(nn.Module):
     same ones by keyword); this module binds any call of the original ``forward`` signature (positional or keyword,
     defaults filled in) to that structure. Arguments that were constants at export time (e.g. ``scale=2.0``) must
     keep their exported value. ``train()``/``eval()`` only set the flag: the int8 graph always computes inference.
+    A tensor input of a shape the program does not take raises a ``ValueError`` that states the shapes it takes.
 
     Args:
         program: The int8 program (from ``convert_to_int8`` or ``load_int8``).
         signature: The parameters of the original ``forward`` (``call_signature``); ``None``: calls are passed
             to the program as they are.
+        input_shapes: The shape each input takes (``Int8Model.input_shapes``); default: read from ``program``.
 
     Attributes:
         program: The ``ExportedProgram``.
         graph: ``program.module()``, the eager q/dq graph.
+        input_shapes: The shape each tensor input takes, by name: ints are sizes fixed at export, strings dynamic
+            sizes (``"batch"``, ``"dim_<n>"``: a sequence length or image side exported from an example of size n).
     """
 
     graph: nn.Module
 
-    def __init__(self, program: torch.export.ExportedProgram, signature: Sequence[ArgSpec] | None = None) -> None:
+    def __init__(
+        self,
+        program: torch.export.ExportedProgram,
+        signature: Sequence[ArgSpec] | None = None,
+        input_shapes: dict[str, list[int | str]] | None = None,
+    ) -> None:
         super().__init__()
+        from lightning_compress.engine.convert.export import input_shapes as shapes_of
+
         self.program = program
+        self.input_shapes = dict(input_shapes) if input_shapes is not None else shapes_of(program)
         self.graph = program.module()
         self.signature = None if signature is None else tuple(ArgSpec(*spec) for spec in signature)
         self._positional, self._keywords = _in_structure(program)
@@ -98,7 +112,26 @@ class QuantizedModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         call_args, call_kwargs = self._bind(args, kwargs)
+        positional = [spec.name for spec in self.signature or () if not spec.keyword_only]
+        for name, value in [*zip(positional, call_args, strict=False), *call_kwargs.items()]:
+            if isinstance(value, Tensor):
+                self._check_shape(name, tuple(value.shape))
         return self.graph(*call_args, **call_kwargs)
+
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        expected = self.input_shapes.get(name)
+        if expected is None:
+            return
+        wrong = len(shape) != len(expected) or any(
+            isinstance(e, int) and e != n for e, n in zip(expected, shape, strict=False)
+        )
+        if wrong:
+            described = "(" + ", ".join(str(e) for e in expected) + ")"
+            raise ValueError(
+                f"The input `{name}` has shape {tuple(shape)}, but this int8 program takes {described}: the names "
+                "are dynamic sizes, the numbers sizes fixed at export (the network did not run at another size "
+                "there, e.g. the input of a flatten -> Linear head, or the export traced it as a constant)."
+            )
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if self.signature is None:
@@ -143,7 +176,8 @@ class Int8Model:
         program: The int8 ``ExportedProgram`` (save it with ``save_int8``, run it with ``program.module()`` or
             ``compile_int8``).
         mode: ``"static"``, ``"dynamic"`` or ``"weight_only"``.
-        dynamic_batch: Whether the program accepts any batch size (else only the example's shapes).
+        dynamic_batch: Whether the program accepts any batch size (else only the example's shapes); see
+            ``input_shapes`` for the other dimensions.
         skipped: Module names kept in float.
         carried_ranges: Input ranges taken over from fake-quant observers, by module name.
         calibration_batches: Batches run through the observers (0 when all ranges were carried or not needed).
@@ -153,6 +187,9 @@ class Int8Model:
         signature: The parameters of the converted network's ``forward`` (``None``: calls pass through).
         unused: Modules whose computations were dropped from the graph because nothing used their results (e.g. a
             BERT pooler when only ``last_hidden_state`` is read).
+        input_shapes: The shape each tensor input takes, by input name: ints are sizes fixed at export, strings
+            dynamic sizes (``"batch"``; ``"dim_<n>"``, a sequence length or image side exported from an example of
+            size n, e.g. ``{"x": ["batch", 3, "dim_28", "dim_28"]}``). Saved with the artifact.
     """
 
     program: torch.export.ExportedProgram
@@ -165,11 +202,12 @@ class Int8Model:
     notes: list[str] = field(default_factory=list)
     signature: tuple[ArgSpec, ...] | None = None
     unused: tuple[str, ...] = ()
+    input_shapes: dict[str, list[int | str]] | None = None
 
     def module(self) -> QuantizedModule:
         """The program as an eager ``QuantizedModule``, called like the float network (slow q/dq reference
         computation; see ``compile_int8``)."""
-        return QuantizedModule(self.program, self.signature)
+        return QuantizedModule(self.program, self.signature, self.input_shapes)
 
     def size_bytes(self) -> int:
         """Size of the saved artifact, in bytes."""
@@ -225,9 +263,12 @@ def serialize_int8(program: torch.export.ExportedProgram | Int8Model, compress: 
         compress: Deflate the members (``False``: the archive exactly as ``torch.export.save`` writes it).
     """
     signature = program.signature if isinstance(program, Int8Model) else None
-    extra = {SIGNATURE_FILE: json.dumps([spec._asdict() for spec in signature])} if signature is not None else None
+    shapes = program.input_shapes if isinstance(program, Int8Model) else None
+    extra = {SIGNATURE_FILE: json.dumps([spec._asdict() for spec in signature])} if signature is not None else {}
+    if shapes is not None:
+        extra[SHAPES_FILE] = json.dumps(shapes)
     buffer = io.BytesIO()
-    torch.export.save(_program_of(program), buffer, extra_files=extra)
+    torch.export.save(_program_of(program), buffer, extra_files=extra or None)
     return deflate_archive(buffer.getvalue()) if compress else buffer.getvalue()
 
 
@@ -246,13 +287,16 @@ def deflate_archive(data: bytes, level: int = 6) -> bytes:
     return out.getvalue()
 
 
-def _load(path: str | os.PathLike[str]) -> tuple[torch.export.ExportedProgram, tuple[ArgSpec, ...] | None]:
+def _load(
+    path: str | os.PathLike[str],
+) -> tuple[torch.export.ExportedProgram, tuple[ArgSpec, ...] | None, dict[str, list[int | str]] | None]:
     _import_torchao()  # registers the quantized_decomposed ops the graph calls
-    extra = {SIGNATURE_FILE: ""}
+    extra = {SIGNATURE_FILE: "", SHAPES_FILE: ""}
     program = torch.export.load(Path(path), extra_files=extra)
     stored = extra.get(SIGNATURE_FILE)
     signature = tuple(ArgSpec(**spec) for spec in json.loads(stored)) if stored else None
-    return program, signature
+    stored_shapes = extra.get(SHAPES_FILE)
+    return program, signature, json.loads(stored_shapes) if stored_shapes else None
 
 
 def load_int8(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
@@ -280,7 +324,9 @@ def load_quantized(path: str | os.PathLike[str]) -> nn.Module:
             fit end).
 
     Returns:
-        For ``.pt2``: a ``QuantizedModule`` (eager int8 reference computation; ``compile_int8`` for speed).
+        For ``.pt2``: a ``QuantizedModule`` (eager int8 reference computation; ``compile_int8`` for speed); its
+        ``input_shapes`` says which shapes it takes (a dynamic batch, and the sequence lengths/image sizes the network
+        ran at in another size when converted).
         For ``.onnx``: the ONNX Runtime model (fast as it is).
     """
     if Path(path).suffix.lower() == ".onnx":

@@ -38,6 +38,7 @@ __all__ = [
     "convert_auto",
     "convert_with_backend",
     "int8_module",
+    "shapes_taken",
 ]
 
 
@@ -87,6 +88,15 @@ def backend_of(int8: Any) -> str:
 def artifact_suffix(backend: str) -> str:
     """The file suffix of a backend's artifact: ``".onnx"`` for ``"onnxruntime"``, ``".pt2"`` for ``"inductor"``."""
     return ".onnx" if backend == "onnxruntime" else ".pt2"
+
+
+def shapes_taken(int8: Any) -> str | None:
+    """Which input shapes either backend's int8 model takes, as text (``"x: (batch, 3, dim_28, dim_28)"``: names
+    are dynamic sizes, numbers fixed ones), or ``None`` when unknown."""
+    from lightning_compress.engine.convert.export import describe_shapes
+
+    shapes = getattr(int8, "input_shapes", None)
+    return describe_shapes(shapes) if shapes else None
 
 
 def int8_module(int8: Any) -> nn.Module:

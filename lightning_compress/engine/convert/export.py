@@ -1,15 +1,16 @@
-"""``torch.export`` with a dynamic batch, clear errors when a model cannot be captured, and graph helpers."""
+"""``torch.export`` with a dynamic batch and dynamic sequence/spatial sizes (where the network takes them), clear
+errors when a model cannot be captured, and graph helpers."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 _EXPORT_HINT = (
     "The int8 conversion needs a model that torch.export can capture as one graph. Common fixes: replace Python "
@@ -24,16 +25,146 @@ class Int8ConversionError(RuntimeError):
     """The model could not be converted; the message says why and what to change."""
 
 
-def _batch_dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``dynamic_shapes`` marking dim 0 of every tensor input (of size >= 2) as ``Dim.AUTO``, keyed by argument."""
+def _batch_dynamic_shapes(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], sizes: Collection[int] = ()
+) -> dict[str, Any]:
+    """``dynamic_shapes`` marking dim 0 of every tensor input (of size >= 2) as ``Dim.AUTO``, and every other dim
+    whose size is in ``sizes`` (sequence lengths, image sides the network takes), keyed by argument."""
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
 
     def spec(value: Any) -> Any:
-        if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] >= 2:
-            return {0: torch.export.Dim.AUTO}
-        return None
+        if not isinstance(value, Tensor) or value.ndim == 0:
+            return None
+        dims = {d: torch.export.Dim.AUTO for d, n in enumerate(value.shape) if n >= 2 and (d == 0 or n in sizes)}
+        return dims or None
 
     return {name: tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def _resize(tensor: Tensor, old: int, new: int) -> Tensor:
+    """``tensor`` with every non-batch dimension of size ``old`` cut or repeated to ``new`` (token ids stay ids)."""
+    for dim in range(1, tensor.dim()):
+        if tensor.shape[dim] == old:
+            reps = [1] * tensor.dim()
+            reps[dim] = -(-new // old)
+            tensor = tensor.repeat(*reps).narrow(dim, 0, new)
+    return tensor
+
+
+def _resized(tree: Any, old: int, new: int) -> Any:
+    return tree_map(lambda v: _resize(v, old, new) if isinstance(v, Tensor) else v, tree)
+
+
+def _eager_sizes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, int]:
+    """``{size: other size}`` for the non-batch input sizes the network also runs at in eager (sequence lengths,
+    image sizes); a size it fails at (e.g. the input of a flatten -> Linear head) stays fixed."""
+    tensors = [v for v in tree_leaves((args, kwargs)) if isinstance(v, Tensor) and v.dim() > 1]
+    sizes = sorted({n for t in tensors for n in t.shape[1:] if n >= 2})
+    found: dict[int, int] = {}
+    with torch.no_grad():
+        for size in sizes:
+            for other in (size + size // 2, size // 2):
+                if other < 2:
+                    continue
+                try:
+                    model(*_resized(args, size, other), **_resized(kwargs, size, other))
+                except Exception:  # this size is fixed for the network: try the next
+                    continue
+                found[size] = other
+                break
+    return found
+
+
+def _same_outputs(expected: Any, got: Any, rtol: float = 1e-3, atol: float = 1e-4) -> bool:
+    """Whether two outputs (tensors, or trees of them) have the same structure, shapes and (close) values."""
+    a, b = tree_leaves(expected), tree_leaves(got)
+    if len(a) != len(b):
+        return False
+    for e, g in zip(a, b, strict=True):
+        if isinstance(e, Tensor) != isinstance(g, Tensor):
+            return False
+        if isinstance(e, Tensor) and (
+            e.shape != g.shape or not torch.allclose(e.float(), g.float(), rtol=rtol, atol=atol, equal_nan=True)
+        ):
+            return False
+    return True
+
+
+def _runs_like(
+    reference: Callable[..., Any], candidate: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> bool:
+    """Whether ``candidate`` computes what ``reference`` does on this call (``False`` if either raises)."""
+    try:
+        with torch.no_grad():
+            return _same_outputs(reference(*args, **kwargs), candidate(*args, **kwargs))
+    except Exception:
+        return False
+
+
+def _sizes_taken(
+    reference: Callable[..., Any],
+    program: torch.export.ExportedProgram,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    others: dict[int, int],
+) -> dict[int, int]:
+    """The sizes of ``others`` at which ``program`` computes what ``reference`` does (each tried on its own)."""
+    module = program.module()
+    return {
+        n: m for n, m in others.items() if _runs_like(reference, module, _resized(args, n, m), _resized(kwargs, n, m))
+    }
+
+
+def input_shapes(program: torch.export.ExportedProgram) -> dict[str, list[int | str]]:
+    """The shape each tensor input of ``program`` takes, by input name: ints are sizes fixed at export, strings
+    dynamic sizes (``"batch"`` for a dynamic dim 0, ``"dim_<n>"`` for a dynamic size exported from an example of
+    size ``n``, e.g. a sequence length or image side; one symbol is one size)."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    shapes: dict[str, list[int | str]] = {}
+    for node in program.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" and node.name in user_inputs else None
+        if not isinstance(val, Tensor):
+            continue
+        shape: list[int | str] = []
+        for d, size in enumerate(val.shape):
+            if isinstance(size, torch.SymInt) and not bool(getattr(size.node.expr, "is_number", True)):
+                hint = getattr(size.node, "hint", None)
+                shape.append("batch" if d == 0 else f"dim_{hint}" if isinstance(hint, int) else str(size))
+            else:
+                shape.append(int(size))
+        shapes[node.name] = shape
+    return shapes
+
+
+def describe_shapes(shapes: dict[str, list[int | str]]) -> str:
+    """``x: (batch, 3, dim_28, dim_28)``-style text for ``input_shapes``."""
+    return ", ".join(f"{name}: (" + ", ".join(str(n) for n in shape) + ")" for name, shape in shapes.items())
+
+
+def _export_dynamic_sizes(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], notes: list[str]
+) -> tuple[torch.export.ExportedProgram, Any, dict[int, int]] | None:
+    """Export with a dynamic batch and every non-batch size the network runs at in eager, keeping only the sizes at
+    which the export computes what eager does; ``None`` when there is none (or export fails: batch only, noted)."""
+    others = _eager_sizes(model, args, kwargs)
+    while others:
+        dynamic_shapes = _batch_dynamic_shapes(model, args, kwargs, set(others))
+        try:
+            with _no_causal_mask_detection():
+                program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
+        except Exception as err:
+            notes.append(
+                f"The model could not be exported with dynamic sizes {sorted(others)} (besides the batch), so they "
+                f"stay fixed. Export said: {_first_lines(err, 2)}"
+            )
+            return None
+        if not _has_dynamic_batch(program):
+            return None  # the batch-only export below notes it
+        taken = _sizes_taken(model, program, args, kwargs, others)
+        if taken == others:
+            return program, dynamic_shapes, others
+        others = taken  # a size traced into the graph as a constant: export again without it
+    return None
 
 
 def _has_dynamic_batch(program: torch.export.ExportedProgram) -> bool:
@@ -67,8 +198,18 @@ def _export(
     kwargs: dict[str, Any],
     dynamic_batch: bool,
     notes: list[str],
-) -> tuple[torch.export.ExportedProgram, Any]:
-    """Export with a dynamic batch when asked and possible, else with static shapes (noted). Raises clearly."""
+    dynamic_sizes: bool = False,
+) -> tuple[torch.export.ExportedProgram, Any, dict[int, int]]:
+    """Export with a dynamic batch when asked and possible, else with static shapes (noted). Raises clearly.
+
+    With ``dynamic_sizes`` (and ``dynamic_batch``), every non-batch input size the network also runs at in eager
+    (tried at another size) is exported dynamic too (``Dim.AUTO``), and kept only where the exported program
+    computes what eager does at another size; else the batch only (noted when export fails).
+
+    Returns:
+        The program, its ``dynamic_shapes`` (``None``: static) and the dynamic non-batch sizes ``{size: a size the
+        network was checked at}``.
+    """
     dynamic_shapes = None
     if dynamic_batch:
         try:
@@ -77,17 +218,21 @@ def _export(
             raise Int8ConversionError(
                 f"`example_inputs`/`example_kwargs` do not match `{type(model).__name__}.forward`: {err}."
             ) from err
+        if dynamic_sizes:
+            sized = _export_dynamic_sizes(model, args, kwargs, notes)
+            if sized is not None:
+                return sized
     if dynamic_shapes is not None:
         try:
             with _no_causal_mask_detection():
                 program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
             if _has_dynamic_batch(program):
-                return program, dynamic_shapes
+                return program, dynamic_shapes, {}
             notes.append(
                 "The batch dimension was specialized during export (an example batch of 1, or the model's code "
                 "depends on the batch size): the int8 program only accepts the example's shapes."
             )
-            return program, None
+            return program, None, {}
         except Exception as err:
             if "data-dependent" in str(err) or "DataDependent" in type(err).__name__:
                 raise Int8ConversionError(
@@ -108,7 +253,7 @@ def _export(
             "The model could not be exported with a dynamic batch, so the int8 program only accepts the example's "
             f"shapes. Export said: {_first_lines(dynamic_error, 2)}"
         )
-    return program, None
+    return program, None, {}
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """``convert_to_int8``: the conversion pipeline, one step per function.
 
-float copy (stripped of fake quantization, QAT ranges and float islands kept) → ``torch.export`` (dynamic batch)
+float copy (stripped of fake quantization, QAT ranges and float islands kept) → ``torch.export`` (dynamic batch, and
+dynamic sequence/spatial sizes where the network runs at another size in eager and the export computes the same)
 → ``prepare_pt2e`` with ``X86InductorQuantizer`` → calibration → ``convert_pt2e`` → unused float tensors dropped →
 ``torch.export`` again.
 """
@@ -23,6 +24,7 @@ from lightning_compress.engine.convert.artifact import Int8Model, call_signature
 from lightning_compress.engine.convert.embedding import _quantize_embeddings
 from lightning_compress.engine.convert.export import (
     Int8ConversionError,
+    _batch_dynamic_shapes,
     _drop_unused_tensors,
     _eliminate_dead_code,
     _export,
@@ -30,7 +32,10 @@ from lightning_compress.engine.convert.export import (
     _first_lines,
     _module_path,
     _module_type,
+    _sizes_taken,
     _to_cpu,
+    describe_shapes,
+    input_shapes,
 )
 from lightning_compress.engine.convert.observers import _calibrated_observers, _carry_ranges
 from lightning_compress.engine.convert.quantizer import _import_torchao, _quantizer
@@ -183,7 +188,8 @@ def _calibrate(
                         f"Calibration batch {batches} could not be run through the model:\n    "
                         f"{_first_lines(err)}\nEach item of `calibration_data` must be the model's input (a "
                         "Tensor, a tuple of positional arguments or a dict of keyword arguments), with the same "
-                        "shapes as `example_inputs` except the batch size."
+                        "shapes as `example_inputs` except the batch size (and the sequence/spatial sizes the "
+                        "network takes at other values)."
                     ) from err
                 batches += 1
     if config.mode != "static":
@@ -200,12 +206,32 @@ def _calibrate(
 
 def _reexport(
     converted: torch.fx.GraphModule,
+    float_model: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     dynamic_shapes: Any,
+    sizes: dict[int, int],
     notes: list[str],
-) -> tuple[torch.export.ExportedProgram, bool]:
-    """Export the converted graph again (dynamic batch when possible); returns the program and whether it is."""
+) -> tuple[torch.export.ExportedProgram, bool, dict[int, int]]:
+    """Export the converted graph again, with the dynamic dims of the first export when possible (each dynamic
+    non-batch size checked: the program must compute what ``converted`` does at another size), else a dynamic batch,
+    else static shapes (noted). Returns the program, whether its batch is dynamic, and its dynamic sizes."""
+    if sizes:
+        try:
+            program = torch.export.export(converted, args, kwargs, dynamic_shapes=dynamic_shapes)
+            taken = _sizes_taken(converted, program, args, kwargs, sizes)
+        except Exception as err:
+            taken, reason = {}, f" Export said: {_first_lines(err, 2)}"
+        else:
+            reason = ""
+        if taken == sizes:
+            program.example_inputs = None  # else torch.export.save stores the example batch in the artifact
+            return program, True, sizes
+        notes.append(
+            f"The int8 graph could not be exported with the dynamic sizes {sorted(sizes)} (besides the batch), so "
+            f"it only accepts the example's sizes there.{reason}"
+        )
+        dynamic_shapes = _batch_dynamic_shapes(float_model, args, kwargs)
     try:
         program = torch.export.export(converted, args, kwargs, dynamic_shapes=dynamic_shapes)
     except Exception as err:
@@ -218,7 +244,20 @@ def _reexport(
         dynamic_shapes = None
         program = torch.export.export(converted, args, kwargs)
     program.example_inputs = None  # else torch.export.save stores the example batch in the artifact
-    return program, dynamic_shapes is not None
+    return program, dynamic_shapes is not None, {}
+
+
+def _example_sizes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int]:
+    """The non-batch input sizes (>= 2) of the example call."""
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    return sorted({n for v in leaves if isinstance(v, Tensor) and v.dim() > 1 for n in v.shape[1:] if n >= 2})
+
+
+def _has_length_or_image(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether the call has an input with a sequence or spatial size (a tensor of 3+ dims, or 2-D token ids), whose
+    shapes are worth a note (a ``(batch, features)`` input is not)."""
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    return any(isinstance(v, Tensor) and (v.dim() >= 3 or (v.dim() == 2 and not v.is_floating_point())) for v in leaves)
 
 
 _LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -308,7 +347,9 @@ def convert_to_int8(
             4-bit weights onto their grid; and keeps in float the Linear/Conv modules and attention blocks that QAT
             kept in float.
         example_inputs: Positional arguments of ``forward`` (a single Tensor is accepted too). Use a batch of at
-            least 2 so the batch dimension can stay dynamic.
+            least 2 so the batch dimension can stay dynamic. Each non-batch size (sequence length, image side) the
+            network also runs at in eager at another size is exported dynamic too, when the export computes what
+            eager does there (``Int8Model.input_shapes`` says which shapes the program takes; the notes too).
         example_kwargs: Keyword arguments of ``forward``.
         calibration_data: For ``"static"``: an iterable of model inputs (a Tensor, a tuple of positional
             arguments, a dict of keyword arguments or a ``ModelCall`` with both, per item) used to calibrate
@@ -324,7 +365,7 @@ def convert_to_int8(
             names (the QAT ranges are carried by name).
 
     Returns:
-        An ``Int8Model`` with the ``program`` and what happened (timings, notes, carried ranges).
+        An ``Int8Model`` with the ``program`` and what happened (timings, notes, carried ranges, input shapes).
 
     Raises:
         ValueError: On a bad ``mode``, an unknown ``skip`` name or a bad ``example_inputs``.
@@ -339,7 +380,9 @@ def convert_to_int8(
     float_model, ranges = _float_copy(model, config, skip_all, notes, compact)
 
     t = time.perf_counter()
-    exported, dynamic_shapes = _export(float_model, args, kwargs, config.dynamic_batch, notes)
+    exported, dynamic_shapes, sizes = _export(
+        float_model, args, kwargs, config.dynamic_batch, notes, dynamic_sizes=True
+    )
     timings["export"] = time.perf_counter() - t
     _import_torchao()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -370,8 +413,20 @@ def convert_to_int8(
         timings["convert"] = time.perf_counter() - t
 
         stage, t = "reexport", time.perf_counter()
-        program, dynamic_batch = _reexport(converted, args, kwargs, dynamic_shapes, notes)
+        program, dynamic_batch, sizes = _reexport(converted, float_model, args, kwargs, dynamic_shapes, sizes, notes)
         timings["reexport"] = time.perf_counter() - t
+        shapes = input_shapes(program)
+        fixed = [n for n in _example_sizes(args, kwargs) if n not in sizes]
+        if dynamic_batch and (sizes or _has_length_or_image(args, kwargs)):
+            notes.append(
+                f"The int8 program takes {describe_shapes(shapes)}"
+                + (
+                    f" (sizes {fixed} stay fixed: the network did not run at another size, or the export traced them)"
+                    if fixed
+                    else ""
+                )
+                + "."
+            )
     except Int8ConversionError:
         raise
     except Exception as err:
@@ -388,4 +443,5 @@ def convert_to_int8(
         notes=notes,
         signature=call_signature(_outer_unwrapped(model)),
         unused=tuple(dropped),
+        input_shapes=shapes,
     )
