@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.engine.convert import ModelCall
+from lightning_compress.engine.convert.export import check_input_shape, resize_size
 from lightning_compress.engine.fake_quant import (
     ACTIVATION_EPS,
     FakeQuantModule,
@@ -221,19 +222,7 @@ class OrtModel(nn.Module):
         return feeds
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        expected = self.input_shapes.get(name)
-        if expected is None:
-            return
-        wrong = len(shape) != len(expected) or any(
-            isinstance(e, int) and e != n for e, n in zip(expected, shape, strict=False)
-        )
-        if wrong:
-            described = "(" + ", ".join(str(e) for e in expected) + ")"
-            raise ValueError(
-                f"The input `{name}` has shape {tuple(shape)}, but this ONNX model takes {described}: the names are"
-                " dynamic sizes, the numbers sizes fixed at export (the network did not run at another size there,"
-                " e.g. the input of a flatten -> Linear head, or the export traced it as a constant)."
-            )
+        check_input_shape(name, shape, self.input_shapes.get(name), "ONNX model")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the session on the call's tensors; returns a tensor, or a tuple of tensors."""
@@ -578,16 +567,6 @@ def _onnx_export(
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _resize(tensor: Tensor, old: int, new: int) -> Tensor:
-    """``tensor`` with every non-batch dimension of size ``old`` cut or repeated to ``new`` (token ids stay ids)."""
-    for dim in range(1, tensor.dim()):
-        if tensor.shape[dim] == old:
-            reps = [1] * tensor.dim()
-            reps[dim] = -(-new // old)
-            tensor = tensor.repeat(*reps).narrow(dim, 0, new)
-    return tensor
-
-
 def _eager_sizes(wrapper: _Call, tensors: list[Tensor]) -> dict[int, int]:
     """``{size: other size}`` for the non-batch input sizes the network also runs at in eager (sequence lengths,
     image sizes); a size it fails at (e.g. the input of a flatten -> Linear head) stays fixed."""
@@ -597,7 +576,7 @@ def _eager_sizes(wrapper: _Call, tensors: list[Tensor]) -> dict[int, int]:
         for size in sizes:
             for other in (size // 2, size + size // 2):
                 try:
-                    wrapper(*[_resize(t, size, other) for t in tensors])
+                    wrapper(*[resize_size(t, size, other) for t in tensors])
                 except Exception:  # this size is fixed for the network: try the next
                     continue
                 found[size] = other
@@ -641,7 +620,7 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], che
             proto = None  # dynamic sizes the exporter cannot take: fixed sizes below
         if proto is not None:
             working = {
-                n for n, m in others.items() if _matches_eager(proto, wrapper, [_resize(t, n, m) for t in tensors])
+                n for n, m in others.items() if _matches_eager(proto, wrapper, [resize_size(t, n, m) for t in tensors])
             }
             if working != set(others):  # a size traced into the graph as a constant: export again without it
                 others = {n: m for n, m in others.items() if n in working}

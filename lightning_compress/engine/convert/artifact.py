@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.engine.convert.export import check_input_shape
 from lightning_compress.engine.convert.observers import _QUANTIZED_OPS
 from lightning_compress.engine.convert.quantizer import _import_torchao
 from lightning_compress.engine.io import write_atomically
@@ -119,19 +120,7 @@ class QuantizedModule(nn.Module):
         return self.graph(*call_args, **call_kwargs)
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        expected = self.input_shapes.get(name)
-        if expected is None:
-            return
-        wrong = len(shape) != len(expected) or any(
-            isinstance(e, int) and e != n for e, n in zip(expected, shape, strict=False)
-        )
-        if wrong:
-            described = "(" + ", ".join(str(e) for e in expected) + ")"
-            raise ValueError(
-                f"The input `{name}` has shape {tuple(shape)}, but this int8 program takes {described}: the names "
-                "are dynamic sizes, the numbers sizes fixed at export (the network did not run at another size "
-                "there, e.g. the input of a flatten -> Linear head, or the export traced it as a constant)."
-            )
+        check_input_shape(name, shape, self.input_shapes.get(name), "int8 program")
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if self.signature is None:

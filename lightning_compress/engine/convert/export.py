@@ -41,8 +41,10 @@ def _batch_dynamic_shapes(
     return {name: tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
-def _resize(tensor: Tensor, old: int, new: int) -> Tensor:
-    """``tensor`` with every non-batch dimension of size ``old`` cut or repeated to ``new`` (token ids stay ids)."""
+def resize_size(tensor: Tensor, old: int, new: int) -> Tensor:
+    """``tensor`` with every non-batch dimension of size ``old`` cut or repeated to ``new`` (token ids stay ids).
+
+    Used by both exporters to try a network at another sequence length or image size."""
     for dim in range(1, tensor.dim()):
         if tensor.shape[dim] == old:
             reps = [1] * tensor.dim()
@@ -51,8 +53,25 @@ def _resize(tensor: Tensor, old: int, new: int) -> Tensor:
     return tensor
 
 
+def check_input_shape(name: str, shape: tuple[int, ...], expected: list[int | str] | None, artifact: str) -> None:
+    """Raise a ``ValueError`` naming the shapes an artifact takes when input ``name`` does not fit ``expected``
+    (ints are fixed sizes, names dynamic ones; ``None``: nothing known, nothing checked)."""
+    if expected is None:
+        return
+    wrong = len(shape) != len(expected) or any(
+        isinstance(e, int) and e != n for e, n in zip(expected, shape, strict=False)
+    )
+    if wrong:
+        described = "(" + ", ".join(str(e) for e in expected) + ")"
+        raise ValueError(
+            f"The input `{name}` has shape {tuple(shape)}, but this {artifact} takes {described}: the names are"
+            " dynamic sizes, the numbers sizes fixed at export (the network did not run at another size there,"
+            " e.g. the input of a flatten -> Linear head, or the export traced it as a constant)."
+        )
+
+
 def _resized(tree: Any, old: int, new: int) -> Any:
-    return tree_map(lambda v: _resize(v, old, new) if isinstance(v, Tensor) else v, tree)
+    return tree_map(lambda v: resize_size(v, old, new) if isinstance(v, Tensor) else v, tree)
 
 
 def _eager_sizes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, int]:
