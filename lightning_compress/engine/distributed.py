@@ -171,7 +171,8 @@ def lowest_k_cut(sources: Sequence[KeySource], k: int, group: Any = None) -> Cut
     """Where the ``k`` smallest keys of all ``sources`` (over all processes of ``group``) end.
 
     Two passes over the keys, chunk by chunk (a histogram of the high 15 bits, then of the low 16 bits of the
-    chosen bin); collectives: four ``all_reduce`` calls (the total, two histograms, the tie counts per process).
+    chosen bin, at the same cost however many keys tie in it); collectives: four ``all_reduce`` calls (the total,
+    two histograms, the tie counts per process).
 
     Raises:
         ValueError: If ``k`` is negative or exceeds the number of entries over all processes.
@@ -192,11 +193,19 @@ def lowest_k_cut(sources: Sequence[KeySource], k: int, group: Any = None) -> Cut
     if k == 0:
         return Cut(0, 0, 0)
     high_bin, below_high = _bin_holding(high_counts[:_HIGH_BINS], k)
-    low_counts = torch.zeros(_LOW_BINS, dtype=torch.int64, device=device)
+    # Keys shifted so that the chosen bin's 65,536 values land on 1..65,536; the clamp puts every key below it on 0
+    # and every key above it on 65,537, both dropped. The same few passes whatever the share of keys in that bin
+    # (selecting them by a boolean index costs more the more of them tie there: many exact zeros).
+    low_counts = torch.zeros(_LOW_BINS + 2, dtype=torch.int64, device=device)
+    buffers: dict[torch.device, Tensor] = {}
     for source in sources:
+        if source.device not in buffers:
+            buffers[source.device] = torch.empty(_chunk(source.device), dtype=torch.int32, device=source.device)
         for start, stop in _chunks(source):
-            keys = source.keys(start, stop)
-            low_counts += torch.bincount(keys[(keys >> 16) == high_bin] & 0xFFFF, minlength=_LOW_BINS)
+            out = buffers[source.device][: stop - start]
+            shifted = torch.sub(source.keys(start, stop), (high_bin << 16) - 1, out=out)
+            low_counts += torch.bincount(shifted.clamp_(0, _LOW_BINS + 1), minlength=_LOW_BINS + 2)
+    low_counts = low_counts[1:-1]
     local_low = low_counts.clone() if group is not None else low_counts
     low_bin, below_low = _bin_holding(_all_reduce_sum(low_counts, group), k - below_high)
     missing = k - (below_high + below_low)  # entries equal to the threshold still to take

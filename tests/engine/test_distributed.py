@@ -36,6 +36,22 @@ def test_single_process_equals_lowest_k_with_ties_and_pruned(sizes, levels, frac
     assert all(torch.equal(a, b) for a, b in zip(got, _reference(scores, pruned, k), strict=True))
 
 
+@pytest.mark.parametrize("high_bin", [0, 1, 0x3F80, (1 << 15) - 1])
+def test_keys_on_the_edges_of_the_chosen_bin_are_counted_in_the_right_bin(high_bin):
+    # The second pass shifts keys by the chosen bin's start and clamps: keys just below and just above the bin (and
+    # the largest key) must fall outside it, its first and last values inside.
+    base = high_bin << 16
+    edges = [base - 1, base, base + 1, base + 0xFFFF, base + 0x10000, 0x7FFFFFFF, 0, 1]
+    edges = [e for e in edges if 0 <= e <= 0x7FFFFFFF]
+    keys = torch.tensor(edges * 3, dtype=torch.int32)[torch.randperm(3 * len(edges), generator=torch.Generator())]
+    order = torch.sort(keys.long() * keys.numel() + torch.arange(keys.numel()), stable=True).indices
+    for k in range(keys.numel() + 1):
+        expected = torch.zeros(keys.numel(), dtype=torch.bool)
+        expected[order[:k]] = True
+        (got,) = lowest_k_mask([keys], k)
+        assert torch.equal(got, expected), k
+
+
 def test_keys_keep_the_order_of_magnitudes_including_tiny_and_huge():
     values = torch.tensor([0.0, 1e-38, 1e-30, 0.5, 1.0, 3e38, float("inf")])
     keys = sortable_keys(values)
