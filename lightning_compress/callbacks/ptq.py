@@ -574,7 +574,7 @@ class PostTrainingQuantCallback(Callback):
         try:
             layers = prepare_qat(fake_quant, config, include=self.include, exclude=self.exclude)
         except ValueError:
-            return {}  # only subclassed layers (e.g. attention projections) are selected: no simulation
+            return {}  # only attention out_proj layers are selected: no simulation
         with torch.no_grad():
             for layer in layers.values():
                 layer.train()  # observers move in training mode only; everything else (BN, dropout) stays in eval

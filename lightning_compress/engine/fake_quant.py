@@ -17,22 +17,29 @@ uses to build the real int8 model):
 Gradients are straight-through: identity for the weights, and for the inputs identity inside the quantization range
 and zero for clipped values (``torch.fake_quantize_per_tensor_affine``).
 
-Modules whose type is a *subclass* of Linear/Conv are left alone, because their ``forward`` may differ. This skips
+A *subclass* of Linear/Conv that keeps the parent's ``forward`` gets a fake-quant subclass of both. One with its
+own ``forward`` (TensorFlow-style "same" padding: pad, then convolve) keeps it: that ``forward`` runs under a
+``TorchFunctionMode`` that fake-quantizes the input and weight of its ``F.linear``/``F.convNd`` call on the module's
+own ``weight``, so the padding and whatever else it does stay exactly as written; a ``forward`` that never makes
+such a call (it convolves with a weight computed from ``weight``) is warned about once and runs in float.
 ``nn.MultiheadAttention``'s ``out_proj`` (a ``NonDynamicallyQuantizableLinear`` that
-``F.multi_head_attention_forward`` uses through ``.weight`` without calling it), so attention internals stay in
-float during QAT; the ``linear1``/``linear2`` of ``nn.TransformerEncoderLayer`` are quantized. While a transformer
-layer holds fake-quant modules its inference fast path (which would read the float weights directly) is disabled.
+``F.multi_head_attention_forward`` uses through ``.weight`` without calling it) is left alone, so attention
+internals stay in float during QAT; the ``linear1``/``linear2`` of ``nn.TransformerEncoderLayer`` are quantized.
+While a transformer layer holds fake-quant modules its inference fast path (which would read the float weights
+directly) is disabled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+from torch.overrides import TorchFunctionMode
 
 from lightning_compress.engine.config import ACTIVATION_OBSERVERS, WEIGHT_RANGES, QuantConfig
 from lightning_compress.engine.selection import select_modules
@@ -374,7 +381,7 @@ def _rebin(hist: Tensor, old_lo: Tensor, old_hi: Tensor, new_lo: Tensor, new_hi:
 # Fake-quant modules
 # --------------------------------------------------------------------------------------------------------------------
 
-_ADDED_ATTRIBUTES = ("quant_config", "_fq_enabled")
+_ADDED_ATTRIBUTES = ("quant_config", "_fq_enabled", "_lc_warned_float")
 
 
 class FakeQuantModule(nn.Module):
@@ -505,19 +512,62 @@ _FAKE_QUANT_TYPES: dict[type[nn.Module], type[FakeQuantModule]] = {
 
 _SUBCLASS_TYPES: dict[type[nn.Module], type[FakeQuantModule]] = {}
 
+#: The functional ops of the swapped layer types (``F.conv2d is torch.conv2d``: what a ``TorchFunctionMode`` sees).
+_LAYER_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d})
+
+
+class _SimulateOwnCall(TorchFunctionMode):
+    """While a subclass's own ``forward`` runs: fake-quantize the input and weight of every ``F.linear``/``F.convNd``
+    call made with the module's ``weight``; every other call passes through unchanged."""
+
+    def __init__(self, module: FakeQuantModule) -> None:
+        super().__init__()
+        self.module = module
+        self.calls = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _LAYER_FUNCTIONS and len(args) >= 2 and args[1] is self.module.weight:
+            self.calls += 1
+            x, weight = self.module._fq_inputs(args[0])  # the mode is off inside its own handler: no recursion
+            args = (x, weight, *args[2:])
+        return func(*args, **kwargs)
+
+
+def _forward_simulating_own_call(self: FakeQuantModule, *args: Any, **kwargs: Any) -> Any:
+    """The subclass's own ``forward``, with its Linear/Conv call on ``self.weight`` fake-quantized."""
+    own_forward = self._float_type.forward
+    if not self._fq_enabled:
+        return own_forward(self, *args, **kwargs)
+    with _SimulateOwnCall(self) as mode:
+        out = own_forward(self, *args, **kwargs)
+    if mode.calls == 0 and not self.__dict__.get("_lc_warned_float"):
+        self.__dict__["_lc_warned_float"] = True
+        warnings.warn(
+            f"{self._float_type.__name__}.forward made no F.linear/F.conv call with the module's own `weight` (it"
+            " computes with another tensor), so QAT cannot simulate it: this layer trains in float.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return out
+
 
 def _fake_quant_type(cls: type[nn.Module]) -> type[FakeQuantModule] | None:
-    """The fake-quant type for modules of type ``cls``: that of an exact Linear/ConvNd type, or, for a subclass that
-    keeps the parent's ``forward`` (a marker type of a model zoo), a fake-quant subclass of both (so ``strip_qat``
-    gives the subclass back). A subclass with its own ``forward`` (it may pad or scale around the op) and attention's
-    ``out_proj`` (``NonDynamicallyQuantizableLinear``, whose ``forward`` is never called) get ``None``."""
+    """The fake-quant type for modules of type ``cls``: that of an exact Linear/ConvNd type, or, for a subclass, a
+    fake-quant subclass of both (so ``strip_qat`` gives the subclass back) whose ``forward`` is the parent's
+    fake-quant one when the subclass keeps the parent's (a marker type of a model zoo), else the subclass's own under
+    ``_SimulateOwnCall`` (it may pad or scale around the op). Attention's ``out_proj``
+    (``NonDynamicallyQuantizableLinear``, whose ``forward`` is never called) gets ``None``."""
     if cls in _FAKE_QUANT_TYPES:
         return _FAKE_QUANT_TYPES[cls]
     parent = next((p for p in _FAKE_QUANT_TYPES if issubclass(cls, p)), None)
-    if parent is None or cls.forward is not parent.forward or issubclass(cls, NonDynamicallyQuantizableLinear):
+    if parent is None or issubclass(cls, NonDynamicallyQuantizableLinear):
         return None
     if cls not in _SUBCLASS_TYPES:  # one type per subclass
-        _SUBCLASS_TYPES[cls] = type(f"FakeQuant{cls.__name__}", (_FAKE_QUANT_TYPES[parent], cls), {"_float_type": cls})
+        namespace: dict[str, Any] = {"_float_type": cls}
+        if cls.forward is not parent.forward:
+            namespace["forward"] = _forward_simulating_own_call
+        _SUBCLASS_TYPES[cls] = type(f"FakeQuant{cls.__name__}", (_FAKE_QUANT_TYPES[parent], cls), namespace)
     return _SUBCLASS_TYPES[cls]
 
 
@@ -571,8 +621,8 @@ def prepare_qat(
         model: The model to prepare (modified in place; its ``forward`` is not touched).
         config: What to simulate; defaults to ``QuantConfig()`` (int8 weights, uint8 inputs, moving-average ranges).
         include: Regular expressions over module names (see ``lightning_compress.engine.selection``); default:
-            every ``nn.Linear``/``nn.ConvNd``, and their subclasses that keep the parent's ``forward``; a subclass with
-            its own ``forward`` and ``MultiheadAttention.out_proj`` are never swapped.
+            every ``nn.Linear``/``nn.ConvNd`` and their subclasses (a subclass's own ``forward`` is kept, its layer
+            call fake-quantized); ``MultiheadAttention.out_proj`` is never swapped.
         exclude: Regular expressions of module names to keep in float (e.g. the first conv or the classifier).
 
     Returns:
@@ -595,7 +645,7 @@ def prepare_qat(
             continue
         fq_type = _fake_quant_type(type(module))
         if fq_type is None:
-            continue  # subclass of Linear/Conv with its own semantics (e.g. NonDynamicallyQuantizableLinear)
+            continue  # attention's out_proj (NonDynamicallyQuantizableLinear): its forward is never called
         new = _rebuild(module, fq_type)
         assert isinstance(new, FakeQuantModule)
         new._setup_fake_quant(config)
@@ -604,8 +654,8 @@ def prepare_qat(
     if not prepared:
         names = ", ".join(f"{n} ({type(m).__name__})" for n, m in selected.items())
         raise ValueError(
-            f"None of the selected modules can be fake-quantized: only nn.Linear/nn.Conv1d/2d/3d modules and subclasses"
-            f" that keep their forward are swapped. Selected: {names}."
+            f"None of the selected modules can be fake-quantized: only nn.Linear/nn.Conv1d/2d/3d modules and their"
+            f" subclasses are swapped (not MultiheadAttention's out_proj). Selected: {names}."
         )
     _set_transformer_fastpath(model, enabled=False)
     return prepared

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress.engine.convert import Int8Model, compile_int8, model_size_bytes, save_and_size
@@ -88,11 +87,9 @@ def _call(model: Callable[..., Any], inputs: Any, kwargs: dict[str, Any] | None 
 
 
 def _float_forward(module: FakeQuantModule, x: Tensor) -> Tensor:
-    """What ``module`` computes without fake quantization."""
-    if isinstance(module, nn.Linear):
-        return F.linear(x, module.weight, module.bias)
-    assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-    return module._conv_forward(x, module.weight, module.bias)
+    """What ``module`` computes without fake quantization: its float type's ``forward`` (a subclass's own, with its
+    padding), which calls the layer op on the float weight and input."""
+    return module._float_type.forward(module, x)
 
 
 def per_layer_sqnr(

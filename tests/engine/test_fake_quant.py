@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -657,3 +658,67 @@ def test_activation_qparams_are_the_ones_the_fake_quant_op_uses() -> None:
     fresh = nn.Sequential(nn.Linear(4, 2))
     prepare_qat(fresh)
     assert activation_qparams(fresh) == {}  # no data seen yet: no scale
+
+
+class _SamePadConv(nn.Conv2d):
+    """TensorFlow-style "same" padding (EfficientNet-Lite's ``Conv2dStaticSamePadding``): pads in its own forward,
+    then calls ``F.conv2d`` directly with its weight."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(F.pad(x, [0, 1, 0, 1], value=-1.0), self.weight, self.bias, self.stride)
+
+
+class _DerivedWeightConv(nn.Conv2d):
+    """Convolves with a tensor computed from ``weight`` (weight standardization): no call on ``weight`` itself."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.weight - self.weight.mean(), self.bias)
+
+
+def test_subclass_with_its_own_forward_is_simulated_around_its_own_call() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(_SamePadConv(3, 4, 3, stride=2))
+    weight = net[0].weight
+    prepared = prepare_qat(net)
+    layer = net[0]
+    assert list(prepared) == ["0"] and isinstance(layer, FakeQuantConv2d) and isinstance(layer, _SamePadConv)
+    assert layer.weight is weight
+    x = torch.rand(2, 3, 9, 9)
+    net.train()
+    net(x)
+    # The observer saw the convolution's input: the padded tensor (its -1 border), not the module's input.
+    assert activation_ranges(net)["0"] == (-1.0, pytest.approx(float(x.max())))
+    scale, zero_point = layer.observer.qparams()
+    padded = F.pad(x, [0, 1, 0, 1], value=-1.0)
+    expected = F.conv2d(fake_quantize_input(padded, scale, zero_point), fake_quantize_weight(weight, 8), layer.bias, 2)
+    net.eval()
+    assert torch.equal(net(x), expected)
+    # the per-layer sensitivity PTQ's fallback ranks by compares with the subclass's own float forward (padded)
+    from lightning_compress.engine.measure import per_layer_sqnr, sqnr_db
+
+    float_out = F.conv2d(padded, weight, layer.bias, 2)
+    assert per_layer_sqnr(None, net, (x,)) == {"0": pytest.approx(sqnr_db(float_out, expected))}
+    set_fake_quant_enabled(net, False)
+    assert torch.equal(net(x), F.conv2d(padded, weight, layer.bias, 2))
+    set_fake_quant_enabled(net, True)
+    out = net(x)
+    out.sum().backward()  # straight-through: the shared Parameter gets the gradient
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    strip_qat(net)
+    assert type(net[0]) is _SamePadConv and net[0].weight is weight
+
+
+def test_subclass_forward_without_a_call_on_its_weight_warns_once_and_runs_in_float() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(_DerivedWeightConv(3, 4, 3))
+    reference = copy.deepcopy(net)
+    prepare_qat(net)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"_DerivedWeightConv\.forward made no F\.linear/F\.conv call"):
+        out = net(x)
+    assert torch.equal(out, reference(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net(x)  # once per module
+    strip_qat(net)
+    assert "_lc_warned_float" not in net[0].__dict__

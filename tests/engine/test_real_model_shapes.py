@@ -179,25 +179,28 @@ def test_conv_subclasses_are_quantized_by_pt2e(mode: str, tmp_path) -> None:
     assert report.int8_layers == 4 and report.float_layers == {} and report.to_metrics()["int8_layers"] == 4.0
 
 
-def test_qat_swaps_subclasses_that_keep_the_parent_forward_and_converts_them_to_int8() -> None:
+def test_qat_swaps_conv_subclasses_and_converts_them_to_int8() -> None:
     from lightning_compress.engine.fake_quant import FakeQuantConv2d, strip_qat
     from lightning_compress.engine.ort import convert_to_onnx_int8
 
     model, x = _subclass_net()
     prepared = prepare_qat(model)
-    assert sorted(prepared) == ["block", "conv", "fc"]  # was ["conv", "fc"]; `stem` pads in its own forward
+    # was ["conv", "fc"], then ["block", "conv", "fc"]: `stem` pads in its own forward, now simulated around its call
+    assert sorted(prepared) == ["block", "conv", "fc", "stem"]
     assert isinstance(model.block, FakeQuantConv2d) and isinstance(model.block, PlainSubConv)
+    assert isinstance(model.stem, FakeQuantConv2d) and isinstance(model.stem, Conv2dSame)
     model.train()
     with torch.no_grad():
         model(x)
     model.eval()
     pt2e = convert_to_int8(model, (x,))
-    assert set(pt2e.quantized_layers) == {"block", "conv", "fc"} and "stem" in pt2e.skipped  # as QAT simulated
+    assert set(pt2e.quantized_layers) == {"stem", "block", "conv", "fc"} and pt2e.skipped == ()
     assert layers_left_float(pt2e, strip_qat(copy.deepcopy(model))) == {}
     ort = convert_to_onnx_int8(model, x, mode="static")
-    assert ort.num_quantized_layers == 3 and ort.float_layers == ("stem",)
+    assert ort.num_quantized_layers == 4 and ort.float_layers == ()
     with torch.no_grad():
         assert sqnr_db(model(x), pt2e.module()(x)) > 20
+        assert sqnr_db(model(x), ort(x)) > 20
     strip_qat(model)
     assert type(model.block) is PlainSubConv and type(model.stem) is Conv2dSame  # the user's types come back
 
