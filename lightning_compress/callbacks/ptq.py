@@ -46,7 +46,7 @@ from lightning_compress.engine.distributed import run_on_rank_zero
 from lightning_compress.engine.fake_quant import prepare_qat
 from lightning_compress.engine.fallback import FallbackAttempt, find_float_layers
 from lightning_compress.engine.io import check_writable_dir
-from lightning_compress.engine.measure import Evaluation, measure_int8, per_layer_sqnr
+from lightning_compress.engine.measure import Evaluation, measure_int8, output_sensitivity, per_layer_sqnr
 from lightning_compress.engine.selection import compile_patterns, select_modules
 from lightning_compress.engine.validation import (
     check_batch_sizes,
@@ -96,7 +96,8 @@ class PostTrainingQuantCallback(Callback):
        top-1 agreement, per-layer SQNR, size and CPU latency. Logged under ``compress/ptq/`` with a per-layer SQNR
        figure and a markdown summary, and kept in ``results``.
     4. **Accuracy-aware fallback** (``max_accuracy_drop`` with ``monitor``): when the int8 metric drops more than
-       allowed, the layers are ranked by sensitivity (per-layer SQNR, lowest first) and the most sensitive ones are
+       allowed, the layers are ranked by sensitivity (the SQNR of the model's output with only that layer in int8,
+       lowest first: ``output_sensitivity``; ``sensitivity/<layer>`` in ``results``) and the most sensitive ones are
        kept in float, one more at a time (fewest first), until the budget holds. Every attempt (float layers,
        metric) is in ``attempts``, ``results`` and the logs; if no attempt meets the budget this is reported
        and the attempt with the smallest drop is kept. The search converts with the callback's backend (ONNX
@@ -417,9 +418,10 @@ class PostTrainingQuantCallback(Callback):
         args, kwargs = _loops.at_least_two_rows(calls[0])  # a batch of 1 would export a fixed batch size
         quantized = list(select_modules(float_net, self.include, self.exclude))
         base_skip = [n for n in select_modules(float_net) if n not in quantized]
-        sqnr = self._per_layer_sqnr(float_net, calls)
         float_run = self._evaluate(trainer, pl_module, float_net, stage)
         monitor = self._check_monitor(float_run.metrics, stage) if self.monitor else None
+        searching = monitor is not None and self.max_accuracy_drop is not None and self.max_float_layers != 0
+        sqnr, sensitivity = self._simulate(trainer, float_net, calls, rank=searching)
         calibration = [_as_item(call) for call in calls] if self.mode == "static" else None
         evaluations: list[Evaluation] = []  # one per attempt
         compact = _loops.channel_removal(trainer, pl_module, self.module, "PostTrainingQuantCallback")
@@ -454,7 +456,8 @@ class PostTrainingQuantCallback(Callback):
         fallback = find_float_layers(
             convert,
             evaluate,
-            ranking=sorted(sqnr, key=lambda name: sqnr[name]),  # lowest SQNR (most hurt by int8) first
+            # the layer whose int8 error alone hurts the model's output most first
+            ranking=sorted(sensitivity, key=lambda name: sensitivity[name]),
             budget=self.max_accuracy_drop if monitor else None,
             max_float_layers=self.max_float_layers,
             reference=float_run.metrics[monitor] if monitor else math.nan,
@@ -465,8 +468,9 @@ class PostTrainingQuantCallback(Callback):
         if not fallback.budget_met:
             rank_zero_warn(
                 f"PostTrainingQuantCallback: no mix of float layers tried (up to {len(self.attempts) - 1}, by "
-                f"increasing SQNR) keeps the `{monitor}` drop within `max_accuracy_drop`={self.max_accuracy_drop} "
-                f"points; keeping the attempt with the smallest drop (float layers: "
+                f"increasing output SQNR) keeps the `{monitor}` drop within "
+                f"`max_accuracy_drop`={self.max_accuracy_drop} points; keeping the attempt with the smallest drop"
+                " (float layers: "
                 f"{', '.join(fallback.kept.float_layers) or 'none'})."
             )
         int8 = fallback.model
@@ -491,6 +495,7 @@ class PostTrainingQuantCallback(Callback):
         results["quantized_layers"] = float(report.int8_layers or 0)  # counted in the artifact, not the selection
         results["float_layers"] = ",".join(n for n in kept_float if n not in base_skip)
         results.update(self._attempt_results(monitor, fallback.budget_met))
+        results.update({f"sensitivity/{name}": value for name, value in sensitivity.items()})
         results["saved_to"] = report.saved_to
         results["backend"] = backend
         shapes = shapes_taken(int8)
@@ -552,11 +557,16 @@ class PostTrainingQuantCallback(Callback):
             loader = own
         return loader
 
-    def _per_layer_sqnr(self, float_net: nn.Module, calls: list[Call]) -> dict[str, float]:
-        """Per-layer SQNR (dB) of a fake-quant simulation of the same scheme, calibrated on the same inputs.
+    def _simulate(
+        self, trainer: Trainer, float_net: nn.Module, calls: list[Call], rank: bool
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Per-layer SQNR (dB) of a fake-quant simulation of the same scheme, calibrated on the same inputs, and
+        with ``rank``, each layer's output sensitivity (the fallback's order).
 
-        Each layer's int8 output is compared with its float output on the same input (the error that layer adds):
-        a low SQNR marks a layer that int8 hurts, which is what the fallback keeps in float first.
+        SQNR: each layer's int8 output against its float output on the same input (the error that layer adds), one
+        forward pass. Sensitivity (``output_sensitivity``): the model's output with only that layer int8, one pass
+        per layer, so only when the fallback may search: a layer's local error says little about what it does to
+        the result (an early layer's error travels through the whole network).
         """
         fake_quant = copy.deepcopy(float_net).eval()
         if self.mode == "weight_only":
@@ -574,13 +584,24 @@ class PostTrainingQuantCallback(Callback):
         try:
             layers = prepare_qat(fake_quant, config, include=self.include, exclude=self.exclude)
         except ValueError:
-            return {}  # only attention out_proj layers are selected: no simulation
+            return {}, {}  # only attention out_proj layers are selected: no simulation
         with torch.no_grad():
             for layer in layers.values():
                 layer.train()  # observers move in training mode only; everything else (BN, dropout) stays in eval
             for args, kwargs in calls:
                 fake_quant(*args, **kwargs)
-        return per_layer_sqnr(None, fake_quant, calls[0][0], calls[0][1])
+        args, kwargs = calls[0]
+        sqnr = per_layer_sqnr(None, fake_quant, args, kwargs)
+        if not rank:
+            return sqnr, {}
+        bar = _progress_bar(trainer, len(layers), "PTQ layer sensitivity")
+        try:
+            step = None if bar is None else lambda _layer: bar.update(1)
+            sensitivity = output_sensitivity(fake_quant, args, kwargs, progress=step)
+        finally:
+            if bar is not None:
+                bar.close()
+        return sqnr, sensitivity
 
     # ----------------------------------------------------------------------------------------------------------
     # Conversion, measurement and fallback
@@ -639,6 +660,10 @@ class PostTrainingQuantCallback(Callback):
                     _logging.log_scalars(trainer, point, len(attempt.float_layers))
         sqnr = {k.removeprefix("sqnr/"): v for k, v in numbers.items() if k.startswith("sqnr/")}
         _logging.log_layer_figure(trainer, f"{PREFIX}/per_layer_sqnr", sqnr, "SQNR (dB), higher is better")
+        alone = {k.removeprefix("sensitivity/"): v for k, v in numbers.items() if k.startswith("sensitivity/")}
+        if alone:
+            label = "output SQNR (dB), only this layer int8; lowest kept float first"
+            _logging.log_layer_figure(trainer, f"{PREFIX}/per_layer_sensitivity", alone, label)
         headline = {k: v for k, v in self.results.items() if "/" not in k or k.startswith(_logging.HEADLINE_PREFIXES)}
         backend = self.results.get("backend", self.backend)
         title = (
@@ -664,6 +689,15 @@ def _as_item(call: Call) -> Any:
     if not args:
         return kwargs
     return ModelCall(args, kwargs)
+
+
+def _progress_bar(trainer: Trainer, total: int, description: str) -> Any:
+    """A tqdm bar of ``total`` steps when the Trainer shows progress bars (on rank zero), else ``None``."""
+    if trainer.progress_bar_callback is None or not trainer.is_global_zero:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, leave=False, dynamic_ncols=True)
 
 
 class _CalibrationProgress(Callback):

@@ -27,6 +27,7 @@ from lightning_compress.engine.fake_quant import (
     activation_qparams,
     fake_quant_modules,
     fake_quantize_weight,
+    set_fake_quant_enabled,
     weight_scales,
 )
 from lightning_compress.engine.fallback import metric_drop
@@ -42,6 +43,7 @@ __all__ = [
     "measure_int8",
     "measure_latency",
     "num_threads",
+    "output_sensitivity",
     "per_layer_sqnr",
     "sqnr_db",
     "top1_agreement",
@@ -169,6 +171,62 @@ def per_layer_sqnr(
         for m, mode in zip(models, modes, strict=True):
             m.train(mode)
     return {n: results[n] for n in layers if n in results}
+
+
+def _output_tensor(output: Any) -> Tensor:
+    """Every floating-point tensor of a model's output (a tensor, tuple, dict or ``ModelOutput``), flat, in one."""
+    leaves = [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, Tensor) and t.is_floating_point()]
+    if not leaves:
+        raise ValueError(f"The model's output holds no floating-point tensor, got {type(output).__name__}.")
+    return torch.cat([t.detach().reshape(-1).float() for t in leaves])
+
+
+def output_sensitivity(
+    quant_model: nn.Module,
+    inputs: Any,
+    kwargs: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """SQNR (dB) of the *model's output* with only one layer fake-quantized, for each fake-quant layer.
+
+    Where ``per_layer_sqnr`` measures the error a layer adds at its own output, this measures what that error does
+    to the result, after everything downstream has amplified or absorbed it (an early layer's error travels through
+    the whole network). The lowest value marks the layer that keeping in float helps most, which is how PTQ's
+    accuracy-aware fallback orders its candidates. One forward pass per layer, plus one in float; the observers must
+    already hold ranges (calibrate first), and do not move (eval mode, no gradients). The model's fake-quant switches
+    and train/eval mode are restored.
+
+    Args:
+        quant_model: A model prepared by ``prepare_qat`` and calibrated.
+        inputs: Positional input(s) of ``forward`` (a Tensor or a tuple).
+        kwargs: Keyword arguments of ``forward``.
+        progress: Called with each layer's name before its pass (a progress bar).
+
+    Returns:
+        Output SQNR in dB per fake-quant module name, in model order (``inf`` where the layer changes nothing).
+    """
+    layers = fake_quant_modules(quant_model)
+    if not layers:
+        raise ValueError("`quant_model` has no fake-quant layers: prepare it with `prepare_qat` first.")
+    enabled = {name: layer.is_fake_quant_enabled for name, layer in layers.items()}
+    training = quant_model.training
+    results: dict[str, float] = {}
+    try:
+        quant_model.eval()
+        with torch.no_grad():
+            set_fake_quant_enabled(quant_model, False)
+            reference = _output_tensor(_call(quant_model, inputs, kwargs))
+            for name, layer in layers.items():
+                if progress is not None:
+                    progress(name)
+                layer.set_fake_quant_enabled(True)
+                results[name] = sqnr_db(reference, _output_tensor(_call(quant_model, inputs, kwargs)))
+                layer.set_fake_quant_enabled(False)
+    finally:
+        for name, layer in layers.items():
+            layer.set_fake_quant_enabled(enabled[name])
+        quant_model.train(training)
+    return results
 
 
 def weight_sqnr(model: nn.Module) -> dict[str, float]:

@@ -312,6 +312,8 @@ def test_fallback_keeps_exactly_the_badly_quantizable_layer_in_float(tmp_path) -
     assert float_acc > 0.85
     # The plain int8 model misses the budget by far; keeping layer "2" (the lowest SQNR) in float meets it.
     assert min(results, key=lambda k: results[k] if k.startswith("sqnr/") else 1e9) == "sqnr/2"
+    # ... and it is the one that alone hurts the output most, which is what the fallback ranks by
+    assert min(results, key=lambda k: results[k] if k.startswith("sensitivity/") else 1e9) == "sensitivity/2"
     assert len(ptq.attempts) == 2
     assert ptq.attempts[0].float_layers == () and ptq.attempts[0].drop * 100 > 2.0
     assert ptq.attempts[1].float_layers == ("2",)
@@ -342,7 +344,7 @@ def test_fallback_reports_a_budget_it_cannot_meet(tmp_path) -> None:
         latency="off",
     )
     trainer = make_trainer(tmp_path, [ptq])
-    with pytest.warns(UserWarning, match=r"no mix of float layers tried \(up to 1, by increasing SQNR\) keeps"):
+    with pytest.warns(UserWarning, match=r"no mix of float layers tried \(up to 1, by increasing output SQNR\) keeps"):
         trainer.validate(Classifier(net), vector_loader(512, seed=0), verbose=False)
     assert ptq.attempts[0].float_layers == ()
     assert len(ptq.attempts) == 2 and ptq.attempts[1].float_layers[0] in ("2", "4")

@@ -12,7 +12,14 @@ from torch import nn
 
 from lightning_compress.engine.config import QuantConfig
 from lightning_compress.engine.convert import convert_to_int8, load_quantized
-from lightning_compress.engine.fake_quant import activation_qparams, activation_ranges, prepare_qat, strip_qat
+from lightning_compress.engine.fake_quant import (
+    activation_qparams,
+    activation_ranges,
+    fake_quant_modules,
+    prepare_qat,
+    set_fake_quant_enabled,
+    strip_qat,
+)
 from lightning_compress.engine.measure import (
     Evaluation,
     Int8Report,
@@ -20,6 +27,7 @@ from lightning_compress.engine.measure import (
     measure_int8,
     measure_latency,
     num_threads,
+    output_sensitivity,
     per_layer_sqnr,
     sqnr_db,
     top1_agreement,
@@ -70,6 +78,49 @@ def test_per_layer_sqnr_local_and_accumulated() -> None:
         per_layer_sqnr(None, stripped, x)
     with pytest.raises(ValueError, match=r"`float_model` has no module named \['conv1'"):
         per_layer_sqnr(nn.Sequential(), model, x)
+
+
+class _Branches(nn.Module):
+    """Two layers whose outputs reach the result with very different weights: ``muted``'s is scaled by 1e-6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loud, self.muted = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.loud(x) + 1e-6 * self.muted(x), "ids": torch.zeros(2, dtype=torch.long)}
+
+
+def test_output_sensitivity_measures_each_layer_alone_at_the_output() -> None:
+    torch.manual_seed(0)
+    model = _Branches()
+    layers = prepare_qat(model)
+    x = torch.randn(32, 8)
+    model.train()
+    with torch.no_grad():
+        model(x)  # calibrate
+    layers["muted"].set_fake_quant_enabled(False)  # a state the measurement must give back
+    sensitivity = output_sensitivity(model, x)
+    assert list(sensitivity) == ["loud", "muted"]
+    # by hand: only that layer int8, against all float (an integer output is left out of the comparison)
+    with torch.no_grad():
+        model.eval()
+        set_fake_quant_enabled(model, False)
+        reference = model(x)["out"]
+        for name in ("loud", "muted"):
+            fake_quant_modules(model)[name].set_fake_quant_enabled(True)
+            assert sensitivity[name] == pytest.approx(sqnr_db(reference, model(x)["out"]))
+            fake_quant_modules(model)[name].set_fake_quant_enabled(False)
+    # the two layers add errors of the same order locally, but only one of them reaches the output
+    set_fake_quant_enabled(model, True)
+    local = per_layer_sqnr(None, model, x)
+    assert abs(local["loud"] - local["muted"]) < 15 and sensitivity["muted"] > sensitivity["loud"] + 60
+    model.train()
+    layers["muted"].set_fake_quant_enabled(False)
+    output_sensitivity(model, x)
+    assert model.training and layers["loud"].is_fake_quant_enabled and not layers["muted"].is_fake_quant_enabled
+    with pytest.raises(ValueError, match="has no fake-quant layers"):
+        output_sensitivity(strip_qat(model), x)
 
 
 def test_per_layer_sqnr_multi_input_and_kwargs() -> None:
