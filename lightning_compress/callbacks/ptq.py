@@ -456,8 +456,8 @@ class PostTrainingQuantCallback(Callback):
         fallback = find_float_layers(
             convert,
             evaluate,
-            # the layer whose int8 error alone hurts the model's output most first
-            ranking=sorted(sensitivity, key=lambda name: sensitivity[name]),
+            # the layer whose int8 error alone hurts the model's output most first (else: the lowest local SQNR)
+            ranking=sorted(sensitivity or sqnr, key=lambda name: (sensitivity or sqnr)[name]),
             budget=self.max_accuracy_drop if monitor else None,
             max_float_layers=self.max_float_layers,
             reference=float_run.metrics[monitor] if monitor else math.nan,
@@ -598,6 +598,9 @@ class PostTrainingQuantCallback(Callback):
         try:
             step = None if bar is None else lambda _layer: bar.update(1)
             sensitivity = output_sensitivity(fake_quant, args, kwargs, progress=step)
+        except ValueError as err:  # an output with no floating-point tensor to compare
+            rank_zero_warn(f"PostTrainingQuantCallback: the fallback ranks layers by their own SQNR instead: {err}")
+            sensitivity = {}
         finally:
             if bar is not None:
                 bar.close()

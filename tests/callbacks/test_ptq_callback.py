@@ -326,6 +326,30 @@ def test_fallback_keeps_exactly_the_badly_quantizable_layer_in_float(tmp_path) -
     assert results["quantized_layers"] == 2.0
 
 
+def test_fallback_ranks_by_local_sqnr_when_the_output_cannot_be_compared(tmp_path, monkeypatch) -> None:
+    import lightning_compress.callbacks.ptq as ptq_module
+
+    def no_float_output(*args, **kwargs):
+        raise ValueError("The model's output holds no floating-point tensor, got tuple.")
+
+    monkeypatch.setattr(ptq_module, "output_sensitivity", no_float_output)
+    ptq = PostTrainingQuantCallback(
+        backend="inductor",
+        module="net",
+        observer="minmax",
+        monitor="val_acc",
+        max_accuracy_drop=0.02,
+        calibration_data="val",
+        run_on=["validate"],
+        latency="off",
+    )
+    trainer = make_trainer(tmp_path, [ptq])
+    with pytest.warns(UserWarning, match="ranks layers by their own SQNR instead: The model's output holds no"):
+        trainer.validate(Classifier(outlier_mlp()), vector_loader(512, seed=0), verbose=False)
+    assert [a.float_layers for a in ptq.attempts] == [(), ("2",)]  # layer 2 has the lowest local SQNR too
+    assert not any(k.startswith("sensitivity/") for k in ptq.results)
+
+
 def test_fallback_reports_a_budget_it_cannot_meet(tmp_path) -> None:
     net = outlier_mlp()
     with torch.no_grad():  # the same trick once more: the input of layer "4" gets an outlier channel too
