@@ -4,6 +4,7 @@ LightningModule left unchanged, accuracy-aware fallback, artifact round trip, Te
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import lightning as L
 import pytest
@@ -293,18 +294,24 @@ def outlier_mlp() -> nn.Sequential:
     return net
 
 
-def test_fallback_keeps_exactly_the_badly_quantizable_layer_in_float(tmp_path) -> None:
-    model = Classifier(outlier_mlp())
-    ptq = PostTrainingQuantCallback(
+def _fallback_ptq(**kwargs: Any) -> PostTrainingQuantCallback:
+    """PTQ of ``outlier_mlp`` on ``trainer.validate`` with the fallback on: 2% of val_acc (logged as a fraction)."""
+    return PostTrainingQuantCallback(
         backend="inductor",
         module="net",
         observer="minmax",
         monitor="val_acc",
-        max_accuracy_drop=0.02,  # points of val_acc as logged (a fraction): 2% of accuracy
+        max_accuracy_drop=0.02,
         calibration_data="val",
         run_on=["validate"],
         latency="off",
+        **kwargs,
     )
+
+
+def test_fallback_keeps_exactly_the_badly_quantizable_layer_in_float(tmp_path) -> None:
+    model = Classifier(outlier_mlp())
+    ptq = _fallback_ptq()
     trainer = make_trainer(tmp_path, [ptq])
     trainer.validate(model, vector_loader(512, seed=0), verbose=False)
     results = ptq.results
@@ -333,16 +340,7 @@ def test_fallback_ranks_by_local_sqnr_when_the_output_cannot_be_compared(tmp_pat
         raise ValueError("The model's output holds no floating-point tensor, got tuple.")
 
     monkeypatch.setattr(ptq_module, "output_sensitivity", no_float_output)
-    ptq = PostTrainingQuantCallback(
-        backend="inductor",
-        module="net",
-        observer="minmax",
-        monitor="val_acc",
-        max_accuracy_drop=0.02,
-        calibration_data="val",
-        run_on=["validate"],
-        latency="off",
-    )
+    ptq = _fallback_ptq()
     trainer = make_trainer(tmp_path, [ptq])
     with pytest.warns(UserWarning, match="ranks layers by their own SQNR instead: The model's output holds no"):
         trainer.validate(Classifier(outlier_mlp()), vector_loader(512, seed=0), verbose=False)
@@ -356,17 +354,7 @@ def test_fallback_reports_a_budget_it_cannot_meet(tmp_path) -> None:
         net[2].weight[0] *= 1000.0
         net[2].bias[0] *= 1000.0
         net[4].weight[:, 0] /= 1000.0
-    ptq = PostTrainingQuantCallback(
-        backend="inductor",
-        module="net",
-        observer="minmax",
-        monitor="val_acc",
-        max_accuracy_drop=0.02,
-        max_float_layers=1,  # one float layer cannot repair two broken ones
-        calibration_data="val",
-        run_on=["validate"],
-        latency="off",
-    )
+    ptq = _fallback_ptq(max_float_layers=1)  # one float layer cannot repair two broken ones
     trainer = make_trainer(tmp_path, [ptq])
     with pytest.warns(UserWarning, match=r"no mix of float layers tried \(up to 1, by increasing output SQNR\) keeps"):
         trainer.validate(Classifier(net), vector_loader(512, seed=0), verbose=False)
