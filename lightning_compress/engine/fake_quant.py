@@ -526,11 +526,15 @@ class _SimulateOwnCall(TorchFunctionMode):
         self.calls = 0
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func in _LAYER_FUNCTIONS and len(args) >= 2 and args[1] is self.module.weight:
-            self.calls += 1
-            x, weight = self.module._fq_inputs(args[0])  # the mode is off inside its own handler: no recursion
-            args = (x, weight, *args[2:])
+        kwargs = dict(kwargs or {})
+        if func in _LAYER_FUNCTIONS:
+            weight = args[1] if len(args) >= 2 else kwargs.get("weight")
+            if weight is self.module.weight:
+                self.calls += 1
+                kwargs.pop("weight", None)
+                x = args[0] if args else kwargs.pop("input")
+                x, weight = self.module._fq_inputs(x)  # the mode is off inside its own handler: no recursion
+                return func(x, weight, *args[2:], **kwargs)
         return func(*args, **kwargs)
 
 

@@ -668,6 +668,28 @@ class _SamePadConv(nn.Conv2d):
         return F.conv2d(F.pad(x, [0, 1, 0, 1], value=-1.0), self.weight, self.bias, self.stride)
 
 
+class _KeywordConv(nn.Conv2d):
+    """Calls the convolution with keyword arguments only."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(input=F.pad(x, [1, 1, 1, 1]), weight=self.weight, bias=self.bias)
+
+
+def test_subclass_calling_its_op_with_keyword_arguments_is_simulated() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(_KeywordConv(3, 4, 3))
+    prepare_qat(net)
+    x = torch.rand(2, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "made no F.linear/F.conv call" warning
+        net.train()(x)
+    scale, zero_point = net[0].observer.qparams()
+    padded = F.pad(x, [1, 1, 1, 1])
+    quantized_input = fake_quantize_input(padded, scale, zero_point)
+    expected = F.conv2d(quantized_input, fake_quantize_weight(net[0].weight, 8), net[0].bias)
+    assert torch.equal(net.eval()(x), expected)
+
+
 class _DerivedWeightConv(nn.Conv2d):
     """Convolves with a tensor computed from ``weight`` (weight standardization): no call on ``weight`` itself."""
 
