@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import lightning as L
 import torch
 from torch import nn
@@ -102,3 +106,24 @@ class ResumableLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self._skip = state["position"] % len(self.batches)
+
+
+def shard_tiny_classifier(module: L.LightningModule) -> None:
+    """FSDP2 for a ``TinyClassifier`` in ``configure_model``: both Linear layers and the module over the data-parallel
+    mesh (the full 2-D mesh shards nothing on CPU)."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = module.device_mesh["data_parallel"]
+    for layer in (module.net.fc1, module.net.fc2):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+
+
+def run_two_rank_script(script, out_dir, *args: str) -> tuple[dict, dict]:
+    """Run a 2-process test script that writes ``OUT_DIR/rank<r>.json``, and read both files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [sys.executable, str(script), str(out_dir), *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tuple(json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1))  # type: ignore[return-value]

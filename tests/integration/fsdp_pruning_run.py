@@ -14,19 +14,15 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import ResumableLoader, TinyClassifier, classification_data
+from helpers import ResumableLoader, TinyClassifier, classification_data, shard_tiny_classifier
 from lightning_compress import IterativePruningCallback
 
 
 class ShardedClassifier(TinyClassifier):
     def configure_model(self):
-        mesh = self.device_mesh["data_parallel"]
-        for layer in (self.net.fc1, self.net.fc2):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
+        shard_tiny_classifier(self)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)

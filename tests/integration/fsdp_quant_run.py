@@ -18,10 +18,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import ResumableLoader, TinyClassifier, TinyNet, classification_data, loader
+from helpers import ResumableLoader, TinyClassifier, TinyNet, classification_data, loader, shard_tiny_classifier
 from lightning_compress import IterativePruningCallback, PostTrainingQuantCallback, QATCallback
 from lightning_compress.engine.fake_quant import prepare_qat
 
@@ -30,10 +29,7 @@ class ShardedClassifier(TinyClassifier):
     """Rank 1 trains on inputs 5x wider than rank 0's, so the ranks' observers really see different ranges."""
 
     def configure_model(self):
-        mesh = self.device_mesh["data_parallel"]
-        for layer in (self.net.fc1, self.net.fc2):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
+        shard_tiny_classifier(self)
 
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -4,27 +4,19 @@ local shards, ranks globally without a gather, and resumes mid-ramp from Lightni
 Each run is a script in a subprocess (``fsdp_pruning_run.py``): the strategy launches its processes by re-running
 the script, which a pytest process cannot be."""
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 
-from helpers import ResumableLoader, TinyClassifier, classification_data, trainer
+from helpers import ResumableLoader, TinyClassifier, classification_data, run_two_rank_script, trainer
 from lightning_compress import IterativePruningCallback
 
 SCRIPT = Path(__file__).with_name("fsdp_pruning_run.py")
 
 
 def _run(out_dir: Path, *args: str) -> tuple[dict, dict]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out_dir), *args], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tuple(json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1))  # type: ignore[return-value]
+    return run_two_rank_script(SCRIPT, out_dir, *args)
 
 
 @pytest.mark.ddp

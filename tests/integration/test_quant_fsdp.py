@@ -5,7 +5,6 @@ the one int8 artifact, and every rank gets the results. Each run is a script in 
 (``fsdp_quant_run.py``): the strategy launches its processes by re-running the script, which a pytest process
 cannot be."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,19 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TinyClassifier
+from helpers import TinyClassifier, run_two_rank_script
 from lightning_compress import QATCallback, load_quantized
 
 SCRIPT = Path(__file__).with_name("fsdp_quant_run.py")
 
 
 def _run(out_dir: Path, *args: str) -> tuple[dict, dict]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out_dir), *args], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tuple(json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1))  # type: ignore[return-value]
+    return run_two_rank_script(SCRIPT, out_dir, *args)
 
 
 def _check_one_artifact_agreeing(out_dir: Path, rank0: dict, rank1: dict, name: str) -> None:
